@@ -1,0 +1,31 @@
+"""nanoGPT's CPU recipe: a 0.8M-parameter character-level GPT on Tiny Shakespeare.
+
+  jaxlm train --config configs/shakespeare_char.py --workdir runs/shakespeare_char \
+    --config.data.path=../shared/data/tinyshakespeare/input.txt
+
+First 90% of the text trains, the last 10% validates; nanoGPT reports val loss 1.88 at 2000.
+"""
+
+from jaxlm.config import base_config, model
+
+
+def get_config():
+  c = base_config()
+  c.model = model("nanogpt-char")  # 4 layers, 4 heads, 128 dims, no biases, block 64
+  c.data.source = "file"
+  c.data.path = "../shared/data/tinyshakespeare/input.txt"
+  c.data.tokenizer = "char"
+  c.data.seq_len = 64
+  c.train.steps = 2000
+  c.train.batch_size = 12
+  c.train.eval_every = 250
+  c.train.eval_batches = 20
+  c.optim.lr = 1e-3
+  c.optim.min_lr = 1e-4
+  c.optim.warmup_steps = 100
+  c.optim.b2 = 0.99
+  c.optim.weight_decay = 0.1
+  c.optim.clip = 1.0
+  c.checkpoint.every = 2000
+  c.sample.max_new_tokens = 500
+  return c

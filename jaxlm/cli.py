@@ -1,0 +1,93 @@
+"""`jaxlm train | generate | plot`: the command line.
+
+  jaxlm train --config configs/demo.py --workdir runs/demo [--config.train.steps=100 ...]
+  jaxlm generate --workdir runs/demo --prompt "The "
+  jaxlm plot --workdir runs/demo [--out loss.png]
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+COMMANDS = ("train", "generate", "plot")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "experiment config file (configs/*.py); override fields with --config.KEY=VALUE",
+  lock_config=True,
+)
+flags.DEFINE_string("workdir", None, "run directory: config, tokenizer, checkpoints, metrics")
+flags.DEFINE_string("prompt", "\n", "generate: text to continue")
+flags.DEFINE_integer("max_new_tokens", 200, "generate: tokens to sample")
+flags.DEFINE_float("temperature", 0.8, "generate: 0 is greedy")
+flags.DEFINE_integer("top_k", 0, "generate: keep the k most likely tokens (0: all)")
+flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass")
+flags.DEFINE_integer("seed", 0, "generate: sampling seed")
+flags.DEFINE_string("out", None, "plot: PNG path (default WORKDIR/loss.png)")
+flags.DEFINE_bool("debug", False, "show full tracebacks instead of one-line errors")
+FLAGS = flags.FLAGS
+
+
+class UsageError(Exception):
+  """A mistake on the command line or in the config: printed as one line, exit code 2."""
+
+
+def _parse(argv: list[str]) -> list[str]:
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    # config_flags reports unknown keys / wrong types here; name them without a traceback.
+    print(f"jaxlm: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _train():
+  from jaxlm import runtime
+
+  if _CONFIG.value is None:
+    raise UsageError("train needs --config=configs/NAME.py")
+  config = _CONFIG.value
+  runtime.configure_cpu_devices(config.runtime.cpu_devices, config.train.batch_size)
+  runtime.init_distributed()
+  from jaxlm.train import loop
+
+  loop.train(config, FLAGS.workdir)
+
+
+def _generate():
+  from jaxlm import sample
+
+  text = sample.sample_from_run(
+    FLAGS.workdir, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
+    temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
+  )
+  print(text)
+
+
+def _plot():
+  from jaxlm import plot
+
+  print(plot.plot_run(FLAGS.workdir, FLAGS.out))
+
+
+def _main(argv):
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise UsageError(f"usage: jaxlm {{{'|'.join(COMMANDS)}}} --workdir DIR [flags]; got {argv[1:]}")
+  if not FLAGS.workdir:
+    raise UsageError(f"{argv[1]} needs --workdir=DIR")
+  {"train": _train, "generate": _generate, "plot": _plot}[argv[1]]()
+
+
+def main(argv=None):
+  argv = list(sys.argv if argv is None else argv)
+  rest = _parse(argv)
+  try:
+    _main(rest)
+  except (UsageError, ValueError, FileNotFoundError, FloatingPointError) as e:
+    if FLAGS.debug:
+      raise
+    print(f"jaxlm: error: {e}", file=sys.stderr)
+    sys.exit(2 if isinstance(e, UsageError) else 1)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,128 @@
+"""ModelConfig: every size and family switch of the one Transformer, plus named presets.
+
+A family (GPT-2, Llama, Mistral, Qwen2, SmolLM) is a ModelConfig, never a copy of the model code.
+"""
+
+import dataclasses
+from typing import Any
+
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
+REMAT = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Sizes and family switches of a decoder Transformer.
+
+  Zero for `num_kv_heads`, `head_dim` and `mlp_dim` means "derive it": all heads,
+  embed_dim // num_heads and 4 * embed_dim. Zero `vocab_size` means "take it from the tokenizer".
+  """
+
+  vocab_size: int = 0  # V; 0 = set from the tokenizer at train time
+  num_layers: int = 4  # L
+  embed_dim: int = 128  # D
+  num_heads: int = 4  # H
+  num_kv_heads: int = 0  # K; < H is grouped-query attention
+  head_dim: int = 0  # E
+  mlp_dim: int = 0  # F
+  max_seq_len: int = 1024  # longest sequence the positions support
+  norm: str = "layernorm"  # layernorm (GPT-2) | rmsnorm (Llama)
+  norm_eps: float = 1e-5
+  position: str = "learned"  # learned (GPT-2) | rope (Llama)
+  rope_theta: float = 10000.0
+  activation: str = "gelu_tanh"  # MLP nonlinearity
+  gated_mlp: bool = False  # True: act(x W_gate) * (x W_up), SwiGLU with silu
+  use_bias: bool = True  # biases on every dense layer and norm
+  qkv_bias: bool = False  # biases on q/k/v only (Qwen2)
+  tie_embeddings: bool = True  # the LM head reuses the token embedding
+  dropout: float = 0.0  # on embeddings and residual branches
+  init_std: float = 0.02
+  dtype: str = "float32"  # compute dtype; params stay in param_dtype
+  param_dtype: str = "float32"
+  remat: str = "none"  # none | full | dots (save matmul outputs)
+  scan_layers: bool = False  # nn.scan over layers: faster compiles for deep models
+
+  def __post_init__(self):
+    for name, allowed in (
+      ("norm", NORMS),
+      ("position", POSITIONS),
+      ("activation", ACTIVATIONS),
+      ("remat", REMAT),
+      ("dtype", DTYPES),
+      ("param_dtype", DTYPES),
+    ):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
+    if self.embed_dim % self.num_heads and not self.head_dim:
+      raise ValueError(
+        f"model.embed_dim={self.embed_dim} is not divisible by model.num_heads={self.num_heads}; "
+        "set model.head_dim explicitly"
+      )
+    if self.num_heads % self.kv_heads:
+      raise ValueError(
+        f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.kv_heads}"
+      )
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.embed_dim // self.num_heads
+
+  @property
+  def hidden_dim(self) -> int:
+    return self.mlp_dim or 4 * self.embed_dim
+
+  def replace(self, **changes: Any) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict) -> "ModelConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(names)}")
+    return cls(**values)
+
+
+_GPT2 = dict(norm="layernorm", position="learned", activation="gelu_tanh", use_bias=True)
+_LLAMA = dict(
+  norm="rmsnorm", position="rope", activation="silu", gated_mlp=True, use_bias=False
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+  # nanoGPT's character-level Shakespeare model (CPU recipe).
+  "nanogpt-char": dict(_GPT2, num_layers=4, embed_dim=128, num_heads=4, max_seq_len=64,
+                       use_bias=False, activation="gelu"),
+  "gpt2": dict(_GPT2, vocab_size=50257, num_layers=12, embed_dim=768, num_heads=12),
+  "gpt2-medium": dict(_GPT2, vocab_size=50257, num_layers=24, embed_dim=1024, num_heads=16),
+  "gpt2-large": dict(_GPT2, vocab_size=50257, num_layers=36, embed_dim=1280, num_heads=20),
+  "gpt2-xl": dict(_GPT2, vocab_size=50257, num_layers=48, embed_dim=1600, num_heads=25),
+  "llama2-7b": dict(_LLAMA, vocab_size=32000, num_layers=32, embed_dim=4096, num_heads=32,
+                    mlp_dim=11008, max_seq_len=4096, norm_eps=1e-5, tie_embeddings=False),
+  "llama3-8b": dict(_LLAMA, vocab_size=128256, num_layers=32, embed_dim=4096, num_heads=32,
+                    num_kv_heads=8, mlp_dim=14336, max_seq_len=8192, rope_theta=500000.0,
+                    tie_embeddings=False),
+  "mistral-7b": dict(_LLAMA, vocab_size=32000, num_layers=32, embed_dim=4096, num_heads=32,
+                     num_kv_heads=8, mlp_dim=14336, max_seq_len=32768, tie_embeddings=False),
+  "qwen2-0.5b": dict(_LLAMA, vocab_size=151936, num_layers=24, embed_dim=896, num_heads=14,
+                     num_kv_heads=2, mlp_dim=4864, max_seq_len=32768, rope_theta=1000000.0,
+                     norm_eps=1e-6, qkv_bias=True),
+  "smollm2-135m": dict(_LLAMA, vocab_size=49152, num_layers=30, embed_dim=576, num_heads=9,
+                       num_kv_heads=3, mlp_dim=1536, max_seq_len=8192, rope_theta=100000.0),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+  """Returns the named preset, with `overrides` applied."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+  return ModelConfig(**{**PRESETS[name], **overrides})

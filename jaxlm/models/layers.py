@@ -1,0 +1,161 @@
+"""Transformer building blocks: norms, rotary positions, attention (MHA/GQA) and MLPs.
+
+Shape letters: B batch, T query length, S key length, D model dim, H heads, K kv heads,
+E head dim, F mlp dim, V vocab. Every parameter carries logical axis names (see sharding.py).
+"""
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from jaxlm.models.config import ModelConfig
+
+ACTIVATIONS = {
+  "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "silu": jax.nn.silu,
+  "relu": jax.nn.relu,
+}
+
+
+def param_init(std: float, axes: tuple):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def _zeros(axes: tuple):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def dense(cfg: ModelConfig, eq: str, shape: tuple, axes: tuple, name: str, use_bias: bool,
+          std: float | None = None) -> nn.Einsum:
+  """A learned linear map `eq` (an einsum with the kernel on the right) whose kernel of `shape`
+  and bias carry logical axis names `axes`."""
+  out_letters = eq.split("->")[1]
+  kernel_letters = eq.split(",")[1].split("->")[0]
+  bias_axes = tuple(a for a, l in zip(axes, kernel_letters) if l in out_letters)
+  return nn.Einsum(
+    shape,
+    eq,
+    use_bias=use_bias,
+    dtype=cfg.dtype,
+    param_dtype=cfg.param_dtype,
+    kernel_init=param_init(cfg.init_std if std is None else std, axes),
+    bias_init=_zeros(bias_axes),
+    name=name,
+  )
+
+
+def norm(cfg: ModelConfig, name: str) -> nn.Module:
+  """LayerNorm (GPT-2) or RMSNorm (Llama), as the config says."""
+  ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",))
+  if cfg.norm == "rmsnorm":
+    return nn.RMSNorm(
+      epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, scale_init=ones, name=name
+    )
+  return nn.LayerNorm(
+    epsilon=cfg.norm_eps,
+    use_bias=cfg.use_bias,
+    dtype=cfg.dtype,
+    param_dtype=cfg.param_dtype,
+    scale_init=ones,
+    bias_init=_zeros(("norm",)),
+    name=name,
+  )
+
+
+def apply_rope(x_BTNE: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding in the rotate-half convention (as Hugging Face Llama stores q/k)."""
+  E = x_BTNE.shape[-1]
+  inv_freq_F = 1.0 / (theta ** (jnp.arange(0, E, 2, dtype=jnp.float32) / E))
+  angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq_F[None, None, :]
+  angles_BTE = jnp.concatenate([angles_BTF, angles_BTF], axis=-1)[:, :, None, :]
+  x = x_BTNE.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  out = x * jnp.cos(angles_BTE) + rotated * jnp.sin(angles_BTE)
+  return out.astype(x_BTNE.dtype)
+
+
+def attention_mask(segment_ids_BT: jax.Array | None, causal: bool) -> jax.Array | None:
+  """Boolean [B, 1, T, T] mask: causal and/or same-segment. None when neither applies."""
+  if segment_ids_BT is None:
+    return None
+  mask_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+  if causal:
+    T = segment_ids_BT.shape[1]
+    mask_BTS &= jnp.tril(jnp.ones((T, T), dtype=bool))[None]
+  return mask_BTS[:, None]
+
+
+class Attention(nn.Module):
+  """Multi-head / grouped-query self-attention with optional RoPE."""
+
+  cfg: ModelConfig
+  num_layers_scale: float = 1.0  # std divisor for the output projection (GPT-2 init)
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, mask):
+    cfg = self.cfg
+    H, K, E = cfg.num_heads, cfg.kv_heads, cfg.head_size
+    qkv_bias = cfg.use_bias or cfg.qkv_bias
+    D = cfg.embed_dim
+    q_BTHE = dense(cfg, "btd,dhe->bthe", (D, H, E), ("embed", "heads", "head_dim"), "q",
+                   qkv_bias)(x_BTD)
+    k_BTKE = dense(cfg, "btd,dke->btke", (D, K, E), ("embed", "kv_heads", "head_dim"), "k",
+                   qkv_bias)(x_BTD)
+    v_BTKE = dense(cfg, "btd,dke->btke", (D, K, E), ("embed", "kv_heads", "head_dim"), "v",
+                   qkv_bias)(x_BTD)
+    if cfg.position == "rope":
+      q_BTHE = apply_rope(q_BTHE, positions_BT, cfg.rope_theta)
+      k_BTKE = apply_rope(k_BTKE, positions_BT, cfg.rope_theta)
+    q_BTHE = nn.with_logical_constraint(q_BTHE, ("batch", "length", "heads", "head_dim"))
+    out_BTHE = jax.nn.dot_product_attention(
+      q_BTHE, k_BTKE, v_BTKE, mask=mask, is_causal=mask is None
+    )
+    std = cfg.init_std / self.num_layers_scale
+    out = dense(cfg, "bthe,hed->btd", (H, E, D), ("heads", "head_dim", "embed"), "o",
+                cfg.use_bias, std)
+    return out(out_BTHE)
+
+
+class Mlp(nn.Module):
+  """GELU MLP (GPT-2) or gated MLP (SwiGLU for Llama)."""
+
+  cfg: ModelConfig
+  num_layers_scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.cfg
+    act = ACTIVATIONS[cfg.activation]
+    D, F = cfg.embed_dim, cfg.hidden_dim
+    up = dense(cfg, "btd,df->btf", (D, F), ("embed", "mlp"), "up", cfg.use_bias)
+    if cfg.gated_mlp:
+      gate = dense(cfg, "btd,df->btf", (D, F), ("embed", "mlp"), "gate", cfg.use_bias)
+      h_BTF = act(gate(x_BTD)) * up(x_BTD)
+    else:
+      h_BTF = act(up(x_BTD))
+    h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "mlp"))
+    std = cfg.init_std / self.num_layers_scale
+    return dense(cfg, "btf,fd->btd", (F, D), ("mlp", "embed"), "down", cfg.use_bias, std)(h_BTF)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  cfg: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, mask):
+    cfg = self.cfg
+    scale = (2 * cfg.num_layers) ** 0.5
+    drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+    h = Attention(cfg, scale, name="attn")(
+      norm(cfg, "attn_norm")(x_BTD), positions_BT, mask
+    )
+    x_BTD = x_BTD + drop(h)
+    h = Mlp(cfg, scale, name="mlp")(norm(cfg, "mlp_norm")(x_BTD))
+    x_BTD = x_BTD + drop(h)
+    x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+    return x_BTD, None

@@ -1,0 +1,99 @@
+"""The one Transformer: token (+ learned position) embeddings, a stack of blocks, an LM head.
+
+`logits_BTV = Transformer(cfg).apply({"params": params}, tokens_BT)` over a plain pytree.
+"""
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.layers import Block, attention_mask, norm, param_init
+
+_REMAT_POLICIES = {
+  "full": None,
+  "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _block_class(cfg: ModelConfig):
+  """Block, wrapped in remat and/or scan as the config asks."""
+  block = Block
+  if cfg.remat != "none":
+    block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+  if cfg.scan_layers:
+    block = nn.scan(
+      block,
+      variable_axes={"params": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast, nn.broadcast),
+      length=cfg.num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+  return block
+
+
+class Transformer(nn.Module):
+  """Decoder-only Transformer LM (GPT-2 and Llama families, by configuration)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, deterministic=True):
+    """Returns fp32 logits [B, T, V].
+
+    Args:
+      tokens_BT: int token ids.
+      segment_ids_BT: packed-document ids; tokens attend only within their segment.
+      positions_BT: position of each token in its document (default 0..T-1).
+      deterministic: False enables dropout (needs a "dropout" rng).
+    """
+    cfg = self.cfg
+    B, T = tokens_BT.shape
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    embed = nn.Embed(
+      cfg.vocab_size,
+      cfg.embed_dim,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      embedding_init=param_init(cfg.init_std, ("vocab", "embed")),
+      name="embed",
+    )
+    x_BTD = embed(tokens_BT)
+    if cfg.position == "learned":
+      pos_embed = nn.Embed(
+        cfg.max_seq_len,
+        cfg.embed_dim,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        embedding_init=param_init(cfg.init_std, ("pos", "embed")),
+        name="pos_embed",
+      )
+      x_BTD = x_BTD + pos_embed(positions_BT)
+    x_BTD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BTD)
+    x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+    mask = attention_mask(segment_ids_BT, causal=True)
+
+    block = _block_class(cfg)
+    if cfg.scan_layers:
+      x_BTD, _ = block(cfg, deterministic, name="blocks")(x_BTD, positions_BT, mask)
+    else:
+      for i in range(cfg.num_layers):
+        x_BTD, _ = block(cfg, deterministic, name=f"block_{i}")(x_BTD, positions_BT, mask)
+
+    x_BTD = norm(cfg, "final_norm")(x_BTD)
+    if cfg.tie_embeddings:
+      logits_BTV = embed.attend(x_BTD)
+    else:
+      head = nn.Dense(
+        cfg.vocab_size,
+        use_bias=False,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=param_init(cfg.init_std, ("embed", "vocab")),
+        name="lm_head",
+      )
+      logits_BTV = head(x_BTD)
+    logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
+    return logits_BTV.astype(jnp.float32)

@@ -1,0 +1,37 @@
+"""Loss curves of a run (train loss and eval loss against step) drawn to a PNG."""
+
+import json
+import os
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} a jaxlm run directory?")
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_run(workdir: str, out: str | None = None) -> str:
+  """Writes the loss curves of `workdir` to `out` (default WORKDIR/loss.png); returns the path."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  records = read_metrics(workdir)
+  out = out or os.path.join(workdir, "loss.png")
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for key, label in (("loss", "train loss"), ("eval_loss", "val loss")):
+    points = [(r["step"], r[key]) for r in records if key in r]
+    if points:
+      ax.plot(*zip(*points), label=label, marker="o" if key == "eval_loss" else None)
+  ax.set_xlabel("step")
+  ax.set_ylabel("cross-entropy (nats/token)")
+  ax.set_title(os.path.basename(os.path.abspath(workdir)))
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
+  plt.close(fig)
+  return out

@@ -1,0 +1,77 @@
+"""Device mesh (data, fsdp, tensor) and the one table of logical-axis rules.
+
+Parameters and activations name logical axes (embed, mlp, heads, ...); LOGICAL_RULES maps them
+to mesh axes, so going from one device to a pod is a change of `mesh` config, not of code.
+"""
+
+import contextlib
+import math
+
+import jax
+import numpy as np
+import flax.linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Order matters: an axis already used by an earlier logical axis of the same array is skipped,
+# so activations sharded on batch over (data, fsdp) keep their embed dim whole.
+LOGICAL_RULES = (
+  ("batch", ("data", "fsdp")),
+  ("vocab", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("mlp", "tensor"),
+  ("embed", "fsdp"),
+  ("length", None),
+  ("head_dim", None),
+  ("pos", None),
+  ("norm", None),
+  ("layers", None),
+)
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  """Builds a (data, fsdp, tensor) mesh; a size of -1 takes the devices left over.
+
+  Args:
+    mesh_cfg: has integer fields `data`, `fsdp`, `tensor`.
+    devices: defaults to all devices of all processes.
+  """
+  devices = jax.devices() if devices is None else devices
+  shape = [int(getattr(mesh_cfg, name)) for name in MESH_AXES]
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))}: at most one axis may be -1")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if len(devices) % known:
+      raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} does not divide {len(devices)} devices")
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ValueError(
+      f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices but "
+      f"{len(devices)} are present; set one of mesh.data/fsdp/tensor to -1 to fill the rest"
+    )
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_sharding(abstract_tree, mesh: Mesh):
+  """NamedShardings for a tree whose leaves may be boxed with logical axis names."""
+  specs = nn.get_partition_spec(abstract_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Batch arrays are split over (data, fsdp) on their leading axis."""
+  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+@contextlib.contextmanager
+def mesh_rules(mesh: Mesh):
+  """Context in which jitted model code resolves logical axis constraints on `mesh`."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    yield

@@ -1,0 +1,24 @@
+"""Test setup: 8 simulated CPU devices (set before JAX starts) and strict rank promotion."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+
+
+@pytest.fixture
+def shakespeare_path():
+  path = os.path.join(SHARED_DATA, "tinyshakespeare", "input.txt")
+  if not os.path.isfile(path):
+    pytest.skip(f"Tiny Shakespeare not found at {path} (../shared/data is absent)")
+  return path

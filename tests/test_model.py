@@ -1,0 +1,145 @@
+"""Model properties: causality, segment isolation, preset sizes, scan/remat equivalence."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import flax.linen as nn
+
+from jaxlm.models.config import ModelConfig, preset
+from jaxlm.models.transformer import Transformer
+
+TINY = {
+  "gpt2": dict(vocab_size=61, num_layers=2, embed_dim=32, num_heads=4, max_seq_len=16),
+  "llama": dict(vocab_size=61, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,
+                max_seq_len=16, norm="rmsnorm", position="rope", activation="silu",
+                gated_mlp=True, use_bias=False, tie_embeddings=False, mlp_dim=48),
+}
+T = 12
+
+
+def _init(cfg):
+  model = Transformer(cfg)
+  return model, nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((2, T), jnp.int32))["params"])
+
+
+def _apply_from_embeddings(model, params, x_BTD, **kwargs):
+  """Runs the model with the token-embedding lookup's output replaced by `x_BTD`."""
+
+  def interceptor(next_fun, args, kw, context):
+    if context.module.name == "embed" and context.method_name == "__call__":
+      return x_BTD
+    return next_fun(*args, **kw)
+
+  with nn.intercept_methods(interceptor):
+    return model.apply({"params": params}, jnp.zeros(x_BTD.shape[:2], jnp.int32), **kwargs)
+
+
+def _dependency_BTT(model, params, **kwargs):
+  """dep[b, t, s] = max |d logits[b, t] / d embedding[b, s]|."""
+  x_BTD = jax.random.normal(jax.random.PRNGKey(1), (2, T, model.cfg.embed_dim))
+
+  def row(t):
+    grad = jax.grad(lambda x: _apply_from_embeddings(model, params, x, **kwargs)[:, t].sum())
+    return jnp.abs(grad(x_BTD)).max(axis=-1)  # [B, S]
+
+  return np.stack([np.asarray(row(t)) for t in range(T)], axis=1)
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_logits_never_depend_on_later_tokens(family):
+  model, params = _init(ModelConfig(**TINY[family]))
+  dep = _dependency_BTT(model, params)
+  future = np.triu(np.ones((T, T), bool), k=1)
+  assert np.all(dep[:, future] == 0.0), "a position's logits depend on a later token"
+  assert np.all(dep[:, ~future] > 0.0), "a position's logits ignore an earlier token"
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_packed_segments_do_not_attend_to_each_other(family):
+  model, params = _init(ModelConfig(**TINY[family]))
+  seg = np.array([[1] * 5 + [2] * 4 + [3] * 3, [1] * 12])
+  pos = np.array([list(range(5)) + list(range(4)) + list(range(3)), list(range(12))])
+  dep = _dependency_BTT(model, params, segment_ids_BT=jnp.asarray(seg),
+                        positions_BT=jnp.asarray(pos))
+  allowed = (seg[:, :, None] == seg[:, None, :]) & np.tril(np.ones((T, T), bool))[None]
+  assert np.all(dep[~allowed] == 0.0)
+  assert np.all(dep[allowed] > 0.0)
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_packed_document_matches_it_alone(family):
+  """A document packed after another gives the same logits as the document on its own."""
+  model, params = _init(ModelConfig(**TINY[family]))
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (1, T), 0, 61)
+  seg = jnp.asarray([[1] * 5 + [2] * 7])
+  pos = jnp.asarray([list(range(5)) + list(range(7))])
+  packed = model.apply({"params": params}, tokens, segment_ids_BT=seg, positions_BT=pos)
+  alone = model.apply({"params": params}, tokens[:, 5:])
+  np.testing.assert_allclose(packed[:, 5:], alone, atol=1e-5)
+
+
+EXPECTED_PARAMS = {
+  "gpt2": 124_439_808,
+  "gpt2-medium": 354_823_168,
+  "llama2-7b": 6_738_415_616,
+  "llama3-8b": 8_030_261_248,
+  "mistral-7b": 7_241_732_096,
+  "qwen2-0.5b": 494_032_768,
+  "smollm2-135m": 134_515_008,
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
+def test_preset_parameter_counts_without_allocating(name):
+  model = Transformer(preset(name))
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 8), jnp.int32))
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes)))
+  assert n == EXPECTED_PARAMS[name]
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_scan_and_remat_give_the_same_logits_and_grads(family):
+  cfg = ModelConfig(**TINY[family])
+  model, params = _init(cfg)
+  tokens = jax.random.randint(jax.random.PRNGKey(4), (2, T), 0, 61)
+  stacked = {k: v for k, v in params.items() if not k.startswith("block_")}
+  stacked["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                                   *[params[f"block_{i}"] for i in range(cfg.num_layers)])
+
+  def loss(m, p):
+    return m.apply({"params": p}, tokens).mean()
+
+  ref_loss, ref_grads = jax.value_and_grad(lambda p: loss(model, p))(params)
+  for variant in (dict(scan_layers=True), dict(scan_layers=True, remat="full"),
+                  dict(remat="dots")):
+    m = Transformer(cfg.replace(**variant))
+    p = stacked if variant.get("scan_layers") else params
+    val, grads = jax.value_and_grad(lambda q: loss(m, q))(p)
+    np.testing.assert_allclose(val, ref_loss, rtol=1e-6, err_msg=str(variant))
+    if variant.get("scan_layers"):
+      np.testing.assert_allclose(grads["blocks"]["mlp"]["up"]["kernel"][1],
+                                 ref_grads["block_1"]["mlp"]["up"]["kernel"], atol=1e-6)
+    else:
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, ref_grads)
+
+
+def test_dropout_is_active_only_when_not_deterministic():
+  cfg = ModelConfig(**TINY["gpt2"], dropout=0.5)
+  model, params = _init(cfg)
+  tokens = jnp.ones((2, T), jnp.int32)
+  a = model.apply({"params": params}, tokens)
+  b = model.apply({"params": params}, tokens)
+  c = model.apply({"params": params}, tokens, deterministic=False,
+                  rngs={"dropout": jax.random.PRNGKey(0)})
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(np.asarray(a - c)).max() > 1e-3
+
+
+def test_bad_model_config_names_the_key_and_choices():
+  with pytest.raises(ValueError, match=r"model.norm='batchnorm' is not one of"):
+    ModelConfig(norm="batchnorm")
+  with pytest.raises(ValueError, match="num_heads=6 must be a multiple of model.num_kv_heads=4"):
+    ModelConfig(embed_dim=48, num_heads=6, num_kv_heads=4)
+  with pytest.raises(ValueError, match="unknown model preset 'gpt5'"):
+    preset("gpt5")
