@@ -34,9 +34,15 @@ class UsageError(Exception):
 def _parse(argv: list[str]) -> list[str]:
   try:
     return FLAGS(argv)
-  except flags.Error as e:
-    # config_flags reports unknown keys / wrong types here; name them without a traceback.
+  except flags.Error as e:  # wrong types and malformed flags
     print(f"jaxlm: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError) as e:  # config_flags: an override of a key that is not there
+    bad = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    while e.args and isinstance(e.args[0], BaseException):  # KeyError inside AttributeError
+      e = e.args[0]
+    detail = str(e.args[0] if e.args else e).replace("\n", " ")
+    print(f"jaxlm: error: unknown config key among {bad}: {detail}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -27,10 +27,25 @@ def configure_cpu_devices(requested: int, batch_size: int) -> None:
     pass
 
 
+def is_multiprocess_launch(env=os.environ) -> bool:
+  """True under a multi-process launcher: several SLURM tasks, a multi-host TPU slice, or an
+  explicit JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES and JAX_PROCESS_ID)."""
+  return bool(
+    env.get("JAX_COORDINATOR_ADDRESS")
+    or int(env.get("SLURM_NTASKS", "1")) > 1
+    or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+  )
+
+
 def init_distributed() -> None:
-  """Joins a multi-process run when launched as one (TPU pods, SLURM, JAX_COORDINATOR_ADDRESS)."""
-  launched = any(v in os.environ for v in (
-    "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"
-  ))
-  if launched and int(os.environ.get("SLURM_NTASKS", "2")) > 1:
+  """Joins the multi-process run (jax.distributed) when launched as one; a no-op otherwise."""
+  if not is_multiprocess_launch():
+    return
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize(
+      coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+      num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+      process_id=int(os.environ["JAX_PROCESS_ID"]),
+    )
+  else:  # SLURM and Cloud TPU are detected by JAX itself
     jax.distributed.initialize()

@@ -55,10 +55,29 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
+def _fit(spec: P, shape: tuple, mesh: Mesh) -> P:
+  """Drops mesh axes from dims they do not divide (e.g. a vocab of 65 over 2 tensor shards)."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(mesh.shape[n] for n in names)
+    fitted.append(axes if names and dim % size == 0 else None)
+  return P(*fitted)
+
+
 def logical_sharding(abstract_tree, mesh: Mesh):
   """NamedShardings for a tree whose leaves may be boxed with logical axis names."""
-  specs = nn.get_partition_spec(abstract_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+  specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_tree), LOGICAL_RULES)
+  return jax.tree.map(
+    lambda spec, leaf: NamedSharding(mesh, _fit(spec, leaf.shape, mesh)),
+    specs, strip_boxes(abstract_tree), is_leaf=lambda x: isinstance(x, P),
+  )
+
+
+def strip_boxes(tree):
+  """The values of logically-partitioned boxes, with no sharding constraint applied."""
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+  return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -88,7 +88,8 @@ def abstract_state(model, tx, example_tokens, mesh):
     boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
     shardings = sharding.logical_sharding(boxed, mesh)
   abstract = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), sharding.strip_boxes(boxed),
+    shardings,
   )
   return abstract, shardings
 

@@ -1,0 +1,101 @@
+"""The command line, run as a user runs it: train a tiny config, generate, plot, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+TINY = [
+  "--config.model.num_layers=1", "--config.model.embed_dim=32", "--config.model.num_heads=2",
+  "--config.data.seq_len=32", "--config.train.steps=30", "--config.train.batch_size=4",
+  "--config.train.eval_every=20", "--config.train.eval_batches=2", "--config.train.log_every=5",
+  "--config.optim.warmup_steps=5", "--config.checkpoint.every=20",
+  "--config.sample.max_new_tokens=20",
+]
+
+
+def jaxlm(*args, timeout=300):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  return subprocess.run([sys.executable, "-m", "jaxlm.cli", *args], capture_output=True,
+                        text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  result = jaxlm("train", "--config", "configs/demo.py", "--workdir", workdir, *TINY)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+def test_train_writes_the_run_directory(trained_run):
+  workdir, result = trained_run
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "30"]
+  assert os.path.isfile(os.path.join(workdir, "tokenizer", "tokenizer.json"))
+  config = json.load(open(os.path.join(workdir, "config.json")))
+  assert config["train"]["steps"] == 30 and config["model"]["vocab_size"] > 50
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  steps = [r for r in records if "loss" in r]
+  evals = [r for r in records if "eval_loss" in r]
+  assert [r["step"] for r in steps] == [5, 10, 15, 20, 25, 30]
+  assert all({"loss", "lr", "tokens_per_sec"} <= set(r) for r in steps)
+  assert [r["step"] for r in evals] == [20, 30]
+  assert steps[-1]["loss"] < steps[0]["loss"]
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert result.stdout.strip(), "no closing sample printed"
+
+
+def test_generate_reads_the_run_directory(trained_run):
+  workdir, _ = trained_run
+  result = jaxlm("generate", "--workdir", workdir, "--prompt", "def ", "--max_new_tokens", "25",
+                 "--seed", "3")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.startswith("def ") and len(result.stdout.rstrip("\n")) >= 4 + 25 - 5
+  again = jaxlm("generate", "--workdir", workdir, "--prompt", "def ", "--max_new_tokens", "25",
+                "--seed", "3")
+  assert again.stdout == result.stdout, "sampling with a fixed seed must be reproducible"
+
+
+def test_rerun_resumes_from_the_last_checkpoint(trained_run, tmp_path):
+  workdir, _ = trained_run
+  result = jaxlm("train", "--config", "configs/demo.py", "--workdir", workdir, *TINY,
+                 "--config.train.steps=35", "--config.sample.max_new_tokens=0")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "resuming from checkpoint step 30" in result.stderr + result.stdout
+  assert "35" in os.listdir(os.path.join(workdir, "checkpoints"))
+
+
+def test_plot_draws_a_png(trained_run, tmp_path):
+  workdir, _ = trained_run
+  out = str(tmp_path / "loss.png")
+  result = jaxlm("plot", "--workdir", workdir, "--out", out)
+  assert result.returncode == 0, result.stderr
+  assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, message", [
+  (["--config.train.stepz=5"], "stepz"),
+  (["--config.train.steps=many"], "steps"),
+  (["--config.data.source=file", "--config.data.path=/no/such/file.txt"],
+   "data file not found: '/no/such/file.txt'"),
+  (["--config.data.seq_len=4096"], "exceeds model.max_seq_len"),
+  (["--config.data.tokenizer=/no/such/tokenizer"], "cannot load tokenizer"),
+  (["--config.optim.name=adam9"], "optim.name='adam9' is not one of"),
+  (["--config.model.norm=batchnorm"], "model.norm='batchnorm' is not one of"),
+])
+def test_bad_input_fails_with_a_clear_message(tmp_path, args, message):
+  result = jaxlm("train", "--config", "configs/demo.py", "--workdir", str(tmp_path / "w"), *TINY,
+                 *args, timeout=120)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_missing_workdir_and_command_are_usage_errors(tmp_path):
+  assert "needs --workdir" in jaxlm("train", "--config", "configs/demo.py").stderr
+  assert "usage: jaxlm" in jaxlm("fly", "--workdir", str(tmp_path)).stderr
+  assert "not a jaxlm run directory" in jaxlm("generate", "--workdir", str(tmp_path)).stderr
