@@ -87,6 +87,34 @@ def attention_mask(segment_ids_BT: jax.Array | None, causal: bool) -> jax.Array 
   return mask_BTS[:, None]
 
 
+def _cudnn_ok(q_BTHE, mask) -> bool:
+  """cuDNN flash attention on GPU for half-precision, unmasked-beyond-causal inputs."""
+  return (jax.default_backend() == "gpu" and mask is None
+          and q_BTHE.dtype in (jnp.bfloat16, jnp.float16))
+
+
+def attend(q_BTHE, k_BSKE, v_BSKE, mask_B1TS=None):
+  """Causal (or `mask`ed) softmax attention with grouped-query heads; softmax in fp32.
+
+  Written as two einsums rather than jax.nn.dot_product_attention's XLA path, which is slower
+  to differentiate on CPU; on GPU the cuDNN kernel is used where it applies.
+  """
+  if _cudnn_ok(q_BTHE, mask_B1TS):
+    return jax.nn.dot_product_attention(q_BTHE, k_BSKE, v_BSKE, is_causal=True,
+                                        implementation="cudnn")
+  B, T, H, E = q_BTHE.shape
+  S, K = k_BSKE.shape[1], k_BSKE.shape[2]
+  q_BTKGE = q_BTHE.reshape(B, T, K, H // K, E)
+  logits_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE,
+                            preferred_element_type=jnp.float32) * (E**-0.5)
+  if mask_B1TS is None:
+    mask_B1TS = jnp.tril(jnp.ones((T, S), bool))[None, None]
+  logits_BKGTS = jnp.where(mask_B1TS[:, :, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKE.dtype)
+  out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE)
+  return out_BTKGE.reshape(B, T, H, E)
+
+
 class Attention(nn.Module):
   """Multi-head / grouped-query self-attention with optional RoPE."""
 
@@ -109,9 +137,7 @@ class Attention(nn.Module):
       q_BTHE = apply_rope(q_BTHE, positions_BT, cfg.rope_theta)
       k_BTKE = apply_rope(k_BTKE, positions_BT, cfg.rope_theta)
     q_BTHE = nn.with_logical_constraint(q_BTHE, ("batch", "length", "heads", "head_dim"))
-    out_BTHE = jax.nn.dot_product_attention(
-      q_BTHE, k_BTKE, v_BTKE, mask=mask, is_causal=mask is None
-    )
+    out_BTHE = attend(q_BTHE, k_BTKE, v_BTKE, mask)
     std = cfg.init_std / self.num_layers_scale
     out = dense(cfg, "bthe,hed->btd", (H, E, D), ("heads", "head_dim", "embed"), "o",
                 cfg.use_bias, std)

@@ -21,8 +21,8 @@ def _device_batch(local: dict, mesh) -> dict:
 
 def evaluate(run, params, eval_fn, batches) -> dict:
   """Mean token loss and perplexity over fixed validation batches."""
-  sums = [eval_fn(params, _device_batch(b, run.mesh)) for b in batches]
-  sums = jax.device_get(sums)
+  # fetched one by one: on CPU, many queued multi-device programs can stall XLA's collectives
+  sums = [jax.device_get(eval_fn(params, _device_batch(b, run.mesh))) for b in batches]
   loss = sum(float(s["loss_sum"]) for s in sums) / max(sum(float(s["weight"]) for s in sums), 1)
   return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
