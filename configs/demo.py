@@ -15,7 +15,7 @@ def get_config():
   c.data.source = "pydoc"
   c.data.tokenizer = "char"
   c.data.seq_len = 128
-  c.train.steps = 1500
+  c.train.steps = 800
   c.train.batch_size = 16
   c.train.eval_every = 250
   c.optim.lr = 2e-3
