@@ -5,7 +5,6 @@ import os
 import time
 
 import jax
-import numpy as np
 
 from jaxlm import checkpoint, generate, sharding
 from jaxlm.data import text

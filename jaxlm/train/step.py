@@ -15,7 +15,6 @@ from jaxlm import sharding
 from jaxlm.train import objectives
 from jaxlm.train.state import TrainState
 
-MODEL_INPUTS = ("segment_ids", "positions")
 
 
 def _forward_sums(apply_fn, params, batch, rng, deterministic):
