@@ -7,6 +7,7 @@ Prints the median step time and tokens/s of each and the ratio jaxlm / PyTorch.
 """
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -55,21 +56,22 @@ def run_jaxlm(data, warmup):
       state, metrics = fn(state, batch)
       loss = float(metrics["loss"])
       times.append(time.perf_counter() - t0)
-  return times[warmup:], loss, f"{len(jax.devices())} XLA CPU device(s)"
+  return times[warmup:], loss, f"{len(jax.devices())} XLA {jax.default_backend()} device(s)"
 
 
-def run_torch(data, warmup):
+def run_torch(data, warmup, device):
   import torch
   from transformers import GPT2Config, GPT2LMHeadModel
 
   torch.manual_seed(0)
+  torch.set_float32_matmul_precision("high")  # TF32 on GPU, as XLA's default fp32 dot uses
   cfg = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=DIM, n_layer=LAYERS, n_head=HEADS,
                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-  model = GPT2LMHeadModel(cfg).train()
+  model = GPT2LMHeadModel(cfg).to(device).train()
   opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
   times = []
   for chunk in data:
-    x = torch.from_numpy(chunk).long()
+    x = torch.from_numpy(chunk).long().to(device)
     t0 = time.perf_counter()
     out = model(input_ids=x[:, :-1], labels=x[:, :-1])
     out.loss.backward()
@@ -77,7 +79,8 @@ def run_torch(data, warmup):
     opt.zero_grad(set_to_none=True)
     loss = out.loss.item()
     times.append(time.perf_counter() - t0)
-  return times[warmup:], loss, f"{torch.get_num_threads()} torch threads"
+  where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} threads"
+  return times[warmup:], loss, f"torch on {where}"
 
 
 def main():
@@ -89,7 +92,12 @@ def main():
   data = batches(args.steps + args.warmup)
   tokens = BATCH * SEQ
   results = {}
-  for name, fn in (("jaxlm", run_jaxlm), ("pytorch-hf", run_torch)):
+  import jax
+
+  # PyTorch runs on the same kind of device as JAX: the GPU when JAX has one, else the CPU.
+  torch_device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+  runs = (("jaxlm", run_jaxlm), ("pytorch-hf", functools.partial(run_torch, device=torch_device)))
+  for name, fn in runs:
     times, loss, how = fn(data, args.warmup)
     med = statistics.median(times)
     results[name] = tokens / med
