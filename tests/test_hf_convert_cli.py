@@ -110,4 +110,7 @@ def test_training_starts_from_the_imported_weights(hf_src, tmp_path):
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   ids = tokenizer.encode("lazy dog", add_special_tokens=False)
   assert np.abs(_logits(reloaded, ids) - _logits(hf_model, ids)).max() <= 1e-5
-  assert np.isfinite(final["eval_loss"])
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    evals = [r for r in map(json.loads, f) if "eval_loss" in r]
+  assert [r["step"] for r in evals] == [0, 2]  # step 0: the imported weights, before training
+  assert abs(evals[0]["eval_loss"] - final["eval_loss"]) < 1e-5  # lr 0: nothing moved
