@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from jaxlm.hf.convert import unstack_layers
+
 # on_step(step, tokens_B) -> bool [B] (rows to stop) or None; called on the host, in order
 StepCallback = Callable[[int, np.ndarray], np.ndarray | None]
 
@@ -90,6 +92,9 @@ def _generate(params, tokens_BP, lengths_B, rng, eos_E, pad_id, *, model, max_ne
   """Prefill + cached decode loop. Returns (new tokens [B, N], number generated per row [B])."""
   B, P = tokens_BP.shape
   N = max_new_tokens
+  if model.cfg.scan_layers:  # a scanned stack slices (copies) every layer's weights each step
+    params = unstack_layers(params)
+    model = model.clone(cfg=model.cfg.replace(scan_layers=False))
   sample = functools.partial(sample_logits, temperature=sampler.temperature,
                              top_k=sampler.top_k, top_p=sampler.top_p)
   valid_BP = jnp.arange(P)[None, :] >= (P - lengths_B)[:, None]
