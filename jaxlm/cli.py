@@ -24,6 +24,7 @@ flags.DEFINE_float("temperature", 0.8, "generate: 0 is greedy")
 flags.DEFINE_integer("top_k", 0, "generate: keep the k most likely tokens (0: all)")
 flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass")
 flags.DEFINE_integer("seed", 0, "generate: sampling seed")
+flags.DEFINE_multi_string("stop", None, "generate: stop when the text contains this string")
 flags.DEFINE_string("out", None, "plot: PNG path (default WORKDIR/loss.png)")
 flags.DEFINE_string("from-hf", None, "convert: HF model directory, .gguf file or hub id to import")
 flags.DEFINE_string("to-hf", None, "convert: directory to write the run's checkpoint to, in HF format")
@@ -67,11 +68,11 @@ def _train():
 def _generate():
   from jaxlm import sample
 
-  text = sample.sample_from_run(
+  sample.sample_from_run(
     FLAGS.workdir, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
     temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
+    stop=FLAGS.stop or (), out=sys.stdout,
   )
-  print(text)
 
 
 def _plot():

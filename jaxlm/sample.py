@@ -1,11 +1,13 @@
 """Sampling from a run directory: rebuild the model from its saved config, restore, generate."""
 
 import os
+from collections.abc import Sequence
+from typing import TextIO
 
 import jax
 
-from jaxlm import checkpoint
-from jaxlm.train import loop, run as run_lib
+from jaxlm import checkpoint, generate, textgen
+from jaxlm.train import run as run_lib
 
 
 def load_run(workdir: str, step: int | None = None):
@@ -29,10 +31,12 @@ def load_run(workdir: str, step: int | None = None):
 
 
 def sample_from_run(workdir: str, prompt: str, max_new_tokens: int = 200, temperature=0.8,
-                    top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> str:
-  """`prompt` followed by text sampled from the run's latest checkpoint."""
+                    top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
+                    out: TextIO | None = None) -> str:
+  """`prompt` followed by text sampled from the run's latest checkpoint (streamed to `out`)."""
   run, params = load_run(workdir)
-  with run.config.unlocked():
-    run.config.sample.update(dict(prompt=prompt, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
-  return loop.sample_text(run, params, run.config.sample)
+  sampler = generate.Sampler(temperature, top_k, top_p)
+  kwargs = {"max_new_tokens": max_new_tokens, "sampler": sampler, "seed": seed, "stop": stop}
+  if out is not None:
+    return textgen.print_completion(run.model, params, run.tokenizer, prompt, out, **kwargs)
+  return prompt + textgen.complete(run.model, params, run.tokenizer, [prompt], **kwargs)[0]

@@ -137,11 +137,59 @@ def attend(q_BTHE, k_BSKE, v_BSKE, mask_B1TS=None):
   return out_BTKGE.reshape(B, T, H, E)
 
 
+class DecodeMask(nn.Module):
+  """Attention mask while decoding with a KV cache: causal over cache slots, and only within
+  the same segment (left padding is segment 0, so real tokens never attend to it).
+
+  The first call (init) sizes the cache from its input length; later calls write their
+  segment ids at the cache index and return a [B, 1, T, S] mask over all S cache slots.
+  """
+
+  @nn.compact
+  def __call__(self, segment_ids_BT):
+    B, T = segment_ids_BT.shape
+    ready = self.has_variable("cache", "segment_ids")
+    seg_BS = self.variable("cache", "segment_ids", jnp.zeros, (B, T), jnp.int32)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    if not ready:
+      return attention_mask(segment_ids_BT, causal=True)
+    i = index.value
+    seg_BS.value = jax.lax.dynamic_update_slice(seg_BS.value, segment_ids_BT.astype(jnp.int32),
+                                                (0, i))
+    index.value = i + T
+    S = seg_BS.value.shape[1]
+    causal_TS = jnp.arange(S)[None, :] <= (i + jnp.arange(T))[:, None]
+    mask_BTS = (segment_ids_BT[:, :, None] == seg_BS.value[:, None, :]) & causal_TS[None]
+    return mask_BTS[:, None]
+
+
+class KVCache(nn.Module):
+  """Keys and values of the tokens decoded so far, [B, S, K, E] with S fixed at init."""
+
+  @nn.compact
+  def __call__(self, k_BTKE, v_BTKE):
+    """Writes the new keys/values at the cache index; returns the whole cache (k, v)."""
+    ready = self.has_variable("cache", "k")
+    k_cache = self.variable("cache", "k", jnp.zeros, k_BTKE.shape, k_BTKE.dtype)
+    v_cache = self.variable("cache", "v", jnp.zeros, v_BTKE.shape, v_BTKE.dtype)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    if not ready:  # init: the input's length is the cache length
+      return k_BTKE, v_BTKE
+    i = index.value
+    at = (0, i, 0, 0)
+    update = lambda cache, new: jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), at)
+    k_cache.value = update(k_cache.value, k_BTKE)
+    v_cache.value = update(v_cache.value, v_BTKE)
+    index.value = i + k_BTKE.shape[1]
+    return k_cache.value, v_cache.value
+
+
 class Attention(nn.Module):
-  """Multi-head / grouped-query self-attention with optional RoPE."""
+  """Multi-head / grouped-query self-attention with optional RoPE (and a KV cache to decode)."""
 
   cfg: ModelConfig
   num_layers_scale: float = 1.0  # std divisor for the output projection (GPT-2 init)
+  decode: bool = False  # read and extend the "cache" collection (see KVCache)
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, mask):
@@ -159,6 +207,8 @@ class Attention(nn.Module):
       q_BTHE = apply_rope(q_BTHE, positions_BT, cfg.rope_theta, rope_scaling(cfg))
       k_BTKE = apply_rope(k_BTKE, positions_BT, cfg.rope_theta, rope_scaling(cfg))
     q_BTHE = nn.with_logical_constraint(q_BTHE, ("batch", "length", "heads", "head_dim"))
+    if self.decode:
+      k_BTKE, v_BTKE = KVCache(name="kv_cache")(k_BTKE, v_BTKE)
     out_BTHE = attend(q_BTHE, k_BTKE, v_BTKE, mask)
     std = cfg.init_std / self.num_layers_scale
     out = dense(cfg, "bthe,hed->btd", (H, E, D), ("heads", "head_dim", "embed"), "o",
@@ -193,13 +243,14 @@ class Block(nn.Module):
 
   cfg: ModelConfig
   deterministic: bool = True
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, mask):
     cfg = self.cfg
     scale = (2 * cfg.num_layers) ** 0.5
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-    h = Attention(cfg, scale, name="attn")(
+    h = Attention(cfg, scale, self.decode, name="attn")(
       norm(cfg, "attn_norm")(x_BTD), positions_BT, mask
     )
     x_BTD = x_BTD + drop(h)

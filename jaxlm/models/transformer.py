@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxlm.models.config import ModelConfig
-from jaxlm.models.layers import Block, attention_mask, norm, param_init
+from jaxlm.models.layers import Block, DecodeMask, attention_mask, norm, param_init
 
 _REMAT_POLICIES = {
   "full": None,
@@ -24,7 +24,7 @@ def _block_class(cfg: ModelConfig):
   if cfg.scan_layers:
     block = nn.scan(
       block,
-      variable_axes={"params": 0},
+      variable_axes={"params": 0, "cache": 0},
       split_rngs={"params": True, "dropout": True},
       in_axes=(nn.broadcast, nn.broadcast),
       length=cfg.num_layers,
@@ -39,7 +39,8 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, deterministic=True):
+  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, deterministic=True,
+               decode=False):
     """Returns fp32 logits [B, T, V].
 
     Args:
@@ -47,6 +48,9 @@ class Transformer(nn.Module):
       segment_ids_BT: packed-document ids; tokens attend only within their segment.
       positions_BT: position of each token in its document (default 0..T-1).
       deterministic: False enables dropout (needs a "dropout" rng).
+      decode: extend the KV cache in the mutable "cache" collection and attend over all of it.
+        `init` with decode=True sizes the cache from the input length (see jaxlm/generate.py);
+        segment id 0 marks padding there.
     """
     cfg = self.cfg
     B, T = tokens_BT.shape
@@ -73,14 +77,19 @@ class Transformer(nn.Module):
       x_BTD = x_BTD + pos_embed(positions_BT)
     x_BTD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BTD)
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
-    mask = attention_mask(segment_ids_BT, causal=True)
+    if decode:
+      if segment_ids_BT is None:
+        segment_ids_BT = jnp.ones((B, T), jnp.int32)
+      mask = DecodeMask(name="decode_mask")(segment_ids_BT)
+    else:
+      mask = attention_mask(segment_ids_BT, causal=True)
 
     block = _block_class(cfg)
     if cfg.scan_layers:
-      x_BTD, _ = block(cfg, deterministic, name="blocks")(x_BTD, positions_BT, mask)
+      x_BTD, _ = block(cfg, deterministic, decode, name="blocks")(x_BTD, positions_BT, mask)
     else:
       for i in range(cfg.num_layers):
-        x_BTD, _ = block(cfg, deterministic, name=f"block_{i}")(x_BTD, positions_BT, mask)
+        x_BTD, _ = block(cfg, deterministic, decode, name=f"block_{i}")(x_BTD, positions_BT, mask)
 
     x_BTD = norm(cfg, "final_norm")(x_BTD)
     if cfg.tie_embeddings:

@@ -6,7 +6,7 @@ import time
 
 import jax
 
-from jaxlm import checkpoint, generate, sharding
+from jaxlm import checkpoint, generate, sharding, textgen
 from jaxlm.data import text
 from jaxlm.data.iterators import background
 from jaxlm.train import metrics as metrics_lib, run as run_lib, step as step_lib
@@ -133,10 +133,8 @@ class _Reporter:
 
 def sample_text(run, params, sample_cfg) -> str:
   """A text sample from `params`, continuing `sample_cfg.prompt`."""
-  prompt = run.tokenizer.encode(sample_cfg.prompt, add_special_tokens=False)
-  ids = generate.generate(
-    run.model, params, prompt, jax.random.PRNGKey(sample_cfg.seed),
-    max_new_tokens=sample_cfg.max_new_tokens, temperature=sample_cfg.temperature,
-    top_k=sample_cfg.top_k, top_p=sample_cfg.top_p,
-  )
-  return sample_cfg.prompt + run.tokenizer.decode(ids)
+  sampler = generate.Sampler(sample_cfg.temperature, sample_cfg.top_k, sample_cfg.top_p)
+  text = textgen.complete(run.model, params, run.tokenizer, [sample_cfg.prompt],
+                          max_new_tokens=sample_cfg.max_new_tokens, sampler=sampler,
+                          seed=sample_cfg.seed)[0]
+  return sample_cfg.prompt + text
