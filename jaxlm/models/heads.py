@@ -1,0 +1,100 @@
+"""Task heads on the encoder: masked LM, sequence classification/regression, token
+classification and extractive QA, each an `EncoderModel(cfg, task, num_labels)`.
+
+Shape letters as in layers.py, plus C classes. The encoder stack is the one Transformer (run with
+return_hidden=True) under the name "transformer"; heads sit beside it.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.layers import ACTIVATIONS, norm, param_init
+from jaxlm.models.transformer import Transformer
+
+TASKS = ("base", "mlm", "seq_cls", "token_cls", "qa")
+
+
+def check_task(cfg: ModelConfig, task: str):
+  if task not in TASKS:
+    raise ValueError(f"task={task!r} is not one of {TASKS}")
+  if cfg.causal:
+    raise ValueError("an encoder task needs model.causal=False (bidirectional attention)")
+
+
+def _zeros(axes: tuple):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _dense(cfg: ModelConfig, features: int, name: str, out_axis=None) -> nn.Dense:
+  return nn.Dense(
+    features, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+    kernel_init=param_init(cfg.init_std, ("embed", out_axis)), bias_init=_zeros((out_axis,)),
+    name=name,
+  )
+
+
+class Pooler(nn.Module):
+  """tanh(dense(first token)): BERT's pooler, RoBERTa's classifier.dense."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    return jnp.tanh(_dense(self.cfg, self.cfg.embed_dim, "dense", "embed")(x_BTD[:, 0]))
+
+
+class MlmHead(nn.Module):
+  """dense + activation + norm, then the decoder tied to the token embedding, plus a bias."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, embedding_VD):
+    cfg = self.cfg
+    h_BTD = ACTIVATIONS[cfg.activation](_dense(cfg, cfg.embed_dim, "transform", "embed")(x_BTD))
+    h_BTD = norm(cfg, "norm")(h_BTD)
+    bias_V = self.param("bias", _zeros(("vocab",)), (cfg.vocab_size,), cfg.param_dtype)
+    logits_BTV = jnp.einsum("btd,vd->btv", h_BTD, embedding_VD.astype(h_BTD.dtype))
+    return logits_BTV + bias_V.astype(logits_BTV.dtype)[None, None, :]
+
+
+class EncoderModel(nn.Module):
+  """An encoder Transformer with one task head.
+
+  task: base (returns {"hidden": [B,T,D], "pooled": [B,D] or None}), mlm ([B,T,V]),
+  seq_cls ([B,C]; C=1 is regression), token_cls ([B,T,C]) or qa ([B,T,2]: start, end).
+  """
+
+  cfg: ModelConfig
+  task: str = "base"
+  num_labels: int = 2
+
+  @nn.compact
+  def __call__(self, tokens_BT, padding_mask_BT=None, token_types_BT=None, deterministic=True,
+               positions_BT=None, segment_ids_BT=None):
+    """Runs the encoder and the head; fp32 outputs. Args as in Transformer.__call__."""
+    cfg = self.cfg
+    check_task(cfg, self.task)
+    backbone = Transformer(cfg, name="transformer")
+    x_BTD = backbone(tokens_BT, segment_ids_BT, positions_BT, deterministic,
+                     token_types_BT=token_types_BT, padding_mask_BT=padding_mask_BT,
+                     return_hidden=True)
+    drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
+    if self.task == "base":
+      pooled_BD = Pooler(cfg, name="pooler")(x_BTD) if cfg.pooler else None
+      return {"hidden": _fp32(x_BTD), "pooled": _fp32(pooled_BD)}
+    if self.task == "mlm":
+      embedding_VD = nn.unbox(backbone.variables["params"]["embed"]["embedding"])
+      return _fp32(MlmHead(cfg, name="mlm_head")(x_BTD, embedding_VD))
+    if self.task == "seq_cls":
+      pooled_BD = drop(Pooler(cfg, name="pooler")(x_BTD))
+      return _fp32(_dense(cfg, self.num_labels, "classifier")(pooled_BD))
+    if self.task == "token_cls":
+      return _fp32(_dense(cfg, self.num_labels, "classifier")(drop(x_BTD)))
+    return _fp32(_dense(cfg, 2, "qa_outputs")(x_BTD))
+
+
+def _fp32(x: jax.Array | None):
+  return None if x is None else x.astype(jnp.float32)
