@@ -34,6 +34,10 @@ class ModelConfig:
   norm_eps: float = 1e-5
   position: str = "learned"  # learned (GPT-2) | rope (Llama)
   rope_theta: float = 10000.0
+  rope_scaling_factor: float = 0.0  # Llama-3 RoPE scaling (rope_type llama3); 0 = off
+  rope_low_freq_factor: float = 1.0  # Llama-3 scaling: wavelengths above orig_len/low are scaled
+  rope_high_freq_factor: float = 4.0  # Llama-3 scaling: wavelengths below orig_len/high are kept
+  rope_original_max_len: int = 8192  # Llama-3 scaling: the context length trained before scaling
   activation: str = "gelu_tanh"  # MLP nonlinearity
   gated_mlp: bool = False  # True: act(x W_gate) * (x W_up), SwiGLU with silu
   use_bias: bool = True  # biases on every dense layer and norm
@@ -100,6 +104,20 @@ class ModelConfig:
     if unknown:
       raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(names)}")
     return cls(**values)
+
+  @classmethod
+  def from_hf_config(cls, hf_config) -> "ModelConfig":
+    """The ModelConfig of a transformers PretrainedConfig (GPT-2, Llama, Mistral, Qwen2)."""
+    from jaxlm.hf import families
+
+    return families.family_for_hf_config(hf_config).config_from_hf(hf_config)
+
+  def to_hf_config(self, family: str | None = None):
+    """A transformers PretrainedConfig for this model (family inferred when None)."""
+    from jaxlm.hf import families
+
+    fam = families.family_named(family) if family else families.family_for_model(self)
+    return fam.config_to_hf(self)
 
 
 _GPT2 = dict(norm="layernorm", position="learned", activation="gelu_tanh", use_bias=True)

@@ -63,10 +63,32 @@ def norm(cfg: ModelConfig, name: str) -> nn.Module:
   )
 
 
-def apply_rope(x_BTNE: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+def rope_scaling(cfg: ModelConfig) -> tuple | None:
+  """Llama-3 RoPE scaling as (factor, low_freq_factor, high_freq_factor, original_max_len), or
+  None when the config leaves it off."""
+  if not cfg.rope_scaling_factor:
+    return None
+  return (cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+          cfg.rope_original_max_len)
+
+
+def rope_frequencies(E: int, theta: float, scaling: tuple | None = None) -> jax.Array:
+  """Inverse frequencies [E/2]; with Llama-3 `scaling`, long wavelengths are slowed by `factor`,
+  short ones kept, and the band between interpolated smoothly."""
+  inv_freq_F = 1.0 / (theta ** (jnp.arange(0, E, 2, dtype=jnp.float32) / E))
+  if scaling is None:
+    return inv_freq_F
+  factor, low, high, original_len = scaling
+  wavelen_F = 2 * jnp.pi / inv_freq_F
+  smooth_F = jnp.clip((original_len / wavelen_F - low) / (high - low), 0.0, 1.0)
+  return (1 - smooth_F) * inv_freq_F / factor + smooth_F * inv_freq_F
+
+
+def apply_rope(x_BTNE: jax.Array, positions_BT: jax.Array, theta: float,
+               scaling: tuple | None = None) -> jax.Array:
   """Rotary embedding in the rotate-half convention (as Hugging Face Llama stores q/k)."""
   E = x_BTNE.shape[-1]
-  inv_freq_F = 1.0 / (theta ** (jnp.arange(0, E, 2, dtype=jnp.float32) / E))
+  inv_freq_F = rope_frequencies(E, theta, scaling)
   angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq_F[None, None, :]
   angles_BTE = jnp.concatenate([angles_BTF, angles_BTF], axis=-1)[:, :, None, :]
   x = x_BTNE.astype(jnp.float32)
@@ -146,8 +168,8 @@ class Attention(nn.Module):
     v_BTKE = dense(cfg, "btd,dke->btke", (D, K, E), ("embed", "kv_heads", "head_dim"), "v",
                    qkv_bias)(x_BTD)
     if cfg.position == "rope":
-      q_BTHE = apply_rope(q_BTHE, positions_BT, cfg.rope_theta)
-      k_BTKE = apply_rope(k_BTKE, positions_BT, cfg.rope_theta)
+      q_BTHE = apply_rope(q_BTHE, positions_BT, cfg.rope_theta, rope_scaling(cfg))
+      k_BTKE = apply_rope(k_BTKE, positions_BT, cfg.rope_theta, rope_scaling(cfg))
     q_BTHE = nn.with_logical_constraint(q_BTHE, ("batch", "length", "heads", "head_dim"))
     out_BTHE = attend(q_BTHE, k_BTKE, v_BTKE, mask)
     std = cfg.init_std / self.num_layers_scale

@@ -1,0 +1,108 @@
+"""`from_hf` and `to_hf`: a Hugging Face checkpoint in, a jaxlm (model, params) out, and back.
+
+  model, params = jaxlm.from_hf("path/or/hub-id", dtype="float32")
+  jaxlm.to_hf(model, params, "out_dir", tokenizer=tokenizer)
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.hf import convert, families, io
+
+
+def load_hf_checkpoint(src: str, gguf_file: str | None = None):
+  """(family, HF config, numpy tensors, local directory, gguf file) of a checkpoint.
+
+  Args:
+    src: a local HF model directory, a .gguf file, or a hub id.
+    gguf_file: a GGUF file name inside the directory `src`.
+  """
+  directory, gguf_file = io.resolve_source(src, gguf_file)
+  hf_config = io.read_config(directory, gguf_file)
+  family = families.family_for_hf_config(hf_config)
+  tensors = io.read_tensors(directory, hf_config, gguf_file)
+  return family, hf_config, tensors, directory, gguf_file
+
+
+def model_config_from_hf(family, hf_config, dtype: str = "float32", **overrides):
+  """The jaxlm config of an HF config: params and compute in `dtype`, plus run-level overrides
+  (dropout, remat, scan_layers, ...)."""
+  cfg = family.config_from_hf(hf_config)
+  return cfg.replace(**{"dtype": dtype, "param_dtype": dtype, **overrides})
+
+
+def from_hf(src: str, dtype: str = "float32", gguf_file: str | None = None, **overrides):
+  """Imports a Hugging Face causal LM (GPT-2, Llama 2/3, Mistral, Qwen2, SmolLM).
+
+  Args:
+    src: a local HF model directory (safetensors, sharded or not; or PyTorch .bin), a .gguf
+      file, or a hub id.
+    dtype: parameter and compute dtype (float32 | bfloat16 | float16).
+    gguf_file: GGUF file name inside `src`, when `src` is a directory.
+    **overrides: ModelConfig fields to change (e.g. dropout=0.1, remat="full").
+
+  Returns:
+    (model, params): a flax module whose `.cfg` is the ModelConfig, and its param tree.
+  """
+  family, hf_config, tensors, _, _ = load_hf_checkpoint(src, gguf_file)
+  cfg = model_config_from_hf(family, hf_config, dtype, **overrides)
+  params = convert.import_params(family, cfg, tensors)
+  return family.build_model(cfg), jax.tree.map(jnp.asarray, params)
+
+
+def load_tokenizer(src: str, gguf_file: str | None = None):
+  """The tokenizer stored with an HF checkpoint (directory, .gguf file or hub id)."""
+  from transformers import AutoTokenizer
+
+  directory, gguf_file = io.resolve_source(src, gguf_file)
+  kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+  try:
+    return AutoTokenizer.from_pretrained(directory, trust_remote_code=False, **kwargs)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"no usable tokenizer in {src!r} ({e})") from None
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int) -> None:
+  """Refuses a tokenizer that emits ids the model's embedding does not have."""
+  n = len(tokenizer)
+  if n > vocab_size:
+    raise ValueError(
+      f"the tokenizer has {n} tokens but the model's vocabulary has {vocab_size}: ids >= "
+      f"{vocab_size} would fall outside the embedding. Use the tokenizer the model was trained with"
+    )
+
+
+def to_hf(model, params, out_dir: str, tokenizer=None, family: str | None = None,
+          max_shard_size: int | str = "5GB") -> str:
+  """Writes a transformers-loadable directory: config.json, safetensors (sharded with an index
+  beyond `max_shard_size`) and the tokenizer files.
+
+  Args:
+    model: a jaxlm model with `.cfg` (e.g. from `from_hf` or a run).
+    params: its param tree (plain arrays, on any devices).
+    out_dir: created if needed.
+    tokenizer: a transformers tokenizer or a directory holding one; checked to fit the vocab.
+    family: HF family to write (gpt2 | llama | mistral | qwen2); inferred from the config.
+  Returns:
+    out_dir.
+  """
+  cfg = model.cfg
+  fam = families.family_named(family) if family else families.family_for_model(cfg)
+  hf_config = fam.config_to_hf(cfg)
+  if isinstance(tokenizer, str):
+    tokenizer = load_tokenizer(tokenizer)
+  if tokenizer is not None:
+    check_tokenizer_fits(tokenizer, cfg.vocab_size)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+      if getattr(tokenizer, name, None) is not None:
+        setattr(hf_config, name, getattr(tokenizer, name))
+  hf_config.dtype = cfg.param_dtype
+  tensors = convert.export_params(fam, cfg, params)
+  os.makedirs(out_dir, exist_ok=True)
+  hf_config.save_pretrained(out_dir)
+  io.write_safetensors(tensors, out_dir, max_shard_size)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(out_dir)
+  return out_dir

@@ -1,0 +1,106 @@
+"""Model families known to the Hugging Face import/export: one declarative table each.
+
+A `Family` is data: the HF architectures it reads, its parameter-name table (`Rule`s), and the
+two config mappings. The machinery in jaxlm.hf.convert/io does the rest for every family.
+To add one, write a module with a `Family` and list it in `FAMILIES`.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+
+from jaxlm.hf.convert import Rule
+
+
+def _decoder(cfg):
+  from jaxlm.models.transformer import Transformer
+
+  return Transformer(cfg)
+
+
+def decoder_dims(cfg) -> dict:
+  """The axis letters of the decoder's tables: d model, h heads, k kv heads, e head dim, ..."""
+  return {"d": cfg.embed_dim, "h": cfg.num_heads, "k": cfg.kv_heads, "e": cfg.head_size,
+          "f": cfg.hidden_dim, "v": cfg.vocab_size}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """Everything family-specific about converting to and from Hugging Face.
+
+  Attributes:
+    name: short name (gpt2, llama, ...).
+    architectures: HF `architectures` class names read as this family; the first is written.
+    model_types: HF `model_type`s read as this family (GGUF configs carry no architectures).
+    rules: the parameter-name table; only rules for params the model has are used.
+    config_from_hf: HF PretrainedConfig -> the jaxlm model config.
+    config_to_hf: jaxlm model config -> HF PretrainedConfig.
+    build_model: jaxlm model config -> flax module whose params the rules describe.
+    dims: jaxlm model config -> sizes of the axis letters used in the rule patterns.
+    ignored: regexes of HF tensors that carry no parameters (buffers such as masks).
+    tied: HF tensors dropped on import and export when the config ties embeddings.
+    optional_prefix: a prefix some checkpoints of the family omit (GPT-2's "transformer.").
+    init_inputs: jaxlm model config -> example inputs for `model.init` (shapes only).
+  """
+
+  name: str
+  architectures: tuple[str, ...]
+  model_types: tuple[str, ...]
+  rules: tuple[Rule, ...]
+  config_from_hf: Callable[[Any], Any]
+  config_to_hf: Callable[[Any], Any]
+  build_model: Callable[[Any], Any] = _decoder
+  dims: Callable[[Any], dict] = decoder_dims
+  ignored: tuple[str, ...] = ()
+  tied: tuple[str, ...] = ()
+  optional_prefix: str = ""
+  init_inputs: Callable[[Any], tuple] = lambda cfg: (jnp.zeros((1, 1), jnp.int32),)
+
+
+def families() -> list[Family]:
+  """All known families (imported here, not at package import, to keep `import jaxlm` light)."""
+  from jaxlm.hf.families import gpt2, llama
+
+  return [gpt2.GPT2, llama.LLAMA, llama.MISTRAL, llama.QWEN2]
+
+
+def family_for_hf_config(hf_config) -> Family:
+  """The family that reads `hf_config`, by its architectures or else its model_type.
+
+  Raises:
+    ValueError: naming the supported architectures.
+  """
+  archs = list(getattr(hf_config, "architectures", None) or [])
+  model_type = getattr(hf_config, "model_type", None)
+  known = families()
+  for fam in known:
+    if any(a in fam.architectures for a in archs):
+      return fam
+  if not archs:
+    for fam in known:
+      if model_type in fam.model_types:
+        return fam
+  supported = sorted(a for fam in known for a in fam.architectures)
+  raise ValueError(
+    f"unsupported Hugging Face architecture {archs or model_type!r}; jaxlm converts "
+    f"{', '.join(supported)}"
+  )
+
+
+def family_named(name: str) -> Family:
+  for fam in families():
+    if name in (fam.name, *fam.architectures):
+      return fam
+  raise ValueError(f"unknown family {name!r}; choose one of {[f.name for f in families()]}")
+
+
+def family_for_model(cfg) -> Family:
+  """The HF family a jaxlm decoder config is written as: GPT-2 for learned positions, Qwen2 for
+  q/k/v-only biases, Llama otherwise."""
+  if cfg.position == "learned":
+    return family_named("gpt2")
+  if cfg.qkv_bias and not cfg.use_bias:
+    return family_named("qwen2")
+  return family_named("llama")

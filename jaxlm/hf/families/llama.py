@@ -1,0 +1,152 @@
+"""Llama 2/3, Mistral, Qwen2 and SmolLM (Llama architecture): one parameter-name table, three
+config mappings.
+
+HF stores Linear weights [out, in]; the patterns transpose them and split the head axes.
+Qwen2 differs only by its q/k/v biases, Mistral by its sliding window.
+"""
+
+from jaxlm.hf.convert import Rule
+from jaxlm.hf.families import Family
+from jaxlm.models.config import ModelConfig
+
+_ACT_FROM_HF = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+                "gelu_new": "gelu_tanh", "relu": "relu"}
+_ACT_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
+
+_L = "model.layers.{i}"
+RULES = (
+  Rule("embed/embedding", "model.embed_tokens.weight"),
+  Rule("block_{i}/attn_norm/scale", f"{_L}.input_layernorm.weight"),
+  Rule("block_{i}/attn/q/kernel", f"{_L}.self_attn.q_proj.weight", "(h e) d -> d h e"),
+  Rule("block_{i}/attn/k/kernel", f"{_L}.self_attn.k_proj.weight", "(k e) d -> d k e"),
+  Rule("block_{i}/attn/v/kernel", f"{_L}.self_attn.v_proj.weight", "(k e) d -> d k e"),
+  Rule("block_{i}/attn/q/bias", f"{_L}.self_attn.q_proj.bias", "(h e) -> h e"),
+  Rule("block_{i}/attn/k/bias", f"{_L}.self_attn.k_proj.bias", "(k e) -> k e"),
+  Rule("block_{i}/attn/v/bias", f"{_L}.self_attn.v_proj.bias", "(k e) -> k e"),
+  Rule("block_{i}/attn/o/kernel", f"{_L}.self_attn.o_proj.weight", "d (h e) -> h e d"),
+  Rule("block_{i}/attn/o/bias", f"{_L}.self_attn.o_proj.bias"),
+  Rule("block_{i}/mlp_norm/scale", f"{_L}.post_attention_layernorm.weight"),
+  Rule("block_{i}/mlp/gate/kernel", f"{_L}.mlp.gate_proj.weight", "f d -> d f"),
+  Rule("block_{i}/mlp/up/kernel", f"{_L}.mlp.up_proj.weight", "f d -> d f"),
+  Rule("block_{i}/mlp/down/kernel", f"{_L}.mlp.down_proj.weight", "d f -> f d"),
+  Rule("block_{i}/mlp/gate/bias", f"{_L}.mlp.gate_proj.bias"),
+  Rule("block_{i}/mlp/up/bias", f"{_L}.mlp.up_proj.bias"),
+  Rule("block_{i}/mlp/down/bias", f"{_L}.mlp.down_proj.bias"),
+  Rule("final_norm/scale", "model.norm.weight"),
+  Rule("lm_head/kernel", "lm_head.weight", "v d -> d v"),
+)
+
+
+def _rope_fields(hf) -> dict:
+  """rope_theta and Llama-3 scaling, from transformers 5 `rope_parameters` or 4.x fields."""
+  params = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+  theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  fields = {"rope_theta": float(theta)}
+  if rope_type == "llama3":
+    fields.update(
+      rope_scaling_factor=float(params["factor"]),
+      rope_low_freq_factor=float(params["low_freq_factor"]),
+      rope_high_freq_factor=float(params["high_freq_factor"]),
+      rope_original_max_len=int(params["original_max_position_embeddings"]),
+    )
+  elif rope_type != "default":
+    raise ValueError(f"RoPE type {rope_type!r} is not supported; jaxlm reads 'default' and "
+                     "'llama3' rope scaling")
+  return fields
+
+
+def _base_from_hf(hf, qkv_bias: bool) -> dict:
+  attention_bias = bool(getattr(hf, "attention_bias", False))
+  mlp_bias = bool(getattr(hf, "mlp_bias", False))
+  if attention_bias != mlp_bias:
+    raise ValueError(f"attention_bias={attention_bias} with mlp_bias={mlp_bias} is not "
+                     "supported: jaxlm puts biases on all dense layers or only on q/k/v")
+  if hf.hidden_act not in _ACT_FROM_HF:
+    raise ValueError(f"activation {hf.hidden_act!r} is not supported; supported: "
+                     f"{sorted(_ACT_FROM_HF)}")
+  heads = hf.num_attention_heads
+  return dict(
+    vocab_size=hf.vocab_size, num_layers=hf.num_hidden_layers, embed_dim=hf.hidden_size,
+    num_heads=heads, num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+    head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+    mlp_dim=hf.intermediate_size, max_seq_len=hf.max_position_embeddings, norm="rmsnorm",
+    norm_eps=float(hf.rms_norm_eps), position="rope", activation=_ACT_FROM_HF[hf.hidden_act],
+    gated_mlp=True, use_bias=attention_bias, qkv_bias=qkv_bias and not attention_bias,
+    tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)), **_rope_fields(hf),
+  )
+
+
+def _window_capped(values: dict, window) -> dict:
+  """Attention is exact up to a sliding window, so positions stop at the window."""
+  if window:
+    values["max_seq_len"] = min(values["max_seq_len"], int(window))
+  return values
+
+
+def llama_from_hf(hf) -> ModelConfig:
+  return ModelConfig(**_base_from_hf(hf, qkv_bias=False))
+
+
+def mistral_from_hf(hf) -> ModelConfig:
+  return ModelConfig(**_window_capped(_base_from_hf(hf, False), getattr(hf, "sliding_window", 0)))
+
+
+def qwen2_from_hf(hf) -> ModelConfig:
+  window = getattr(hf, "sliding_window", 0) if getattr(hf, "use_sliding_window", False) else 0
+  return ModelConfig(**_window_capped(_base_from_hf(hf, qkv_bias=True), window))
+
+
+def _hf_kwargs(cfg: ModelConfig) -> dict:
+  if cfg.norm != "rmsnorm" or cfg.position != "rope" or not cfg.gated_mlp:
+    raise ValueError("this model cannot be written as Llama: it needs norm='rmsnorm', "
+                     "position='rope' and gated_mlp=True")
+  rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+  if cfg.rope_scaling_factor:
+    rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor,
+                low_freq_factor=cfg.rope_low_freq_factor,
+                high_freq_factor=cfg.rope_high_freq_factor,
+                original_max_position_embeddings=cfg.rope_original_max_len)
+  return {
+    "vocab_size": cfg.vocab_size, "hidden_size": cfg.embed_dim,
+    "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.num_layers,
+    "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.kv_heads,
+    "head_dim": cfg.head_size, "hidden_act": _ACT_TO_HF[cfg.activation],
+    "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+    "tie_word_embeddings": cfg.tie_embeddings, "rope_parameters": rope,
+  }
+
+
+def llama_to_hf(cfg: ModelConfig):
+  from transformers import LlamaConfig
+
+  if cfg.qkv_bias and not cfg.use_bias:
+    raise ValueError("q/k/v-only biases are Qwen2's layout: export with family 'qwen2'")
+  return LlamaConfig(**_hf_kwargs(cfg), attention_bias=cfg.use_bias, mlp_bias=cfg.use_bias,
+                     architectures=["LlamaForCausalLM"])
+
+
+def mistral_to_hf(cfg: ModelConfig):
+  from transformers import MistralConfig
+
+  if cfg.use_bias or cfg.qkv_bias:
+    raise ValueError("Mistral has no biases: export this model as 'llama' or 'qwen2'")
+  return MistralConfig(**_hf_kwargs(cfg), sliding_window=None, architectures=["MistralForCausalLM"])
+
+
+def qwen2_to_hf(cfg: ModelConfig):
+  from transformers import Qwen2Config
+
+  if cfg.use_bias or not cfg.qkv_bias:
+    raise ValueError("Qwen2 has biases on q/k/v only: it needs qkv_bias=True, use_bias=False")
+  return Qwen2Config(**_hf_kwargs(cfg), use_sliding_window=False,
+                     architectures=["Qwen2ForCausalLM"])
+
+
+_COMMON = {"rules": RULES, "ignored": (r"rotary_emb\.inv_freq$",), "tied": ("lm_head.weight",)}
+LLAMA = Family(name="llama", architectures=("LlamaForCausalLM",), model_types=("llama",),
+               config_from_hf=llama_from_hf, config_to_hf=llama_to_hf, **_COMMON)
+MISTRAL = Family(name="mistral", architectures=("MistralForCausalLM",), model_types=("mistral",),
+                 config_from_hf=mistral_from_hf, config_to_hf=mistral_to_hf, **_COMMON)
+QWEN2 = Family(name="qwen2", architectures=("Qwen2ForCausalLM",), model_types=("qwen2",),
+               config_from_hf=qwen2_from_hf, config_to_hf=qwen2_to_hf, **_COMMON)
