@@ -14,7 +14,7 @@ T = 10
 
 
 def _init(task="base", family="bert-base", num_labels=3):
-  model = EncoderModel(preset(family, **TINY), task, num_labels)
+  model = EncoderModel(preset(family, **TINY, head=task, num_labels=num_labels))
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, T), jnp.int32))
   return model, nn.unbox(variables["params"])
 
@@ -59,15 +59,18 @@ def test_mlm_decoder_is_tied_to_the_token_embedding():
 
 
 def test_bert_base_has_bert_base_parameter_count():
-  model = EncoderModel(preset("bert-base"), "base")
+  model = EncoderModel(preset("bert-base"))
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 8), jnp.int32))
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes)))
   assert n == 109_482_240  # Hugging Face BertModel (with pooler)
 
 
 def test_unknown_task_and_causal_encoder_are_rejected():
-  with pytest.raises(ValueError, match="task='ner' is not one of"):
+  with pytest.raises(ValueError, match="model.head='ner' is not one of"):
     _init("ner")
-  model = EncoderModel(preset("bert-base", **TINY, causal=True), "base")
+  with pytest.raises(ValueError, match="model.head='lm' is not an encoder head"):
+    EncoderModel(preset("bert-base", **TINY, head="lm")).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+  model = EncoderModel(preset("bert-base", **TINY, causal=True))
   with pytest.raises(ValueError, match="causal=False"):
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))

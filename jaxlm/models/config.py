@@ -11,6 +11,7 @@ POSITIONS = ("learned", "rope")
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
 REMAT = ("none", "full", "dots")
 NORM_POSITIONS = ("pre", "post")
+HEADS = ("lm", "base", "mlm", "seq_cls", "token_cls", "qa")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -56,6 +57,8 @@ class ModelConfig:
   type_vocab_size: int = 0  # token-type (sentence A/B) embeddings; 0 = none
   position_offset: int = 0  # first position id (RoBERTa: padding_idx + 1 = 2)
   pooler: bool = False  # dense + tanh on the first token in the base encoder (BERT's pooler)
+  head: str = "lm"  # lm (decoders) | encoders: base | mlm | seq_cls | token_cls | qa
+  num_labels: int = 2  # classes of a seq_cls / token_cls head (1 = regression)
 
   def __post_init__(self):
     for name, allowed in (
@@ -64,6 +67,7 @@ class ModelConfig:
       ("activation", ACTIVATIONS),
       ("remat", REMAT),
       ("norm_position", NORM_POSITIONS),
+      ("head", HEADS),
       ("dtype", DTYPES),
       ("param_dtype", DTYPES),
     ):
@@ -127,7 +131,7 @@ _LLAMA = dict(
 
 _BERT = dict(norm="layernorm", position="learned", activation="gelu", use_bias=True,
              causal=False, norm_position="post", embed_norm=True, type_vocab_size=2,
-             norm_eps=1e-12, pooler=True, max_seq_len=512)
+             norm_eps=1e-12, pooler=True, max_seq_len=512, head="base")
 _ROBERTA = dict(_BERT, type_vocab_size=1, norm_eps=1e-5, position_offset=2, max_seq_len=514)
 
 PRESETS: dict[str, dict[str, Any]] = {
