@@ -3,6 +3,7 @@
   jaxlm train --config configs/demo.py --workdir runs/demo [--config.train.steps=100 ...]
   jaxlm generate --workdir runs/demo --prompt "The "
   jaxlm plot --workdir runs/demo [--out loss.png]
+  jaxlm eval --workdir runs/sst2 --split dev     (fine-tuning runs: the task's metrics)
 """
 
 import sys
@@ -10,7 +11,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "generate", "plot")
+COMMANDS = ("train", "generate", "plot", "eval")
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "experiment config file (configs/*.py); override fields with --config.KEY=VALUE",
   lock_config=True,
@@ -23,6 +24,7 @@ flags.DEFINE_integer("top_k", 0, "generate: keep the k most likely tokens (0: al
 flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass")
 flags.DEFINE_integer("seed", 0, "generate: sampling seed")
 flags.DEFINE_string("out", None, "plot: PNG path (default WORKDIR/loss.png)")
+flags.DEFINE_string("split", "dev", "eval: the task split to score (dev | test | train)")
 flags.DEFINE_bool("debug", False, "show full tracebacks instead of one-line errors")
 FLAGS = flags.FLAGS
 
@@ -54,9 +56,26 @@ def _train():
   config = _CONFIG.value
   runtime.configure_cpu_devices(config.runtime.cpu_devices, config.train.batch_size)
   runtime.init_distributed()
+  if "task" in config:  # fine-tuning an encoder on a task (configs/finetune/*.py)
+    from jaxlm.train import finetune
+
+    print(finetune.train(config, FLAGS.workdir))
+    return
   from jaxlm.train import loop
 
   loop.train(config, FLAGS.workdir)
+
+
+def _eval():
+  from jaxlm import runtime
+  from jaxlm.train import run
+
+  config = run.load_config(FLAGS.workdir)
+  runtime.configure_cpu_devices(config.runtime.cpu_devices, config.train.batch_size)
+  from jaxlm.train import finetune
+
+  scores = finetune.evaluate_run(FLAGS.workdir, FLAGS.split)
+  print(" ".join(f"{FLAGS.split}_{k}={v:.2f}" for k, v in scores.items()))
 
 
 def _generate():
@@ -80,7 +99,7 @@ def _main(argv):
     raise UsageError(f"usage: jaxlm {{{'|'.join(COMMANDS)}}} --workdir DIR [flags]; got {argv[1:]}")
   if not FLAGS.workdir:
     raise UsageError(f"{argv[1]} needs --workdir=DIR")
-  {"train": _train, "generate": _generate, "plot": _plot}[argv[1]]()
+  {"train": _train, "generate": _generate, "plot": _plot, "eval": _eval}[argv[1]]()
 
 
 def main(argv=None):

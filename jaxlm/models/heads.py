@@ -44,7 +44,7 @@ class Pooler(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD):
-    return jnp.tanh(_dense(self.cfg, self.cfg.embed_dim, "dense", "embed")(x_BTD[:, 0]))
+    return jnp.tanh(_dense(self.cfg, self.cfg.embed_dim, "dense")(x_BTD[:, 0]))
 
 
 class MlmHead(nn.Module):
@@ -55,7 +55,7 @@ class MlmHead(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, embedding_VD):
     cfg = self.cfg
-    h_BTD = ACTIVATIONS[cfg.activation](_dense(cfg, cfg.embed_dim, "transform", "embed")(x_BTD))
+    h_BTD = ACTIVATIONS[cfg.activation](_dense(cfg, cfg.embed_dim, "transform")(x_BTD))
     h_BTD = norm(cfg, "norm")(h_BTD)
     bias_V = self.param("bias", _zeros(("vocab",)), (cfg.vocab_size,), cfg.param_dtype)
     logits_BTV = jnp.einsum("btd,vd->btv", h_BTD, embedding_VD.astype(h_BTD.dtype))
