@@ -5,6 +5,7 @@
   jaxlm plot --workdir runs/demo [--out loss.png]
   jaxlm convert --from-hf SRC --workdir DIR     (HF directory, .gguf file or hub id -> run dir)
   jaxlm convert --workdir DIR --to-hf OUT [--step N]     (a run's checkpoint -> HF directory)
+  jaxlm eval --workdir runs/sst2 --split dev     (fine-tuning runs: the task's metrics)
 """
 
 import sys
@@ -12,7 +13,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "generate", "plot", "convert")
+COMMANDS = ("train", "generate", "plot", "convert", "eval")
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "experiment config file (configs/*.py); override fields with --config.KEY=VALUE",
   lock_config=True,
@@ -29,6 +30,7 @@ flags.DEFINE_string("out", None, "plot: PNG path (default WORKDIR/loss.png)")
 flags.DEFINE_string("from-hf", None, "convert: HF model directory, .gguf file or hub id to import")
 flags.DEFINE_string("to-hf", None, "convert: directory to write the run's checkpoint to, in HF format")
 flags.DEFINE_integer("step", None, "convert --to-hf: checkpoint step (default: the latest)")
+flags.DEFINE_string("split", "dev", "eval: the task split to score (dev | test | train)")
 flags.DEFINE_bool("debug", False, "show full tracebacks instead of one-line errors")
 FLAGS = flags.FLAGS
 
@@ -60,9 +62,26 @@ def _train():
   config = _CONFIG.value
   runtime.configure_cpu_devices(config.runtime.cpu_devices, config.train.batch_size)
   runtime.init_distributed()
+  if "task" in config:  # fine-tuning an encoder on a task (configs/finetune/*.py)
+    from jaxlm.train import finetune
+
+    print(finetune.train(config, FLAGS.workdir))
+    return
   from jaxlm.train import loop
 
   loop.train(config, FLAGS.workdir)
+
+
+def _eval():
+  from jaxlm import runtime
+  from jaxlm.train import run
+
+  config = run.load_config(FLAGS.workdir)
+  runtime.configure_cpu_devices(config.runtime.cpu_devices, config.train.batch_size)
+  from jaxlm.train import finetune
+
+  scores = finetune.evaluate_run(FLAGS.workdir, FLAGS.split)
+  print(" ".join(f"{FLAGS.split}_{k}={v:.2f}" for k, v in scores.items()))
 
 
 def _generate():
@@ -98,7 +117,8 @@ def _main(argv):
     raise UsageError(f"usage: jaxlm {{{'|'.join(COMMANDS)}}} --workdir DIR [flags]; got {argv[1:]}")
   if not FLAGS.workdir:
     raise UsageError(f"{argv[1]} needs --workdir=DIR")
-  {"train": _train, "generate": _generate, "plot": _plot, "convert": _convert}[argv[1]]()
+  {"train": _train, "generate": _generate, "plot": _plot, "convert": _convert,
+   "eval": _eval}[argv[1]]()
 
 
 def main(argv=None):

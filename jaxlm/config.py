@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     min_lr=1e-4,  # end of the cosine decay
     warmup_steps=100,
     decay_steps=0,  # 0: decay over train.steps
+    schedule="cosine",  # decay after warmup: cosine | linear
     b1=0.9,
     b2=0.95,
     eps=1e-8,

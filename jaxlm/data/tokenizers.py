@@ -41,6 +41,8 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> np.ndarray:
   """Token ids of `text` (no special tokens added) as an int32 array."""
   backend = getattr(tokenizer, "backend_tokenizer", None)
   if backend is not None:
+    if backend.truncation is not None:  # a max_length saved with the tokenizer would cut the text
+      backend.no_truncation()
     ids = backend.encode(text, add_special_tokens=False).ids
   else:
     ids = tokenizer.encode(text, add_special_tokens=False)

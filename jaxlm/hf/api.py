@@ -34,7 +34,11 @@ def model_config_from_hf(family, hf_config, dtype: str = "float32", **overrides)
 
 
 def from_hf(src: str, dtype: str = "float32", gguf_file: str | None = None, **overrides):
-  """Imports a Hugging Face causal LM (GPT-2, Llama 2/3, Mistral, Qwen2, SmolLM).
+  """Imports a Hugging Face causal LM (GPT-2, Llama 2/3, Mistral, Qwen2, SmolLM) or encoder
+  (BERT, RoBERTa: base, masked-LM, sequence/token classification, QA).
+
+  Overriding `head` (and `num_labels`) imports an encoder for another task: the encoder comes
+  from the checkpoint, the new head is initialised (and a message names it).
 
   Args:
     src: a local HF model directory (safetensors, sharded or not; or PyTorch .bin), a .gguf
@@ -48,7 +52,16 @@ def from_hf(src: str, dtype: str = "float32", gguf_file: str | None = None, **ov
   """
   family, hf_config, tensors, _, _ = load_hf_checkpoint(src, gguf_file)
   cfg = model_config_from_hf(family, hf_config, dtype, **overrides)
-  params = convert.import_params(family, cfg, tensors)
+  stored = model_config_from_hf(family, hf_config, dtype, **{
+    k: v for k, v in overrides.items() if k not in ("head", "num_labels")})
+  if (cfg.head, cfg.num_labels) == (stored.head, stored.num_labels):
+    params = convert.import_params(family, cfg, tensors)
+  else:  # an encoder checkpoint imported for another task: a new head on its encoder
+    from jaxlm.models import heads
+
+    params = heads.with_new_head(cfg, convert.import_params(family, stored, tensors),
+                                 what=f"{src} ({stored.head} head)")
+    family = families.family_for_model(cfg)
   return family.build_model(cfg), jax.tree.map(jnp.asarray, params)
 
 

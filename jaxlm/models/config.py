@@ -1,6 +1,6 @@
 """ModelConfig: every size and family switch of the one Transformer, plus named presets.
 
-A family (GPT-2, Llama, Mistral, Qwen2, SmolLM) is a ModelConfig, never a copy of the model code.
+A family (GPT-2, Llama, Mistral, Qwen2, SmolLM, BERT, RoBERTa) is a ModelConfig, never a copy of the model code.
 """
 
 import dataclasses
@@ -10,12 +10,14 @@ NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
 REMAT = ("none", "full", "dots")
+NORM_POSITIONS = ("pre", "post")
+HEADS = ("lm", "base", "mlm", "seq_cls", "token_cls", "qa")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Sizes and family switches of a decoder Transformer.
+  """Sizes and family switches of a decoder (or, with causal=False, encoder) Transformer.
 
   Zero for `num_kv_heads`, `head_dim` and `mlp_dim` means "derive it": all heads,
   embed_dim // num_heads and 4 * embed_dim. Zero `vocab_size` means "take it from the tokenizer".
@@ -48,6 +50,15 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"  # none | full | dots (save matmul outputs)
   scan_layers: bool = False  # nn.scan over layers: faster compiles for deep models
+  # Encoder switches (BERT, RoBERTa); the defaults leave the decoder exactly as it is.
+  causal: bool = True  # False: bidirectional attention under a padding mask
+  norm_position: str = "pre"  # pre (GPT-2, Llama) | post (BERT: norm after each residual add)
+  embed_norm: bool = False  # LayerNorm on the summed embeddings (BERT)
+  type_vocab_size: int = 0  # token-type (sentence A/B) embeddings; 0 = none
+  position_offset: int = 0  # first position id (RoBERTa: padding_idx + 1 = 2)
+  pooler: bool = False  # dense + tanh on the first token in the base encoder (BERT's pooler)
+  head: str = "lm"  # lm (decoders) | encoders: base | mlm | seq_cls | token_cls | qa
+  num_labels: int = 2  # classes of a seq_cls / token_cls head (1 = regression)
 
   def __post_init__(self):
     for name, allowed in (
@@ -55,6 +66,8 @@ class ModelConfig:
       ("position", POSITIONS),
       ("activation", ACTIVATIONS),
       ("remat", REMAT),
+      ("norm_position", NORM_POSITIONS),
+      ("head", HEADS),
       ("dtype", DTYPES),
       ("param_dtype", DTYPES),
     ):
@@ -116,6 +129,11 @@ _LLAMA = dict(
   norm="rmsnorm", position="rope", activation="silu", gated_mlp=True, use_bias=False
 )
 
+_BERT = dict(norm="layernorm", position="learned", activation="gelu", use_bias=True,
+             causal=False, norm_position="post", embed_norm=True, type_vocab_size=2,
+             norm_eps=1e-12, pooler=True, max_seq_len=512, head="base")
+_ROBERTA = dict(_BERT, type_vocab_size=1, norm_eps=1e-5, position_offset=2, max_seq_len=514)
+
 PRESETS: dict[str, dict[str, Any]] = {
   # nanoGPT's character-level Shakespeare model (CPU recipe).
   "nanogpt-char": dict(_GPT2, num_layers=4, embed_dim=128, num_heads=4, max_seq_len=64,
@@ -136,6 +154,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                      norm_eps=1e-6, qkv_bias=True),
   "smollm2-135m": dict(_LLAMA, vocab_size=49152, num_layers=30, embed_dim=576, num_heads=9,
                        num_kv_heads=3, mlp_dim=1536, max_seq_len=8192, rope_theta=100000.0),
+  "bert-base": dict(_BERT, vocab_size=30522, num_layers=12, embed_dim=768, num_heads=12),
+  "bert-large": dict(_BERT, vocab_size=30522, num_layers=24, embed_dim=1024, num_heads=16),
+  # sentence-transformers/all-MiniLM-L6-v2 (nreimers/MiniLM-L6-H384-uncased)
+  "minilm-l6": dict(_BERT, vocab_size=30522, num_layers=6, embed_dim=384, num_heads=12),
+  # a 4-layer BERT for MLM pretraining from scratch on a CPU or one GPU
+  "bert-mini": dict(_BERT, vocab_size=30522, num_layers=4, embed_dim=256, num_heads=4),
+  "roberta-base": dict(_ROBERTA, vocab_size=50265, num_layers=12, embed_dim=768, num_heads=12),
+  "roberta-large": dict(_ROBERTA, vocab_size=50265, num_layers=24, embed_dim=1024, num_heads=16),
 }
 
 

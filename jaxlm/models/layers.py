@@ -109,6 +109,18 @@ def attention_mask(segment_ids_BT: jax.Array | None, causal: bool) -> jax.Array 
   return mask_BTS[:, None]
 
 
+def bidirectional_mask(padding_mask_BT: jax.Array | None, segment_ids_BT: jax.Array | None,
+                       batch: int, length: int) -> jax.Array:
+  """Boolean encoder mask: [B, 1, 1, S] (keys that are not padding), or [B, 1, T, S] when
+  segment ids also keep packed sequences apart."""
+  if padding_mask_BT is None:
+    padding_mask_BT = jnp.ones((batch, length), bool)
+  mask_B11S = padding_mask_BT.astype(bool)[:, None, None, :]
+  if segment_ids_BT is None:
+    return mask_B11S
+  return mask_B11S & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
+
+
 def _cudnn_ok(q_BTHE, mask) -> bool:
   """cuDNN flash attention on GPU for half-precision, unmasked-beyond-causal inputs."""
   return (jax.default_backend() == "gpu" and mask is None
@@ -239,7 +251,10 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+  With cfg.norm_position="post" (BERT): norm(x + attn(x)), then norm(x + mlp(x)).
+  """
 
   cfg: ModelConfig
   deterministic: bool = True
@@ -250,6 +265,12 @@ class Block(nn.Module):
     cfg = self.cfg
     scale = (2 * cfg.num_layers) ** 0.5
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+    if cfg.norm_position == "post":
+      h = Attention(cfg, scale, self.decode, name="attn")(x_BTD, positions_BT, mask)
+      x_BTD = norm(cfg, "attn_norm")(x_BTD + drop(h))
+      h = Mlp(cfg, scale, name="mlp")(x_BTD)
+      x_BTD = norm(cfg, "mlp_norm")(x_BTD + drop(h))
+      return nn.with_logical_constraint(x_BTD, ("batch", "length", "embed")), None
     h = Attention(cfg, scale, self.decode, name="attn")(
       norm(cfg, "attn_norm")(x_BTD), positions_BT, mask
     )

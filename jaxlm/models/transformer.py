@@ -1,6 +1,8 @@
 """The one Transformer: token (+ learned position) embeddings, a stack of blocks, an LM head.
 
 `logits_BTV = Transformer(cfg).apply({"params": params}, tokens_BT)` over a plain pytree.
+Encoders (cfg.causal=False) run the same stack; `return_hidden=True` skips the LM head and
+jaxlm.models.heads puts task heads on top.
 """
 
 import jax
@@ -8,7 +10,9 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxlm.models.config import ModelConfig
-from jaxlm.models.layers import Block, DecodeMask, attention_mask, norm, param_init
+from jaxlm.models.layers import (
+  Block, DecodeMask, attention_mask, bidirectional_mask, norm, param_init,
+)
 
 _REMAT_POLICIES = {
   "full": None,
@@ -33,15 +37,29 @@ def _block_class(cfg: ModelConfig):
   return block
 
 
+def default_positions(cfg: ModelConfig, padding_mask_BT, batch: int, length: int) -> jax.Array:
+  """0..T-1, shifted by cfg.position_offset. With an offset (RoBERTa), positions count real
+  tokens only and padding sits at offset - 1 (its padding_idx), as Hugging Face numbers them."""
+  positions_BT = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  if not cfg.position_offset:
+    return positions_BT
+  if padding_mask_BT is None:
+    return positions_BT + cfg.position_offset
+  real_BT = padding_mask_BT.astype(jnp.int32)
+  return jnp.cumsum(real_BT, axis=1) * real_BT + (cfg.position_offset - 1)
+
+
 class Transformer(nn.Module):
-  """Decoder-only Transformer LM (GPT-2 and Llama families, by configuration)."""
+  """Decoder-only Transformer LM (GPT-2 and Llama families), or an encoder (BERT, RoBERTa), by
+  configuration."""
 
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, deterministic=True,
+               token_types_BT=None, padding_mask_BT=None, return_hidden=False,
                decode=False):
-    """Returns fp32 logits [B, T, V].
+    """Returns fp32 logits [B, T, V] (or the final hidden states [B, T, D] if return_hidden).
 
     Args:
       tokens_BT: int token ids.
@@ -51,11 +69,14 @@ class Transformer(nn.Module):
       decode: extend the KV cache in the mutable "cache" collection and attend over all of it.
         `init` with decode=True sizes the cache from the input length (see jaxlm/generate.py);
         segment id 0 marks padding there.
+      token_types_BT: sentence A/B ids for cfg.type_vocab_size > 0 (default zeros).
+      padding_mask_BT: encoders: True for real tokens, False for padding (never attended to).
+      return_hidden: skip the LM head.
     """
     cfg = self.cfg
     B, T = tokens_BT.shape
     if positions_BT is None:
-      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+      positions_BT = default_positions(cfg, padding_mask_BT, B, T)
     embed = nn.Embed(
       cfg.vocab_size,
       cfg.embed_dim,
@@ -75,14 +96,25 @@ class Transformer(nn.Module):
         name="pos_embed",
       )
       x_BTD = x_BTD + pos_embed(positions_BT)
+    if cfg.type_vocab_size:
+      if token_types_BT is None:
+        token_types_BT = jnp.zeros((B, T), jnp.int32)
+      x_BTD = x_BTD + nn.Embed(
+        cfg.type_vocab_size, cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        embedding_init=param_init(cfg.init_std, ("pos", "embed")), name="type_embed",
+      )(token_types_BT)
+    if cfg.embed_norm:
+      x_BTD = norm(cfg, "embed_norm")(x_BTD)
     x_BTD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BTD)
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
     if decode:
       if segment_ids_BT is None:
         segment_ids_BT = jnp.ones((B, T), jnp.int32)
       mask = DecodeMask(name="decode_mask")(segment_ids_BT)
-    else:
+    elif cfg.causal:
       mask = attention_mask(segment_ids_BT, causal=True)
+    else:
+      mask = bidirectional_mask(padding_mask_BT, segment_ids_BT, B, T)
 
     block = _block_class(cfg)
     if cfg.scan_layers:
@@ -91,7 +123,10 @@ class Transformer(nn.Module):
       for i in range(cfg.num_layers):
         x_BTD, _ = block(cfg, deterministic, decode, name=f"block_{i}")(x_BTD, positions_BT, mask)
 
-    x_BTD = norm(cfg, "final_norm")(x_BTD)
+    if cfg.norm_position == "pre":  # post-norm blocks already end in a norm
+      x_BTD = norm(cfg, "final_norm")(x_BTD)
+    if return_hidden:
+      return x_BTD
     if cfg.tie_embeddings:
       logits_BTV = embed.attend(x_BTD)
     else:

@@ -8,13 +8,21 @@ _NO_DECAY = ("bias", "scale")
 
 
 def lr_schedule(cfg, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `cfg.lr`, then cosine decay to `cfg.min_lr` at `decay_steps`."""
+  """Linear warmup from 0 to `cfg.lr`, then cosine (or, with optim.schedule="linear", linear)
+  decay to `cfg.min_lr` at `decay_steps`."""
   decay_steps = cfg.decay_steps or total_steps
   if cfg.warmup_steps >= decay_steps:
     raise ValueError(
       f"optim.warmup_steps={cfg.warmup_steps} must be below the decay horizon {decay_steps} "
       "(optim.decay_steps, or train.steps when it is 0)"
     )
+  if cfg.get("schedule", "cosine") == "linear":  # BERT fine-tuning: linear decay to min_lr
+    return optax.join_schedules([
+      optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps),
+      optax.linear_schedule(cfg.lr, cfg.min_lr, decay_steps - cfg.warmup_steps),
+    ], [cfg.warmup_steps])
+  if cfg.get("schedule", "cosine") != "cosine":
+    raise ValueError(f"optim.schedule={cfg.schedule!r} is not one of ('cosine', 'linear')")
   return optax.warmup_cosine_decay_schedule(
     init_value=0.0,
     peak_value=cfg.lr,

@@ -125,7 +125,16 @@ def build(config, workdir: str, docs: list[str] | None = None) -> Run:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  return Run(config, workdir, tokenizer, Transformer(model_cfg), mesh, tx, schedule)
+  return Run(config, workdir, tokenizer, build_model(model_cfg), mesh, tx, schedule)
+
+
+def build_model(model_cfg: ModelConfig):
+  """The decoder, or for model.causal=False an encoder with its model.head."""
+  if model_cfg.causal:
+    return Transformer(model_cfg)
+  from jaxlm.models.heads import EncoderModel
+
+  return EncoderModel(model_cfg)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -139,5 +148,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def load_stream(config, tokenizer, docs) -> text.TokenStream:
   tokens = text.tokenize_documents(tokenizer, docs)
+  if "mlm" in config:  # masked-LM pretraining: windows of seq_len with [CLS] and [SEP] added
+    from jaxlm.data import mlm
+
+    stream = text.TokenStream.split(tokens, config.data.val_fraction, config.data.seq_len - 2,
+                                    config.train.seed)
+    return mlm.MlmStream(stream, tokenizer, config.mlm.prob, config.mlm.whole_word)
   return text.TokenStream.split(tokens, config.data.val_fraction, config.data.seq_len,
                                 config.train.seed)

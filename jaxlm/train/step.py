@@ -34,13 +34,19 @@ def _split_micro(batch, num: int):
   return jax.tree.map(lambda x: x.reshape(num, x.shape[0] // num, *x.shape[1:]), batch)
 
 
-def train_step(state: TrainState, batch, *, grad_accum: int = 1, dropout: bool = False):
-  """One optimizer step over `batch`, accumulating gradients over `grad_accum` micro-batches."""
+def train_step(state: TrainState, batch, *, grad_accum: int = 1, dropout: bool = False,
+               forward_sums=None):
+  """One optimizer step over `batch`, accumulating gradients over `grad_accum` micro-batches.
+
+  `forward_sums(apply_fn, params, batch, rng, deterministic) -> (loss sum, weight sum)` is the
+  objective: next-token LM by default, a task's loss for fine-tuning (jaxlm.train.objectives).
+  """
+  forward_sums = forward_sums or _forward_sums
   rng, step_rng = jax.random.split(state.rng)
 
   def micro_grads(params, micro, key):
     def loss_fn(p):
-      total, weight = _forward_sums(state.apply_fn, p, micro, key, not dropout)
+      total, weight = forward_sums(state.apply_fn, p, micro, key, not dropout)
       return total, weight
 
     (total, weight), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

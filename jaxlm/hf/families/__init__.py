@@ -61,9 +61,10 @@ class Family:
 
 def families() -> list[Family]:
   """All known families (imported here, not at package import, to keep `import jaxlm` light)."""
-  from jaxlm.hf.families import gpt2, llama
+  from jaxlm.hf.families import bert, gpt2, llama
 
-  return [gpt2.GPT2, llama.LLAMA, llama.MISTRAL, llama.QWEN2]
+  return [gpt2.GPT2, llama.LLAMA, llama.MISTRAL, llama.QWEN2, bert.BERT, bert.ROBERTA,
+          bert.ROBERTA_CLS]
 
 
 def family_for_hf_config(hf_config) -> Family:
@@ -98,7 +99,11 @@ def family_named(name: str) -> Family:
 
 def family_for_model(cfg) -> Family:
   """The HF family a jaxlm decoder config is written as: GPT-2 for learned positions, Qwen2 for
-  q/k/v-only biases, Llama otherwise."""
+  q/k/v-only biases, Llama otherwise; encoders as BERT, or RoBERTa when positions are offset."""
+  if not getattr(cfg, "causal", True):
+    if not cfg.position_offset:
+      return family_named("bert")
+    return family_named("roberta_cls" if cfg.head == "seq_cls" else "roberta")
   if cfg.position == "learned":
     return family_named("gpt2")
   if cfg.qkv_bias and not cfg.use_bias:

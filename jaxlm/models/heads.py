@@ -1,0 +1,119 @@
+"""Task heads on the encoder: masked LM, sequence classification/regression, token
+classification and extractive QA: `EncoderModel(cfg)` with cfg.head and cfg.num_labels.
+
+Shape letters as in layers.py, plus C classes. The encoder stack is the one Transformer (run with
+return_hidden=True) under the name "transformer"; heads sit beside it.
+"""
+
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.layers import ACTIVATIONS, norm, param_init
+from jaxlm.models.transformer import Transformer
+
+TASKS = ("base", "mlm", "seq_cls", "token_cls", "qa")
+
+
+def check_task(cfg: ModelConfig):
+  if cfg.head not in TASKS:
+    raise ValueError(f"model.head={cfg.head!r} is not an encoder head; choose one of {TASKS}")
+  if cfg.causal:
+    raise ValueError("an encoder task needs model.causal=False (bidirectional attention)")
+
+
+def _zeros(axes: tuple):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _dense(cfg: ModelConfig, features: int, name: str, out_axis=None) -> nn.Dense:
+  return nn.Dense(
+    features, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+    kernel_init=param_init(cfg.init_std, ("embed", out_axis)), bias_init=_zeros((out_axis,)),
+    name=name,
+  )
+
+
+class Pooler(nn.Module):
+  """tanh(dense(first token)): BERT's pooler, RoBERTa's classifier.dense."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    return jnp.tanh(_dense(self.cfg, self.cfg.embed_dim, "dense")(x_BTD[:, 0]))
+
+
+class MlmHead(nn.Module):
+  """dense + activation + norm, then the decoder tied to the token embedding, plus a bias."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, embedding_VD):
+    cfg = self.cfg
+    h_BTD = ACTIVATIONS[cfg.activation](_dense(cfg, cfg.embed_dim, "transform")(x_BTD))
+    h_BTD = norm(cfg, "norm")(h_BTD)
+    bias_V = self.param("bias", _zeros(("vocab",)), (cfg.vocab_size,), cfg.param_dtype)
+    logits_BTV = jnp.einsum("btd,vd->btv", h_BTD, embedding_VD.astype(h_BTD.dtype))
+    return logits_BTV + bias_V.astype(logits_BTV.dtype)[None, None, :]
+
+
+class EncoderModel(nn.Module):
+  """An encoder Transformer with one task head, cfg.head:
+
+  base (returns {"hidden": [B,T,D], "pooled": [B,D] or None}), mlm ([B,T,V]),
+  seq_cls ([B,C]; C=1 is regression), token_cls ([B,T,C]) or qa ([B,T,2]: start, end).
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, padding_mask_BT=None, token_types_BT=None, deterministic=True,
+               positions_BT=None, segment_ids_BT=None):
+    """Runs the encoder and the head; fp32 outputs. Args as in Transformer.__call__."""
+    cfg = self.cfg
+    check_task(cfg)
+    backbone = Transformer(cfg, name="transformer")
+    x_BTD = backbone(tokens_BT, segment_ids_BT, positions_BT, deterministic,
+                     token_types_BT=token_types_BT, padding_mask_BT=padding_mask_BT,
+                     return_hidden=True)
+    drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
+    if cfg.head == "base":
+      pooled_BD = Pooler(cfg, name="pooler")(x_BTD) if cfg.pooler else None
+      return {"hidden": _fp32(x_BTD), "pooled": _fp32(pooled_BD)}
+    if cfg.head == "mlm":
+      embedding_VD = nn.unbox(backbone.variables["params"]["embed"]["embedding"])
+      return _fp32(MlmHead(cfg, name="mlm_head")(x_BTD, embedding_VD))
+    if cfg.head == "seq_cls":
+      pooled_BD = drop(Pooler(cfg, name="pooler")(x_BTD))
+      return _fp32(_dense(cfg, cfg.num_labels, "classifier")(pooled_BD))
+    if cfg.head == "token_cls":
+      return _fp32(_dense(cfg, cfg.num_labels, "classifier")(drop(x_BTD)))
+    return _fp32(_dense(cfg, 2, "qa_outputs")(x_BTD))
+
+
+def _fp32(x: jax.Array | None):
+  return None if x is None else x.astype(jnp.float32)
+
+
+def with_new_head(cfg: ModelConfig, pretrained: dict, what: str = "the checkpoint",
+                  seed: int = 0) -> dict:
+  """Params of EncoderModel(cfg): the encoder (and any head part of the same shape, such as
+  BERT's pooler) from `pretrained`, the rest freshly initialised. Prints what was initialised."""
+  from flax import traverse_util
+
+  model = EncoderModel(cfg)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))
+  target = traverse_util.flatten_dict(nn.unbox(shapes)["params"], sep="/")
+  have = traverse_util.flatten_dict(pretrained, sep="/")
+  fresh = sorted(k for k, v in target.items() if k not in have or have[k].shape != v.shape)
+  init = jax.jit(lambda r: nn.unbox(model.init(r, jnp.zeros((1, 1), jnp.int32)))["params"])
+  new = traverse_util.flatten_dict(jax.device_get(init(jax.random.PRNGKey(seed))), sep="/")
+  out = {k: (new[k] if k in fresh else have[k]) for k in target}
+  print(f"jaxlm: {what} has no {cfg.head!r} head with {cfg.num_labels} labels; initialised "
+        f"{', '.join(fresh)}", file=sys.stderr)
+  return traverse_util.unflatten_dict(out, sep="/")

