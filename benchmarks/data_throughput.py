@@ -55,8 +55,8 @@ def run_jaxlm(files, tokenizer, seq_len, cache_dir):
   from jaxlm.data import pipeline
 
   cfg = base_config().data
-  cfg.update(dict(packing="concat", mixture=",".join(files), seq_len=seq_len, add_eos=False,
-                  cache_dir=cache_dir, val_fraction=0.0))
+  cfg.update({"packing": "concat", "mixture": ",".join(files), "seq_len": seq_len,
+              "add_eos": False, "cache_dir": cache_dir, "val_fraction": 0.0})
   t0 = time.perf_counter()
   parts = pipeline.load_parts(cfg, tokenizer)
   first, rows = None, 0

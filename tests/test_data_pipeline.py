@@ -6,10 +6,11 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxlm.config import base_config
-from jaxlm.data import packing, pipeline, sources, text, tokenize
+from jaxlm.data import iterators, packing, pipeline, sources, text, tokenize
 from jaxlm.data.tokenize import Documents
 
 GPT2_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
@@ -28,7 +29,7 @@ def _docs(lengths, with_mask=False, seed=0) -> Documents:
 
 def _cfg(**kw):
   cfg = base_config().data
-  cfg.update(dict(packing="concat", prefetch=2, read_threads=1, best_fit_bins=4))
+  cfg.update({"packing": "concat", "prefetch": 2, "read_threads": 1, "best_fit_bins": 4})
   cfg.update(kw)
   return cfg
 
@@ -169,6 +170,20 @@ def test_window_iterator_state_is_the_step():
   np.testing.assert_array_equal(next(it)["inputs"], stream.train_batch(3, 4, 1)["inputs"])
 
 
+def test_prefetch_reports_the_state_of_the_last_batch_taken():
+  import time
+
+  stream = text.TokenStream.split(np.arange(500, dtype=np.int32), 0.1, 8, seed=0)
+  ahead = iterators.Prefetch(text.WindowIterator(stream, 4), size=3)
+  ahead.set_state({"step": 5})  # a restore, before the first batch
+  first = next(ahead)
+  time.sleep(0.2)  # the thread fills its queue meanwhile
+  assert ahead.get_state() == {"step": 6}
+  np.testing.assert_array_equal(first["inputs"], stream.train_batch(5, 4)["inputs"])
+  with pytest.raises(RuntimeError, match="before the first batch"):
+    ahead.set_state({"step": 0})
+
+
 def test_cache_is_reused_and_invalidated(tmp_path, gpt2, monkeypatch):
   path = _text_file(tmp_path)
   cfg = _cfg(path=path, cache_dir=str(tmp_path / "cache"))
@@ -210,6 +225,9 @@ def test_file_formats_give_the_same_documents(tmp_path, gpt2):
     want = docs.tokens if want is None else want
     assert len(docs) == 3
     np.testing.assert_array_equal(docs.tokens, want)
+  cfg = _cfg(path=str(tmp_path / "d.jsonl"), streaming=True, cache_dir=str(tmp_path / "s"))
+  docs, _ = tokenize.tokenize_source(sources.sources_from_config(cfg)[0], cfg, gpt2)
+  np.testing.assert_array_equal(docs.tokens, want)  # streamed rows, same documents
   frame.to_json(tmp_path / "d2.jsonl", orient="records", lines=True)
   cfg = _cfg(path=str(tmp_path / "d*.jsonl"), cache_dir=str(tmp_path / "c"))  # a glob
   docs, _ = tokenize.tokenize_source(sources.sources_from_config(cfg)[0], cfg, gpt2)
@@ -239,16 +257,19 @@ def test_training_with_packed_documents_logs_data_wait(tmp_path):
   from jaxlm.train import loop
 
   c = base_config()
-  c.model.update(dict(vocab_size=0, num_layers=1, embed_dim=32, num_heads=2, max_seq_len=32))
-  c.data.update(dict(source="file", path=_text_file(tmp_path), tokenizer="char",
-                     packing="best_fit", seq_len=32, truncate=True, add_eos=False,
-                     cache_dir=str(tmp_path / "c")))
-  c.train.update(dict(steps=6, batch_size=8, log_every=2, eval_every=6, eval_batches=2))
+  c.model.update({"vocab_size": 0, "num_layers": 1, "embed_dim": 32, "num_heads": 2,
+                  "max_seq_len": 32})
+  c.data.update({"source": "file", "path": _text_file(tmp_path), "tokenizer": "char",
+                 "packing": "best_fit", "seq_len": 32, "truncate": True, "add_eos": False,
+                 "cache_dir": str(tmp_path / "c")})
+  c.train.update({"steps": 6, "batch_size": 8, "log_every": 2, "eval_every": 6,
+                  "eval_batches": 2})
   c.optim.warmup_steps = 2
-  c.checkpoint.update(dict(every=100, use_async=False))
+  c.checkpoint.update({"every": 100, "use_async": False})
   c.sample.max_new_tokens = 0
   final = loop.train(c, str(tmp_path / "run"))
   assert final["step"] == 6 and np.isfinite(final["eval_loss"])
-  records = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    records = [json.loads(x) for x in f]
   waits = [r["data_wait_frac"] for r in records if "data_wait_frac" in r]
   assert waits and all(0 <= w < 1 for w in waits)

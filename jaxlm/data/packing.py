@@ -26,7 +26,7 @@ class ConcatRows:
     self.num_inputs = len(docs.tokens) - 1  # every token but the last has a next token
 
   def __len__(self) -> int:
-    return -(-self.num_inputs // self.seq_len)
+    return (self.num_inputs + self.seq_len - 1) // self.seq_len
 
   def __getitem__(self, row: int) -> dict[str, np.ndarray]:
     L, docs = self.seq_len, self.docs

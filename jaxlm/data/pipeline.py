@@ -7,11 +7,13 @@ threads; Grain's iterator state (a few integers) makes the stream resumable to t
 
 import dataclasses
 import itertools
+import weakref
 
 import grain
 import grain.experimental as grain_exp
 
-from jaxlm.data import packing, sources as sources_lib, tokenize
+from jaxlm.data import packing, tokenize
+from jaxlm.data import sources as sources_lib
 
 
 class DataIterator:
@@ -21,6 +23,8 @@ class DataIterator:
   def __init__(self, dataset: grain.IterDataset, process_index: int, process_count: int):
     self.process_index, self.process_count = process_index, process_count
     self._it = iter(dataset)
+    # stop Grain's prefetch threads before interpreter teardown, not during it
+    weakref.finalize(self, getattr(self._it, "close", lambda: None))
 
   def __iter__(self):
     return self

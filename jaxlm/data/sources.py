@@ -8,7 +8,7 @@ dataset's own fingerprint) lets the tokenization cache tell when the data change
 import dataclasses
 import glob
 import os
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 FORMATS = {  # file extension -> Hugging Face `datasets` builder
   "txt": "text", "text": "text", "json": "json", "jsonl": "json", "csv": "csv", "tsv": "csv",
@@ -173,5 +173,4 @@ def _column_batches(ds, columns: list[str], size: int, name: str) -> Iterator[di
       f"column(s) {missing} not in {name}; its columns are {names}. Set data.text_column "
       "(or data.messages_column / data.prompt_column / data.response_column for SFT)"
     )
-  for batch in ds.select_columns(columns).iter(batch_size=size):
-    yield batch
+  yield from ds.select_columns(columns).iter(batch_size=size)

@@ -11,7 +11,8 @@ import itertools
 import numpy as np
 import tqdm
 
-from jaxlm.data import cache, sources as sources_lib
+from jaxlm.data import cache
+from jaxlm.data import sources as sources_lib
 
 FORMAT_VERSION = 1  # bump when the stored layout or the encoding rules change
 BATCH_DOCS = 2048
@@ -120,10 +121,10 @@ def _encode_all(opened, cfg, tokenizer, name: str, progress: bool) -> dict[str, 
     from jaxlm.data import sft
 
     columns = sft.columns(cfg)
-    encode = lambda batch: sft.encode_examples(tokenizer, batch, cfg, bos, eos)  # noqa: E731
+    encode = lambda batch: sft.encode_examples(tokenizer, batch, cfg, bos, eos)
   elif cfg.task == "lm":
     columns = [cfg.text_column]
-    encode = lambda batch: encode_texts(tokenizer, batch[cfg.text_column], bos, eos)  # noqa: E731
+    encode = lambda batch: encode_texts(tokenizer, batch[cfg.text_column], bos, eos)
   else:
     raise ValueError(f"data.task={cfg.task!r} is not one of ('lm', 'sft')")
   parts, bar = [], tqdm.tqdm(desc=f"tokenizing {name}", unit="doc", disable=not progress)

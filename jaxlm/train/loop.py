@@ -7,6 +7,7 @@ import time
 import jax
 
 from jaxlm import checkpoint, generate, sharding
+from jaxlm.data.iterators import Prefetch
 from jaxlm.train import metrics as metrics_lib, run as run_lib, step as step_lib
 
 
@@ -66,13 +67,15 @@ def train(config, workdir: str) -> dict:
                                      dropout=config.model.dropout > 0)
   eval_fn = step_lib.jit_eval_step(run.model.apply, shardings.params, run.mesh)
   eval_batches = data.eval_batches
+  # batches placed on the devices in a background thread; get_state() stays exact
+  train_batches = Prefetch(data.train, lambda b: _device_batch(b, run.mesh), size=2)
   report = _Reporter(writer, ckpt, run.schedule, cfg_t.batch_size * config.data.seq_len,
                      cfg_t.log_every, start)
   final, step, pending = {}, start, None
   with sharding.mesh_rules(run.mesh):
     for step in range(start + 1, cfg_t.steps + 1):
       wait_start = time.perf_counter()  # the previous step runs on the device meanwhile
-      batch = _device_batch(next(data.train), run.mesh)
+      batch = next(train_batches)
       data_wait = time.perf_counter() - wait_start
       state, step_metrics = train_fn(state, batch)
       if pending is not None:  # fetch the previous step's metrics while this one runs
