@@ -253,23 +253,31 @@ def test_bad_input_gives_clear_errors(tmp_path, gpt2):
     pipeline.batches([(1.0, _docs([5]))], _cfg(packing="sideways"), 1, 0, pipeline.Shard())
 
 
-def test_training_with_packed_documents_logs_data_wait(tmp_path):
-  from jaxlm.train import loop
-
+def _tiny_run_config(tmp_path, steps):
   c = base_config()
   c.model.update({"vocab_size": 0, "num_layers": 1, "embed_dim": 32, "num_heads": 2,
                   "max_seq_len": 32})
   c.data.update({"source": "file", "path": _text_file(tmp_path), "tokenizer": "char",
                  "packing": "best_fit", "seq_len": 32, "truncate": True, "add_eos": False,
                  "cache_dir": str(tmp_path / "c")})
-  c.train.update({"steps": 6, "batch_size": 8, "log_every": 2, "eval_every": 6,
+  c.train.update({"steps": steps, "batch_size": 8, "log_every": 2, "eval_every": 6,
                   "eval_batches": 2})
-  c.optim.warmup_steps = 2
-  c.checkpoint.update({"every": 100, "use_async": False})
+  c.optim.update({"warmup_steps": 2, "decay_steps": 6})
+  c.checkpoint.update({"every": 3, "use_async": False})
   c.sample.max_new_tokens = 0
-  final = loop.train(c, str(tmp_path / "run"))
+  return c
+
+
+def test_training_on_packed_documents_logs_data_wait_and_resumes_exactly(tmp_path):
+  from jaxlm.train import loop
+
+  final = loop.train(_tiny_run_config(tmp_path, 6), str(tmp_path / "straight"))
   assert final["step"] == 6 and np.isfinite(final["eval_loss"])
-  with open(tmp_path / "run" / "metrics.jsonl") as f:
+  with open(tmp_path / "straight" / "metrics.jsonl") as f:
     records = [json.loads(x) for x in f]
   waits = [r["data_wait_frac"] for r in records if "data_wait_frac" in r]
   assert waits and all(0 <= w < 1 for w in waits)
+  loop.train(_tiny_run_config(tmp_path, 3), str(tmp_path / "split"))  # stops at step 3
+  resumed = loop.train(_tiny_run_config(tmp_path, 6), str(tmp_path / "split"))
+  assert resumed["step"] == 6
+  np.testing.assert_allclose(resumed["eval_loss"], final["eval_loss"], rtol=1e-6)

@@ -131,7 +131,11 @@ def raw_documents(config) -> list[str] | None:
 
 
 def load_data(config, tokenizer, docs, start_step: int = 0) -> pipeline.Pipeline:
-  """The run's train iterator (resumable: get_state / set_state) and fixed eval batches."""
+  """The run's train iterator (resumable: get_state / set_state) and fixed eval batches.
+
+  `start_step` batches are skipped (a resumed run without a saved iterator state); a run that
+  restores the iterator's state with set_state passes 0.
+  """
   cfg_t = config.train
   index, count = jax.process_index(), jax.process_count()
   local = cfg_t.batch_size // count
@@ -142,5 +146,8 @@ def load_data(config, tokenizer, docs, start_step: int = 0) -> pipeline.Pipeline
       stream.eval_batches("val", local, cfg_t.eval_batches, index),
       f"{len(stream.train):,} train / {len(stream.val):,} val tokens",
     )
-  return pipeline.build(config.data, tokenizer, batch_size=cfg_t.batch_size, seed=cfg_t.seed,
+  data = pipeline.build(config.data, tokenizer, batch_size=cfg_t.batch_size, seed=cfg_t.seed,
                         eval_batches=cfg_t.eval_batches, shard=pipeline.Shard(index, count))
+  for _ in range(start_step):  # no saved iterator state: replay the deterministic stream
+    next(data.train)
+  return data
