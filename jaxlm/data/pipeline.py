@@ -22,9 +22,13 @@ class DataIterator:
 
   def __init__(self, dataset: grain.IterDataset, process_index: int, process_count: int):
     self.process_index, self.process_count = process_index, process_count
-    self._it = iter(dataset)
-    # stop Grain's prefetch threads before interpreter teardown, not during it
-    weakref.finalize(self, getattr(self._it, "close", lambda: None))
+    self._holder = [iter(dataset)]
+    # close and drop Grain's iterators at exit, before the interpreter tears its modules down
+    weakref.finalize(self, _close_all, self._holder)
+
+  @property
+  def _it(self):
+    return self._holder[0]
 
   def __iter__(self):
     return self
@@ -51,6 +55,13 @@ class DataIterator:
         "processes, or start the data afresh in a new run directory"
       )
     self._it.set_state(state["grain"])
+
+
+def _close_all(holder: list):
+  while holder:
+    it = holder.pop()
+    if hasattr(it, "close"):
+      it.close()
 
 
 @dataclasses.dataclass

@@ -79,8 +79,8 @@ def train(config, workdir: str) -> dict:
       data_wait = time.perf_counter() - wait_start
       state, step_metrics = train_fn(state, batch)
       if pending is not None:  # fetch the previous step's metrics while this one runs
-        report(*pending)
-      pending = (step, step_metrics, data_wait)
+        report(*pending, data_wait)
+      pending = (step, step_metrics)
       if step % cfg_t.eval_every == 0 or step == cfg_t.steps:
         final = evaluate(run, state.params, eval_fn, eval_batches)
         writer.write(step, final)
@@ -108,6 +108,7 @@ class _Reporter:
     self.data_wait = 0.0  # seconds the host waited for batches since the window started
 
   def __call__(self, step: int, step_metrics, data_wait: float = 0.0):
+    """`data_wait`: seconds just spent getting a batch (since the previous call)."""
     values = jax.device_get(step_metrics)
     loss = float(values["loss"])
     _check_finite(step, loss, self.ckpt)
