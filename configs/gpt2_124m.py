@@ -5,6 +5,10 @@
 Defaults to WikiText-103 from the hub; point data.hf_dataset / data.tokenizer at local copies
 (e.g. --config.data.tokenizer=../shared/data/tokenizers/gpt2) when offline. bf16 compute with fp32
 params; 0.5M tokens per step (batch 512 x 1024) as in GPT-2, split over the mesh.
+
+Data: documents tokenized once into the cache (`python tools/prepare_data.py --config
+configs/gpt2_124m.py` does it ahead of time), concatenated and cut into 1024-token rows that
+attend within their documents, shuffled globally, each host reading its own shard.
 """
 
 from jaxlm.config import base_config, model
@@ -19,6 +23,7 @@ def get_config():
   c.data.hf_split = "train"
   c.data.tokenizer = "openai-community/gpt2"
   c.data.seq_len = 1024
+  c.data.packing = "concat"  # the document pipeline (jaxlm.data.pipeline), not random windows
   c.data.val_fraction = 0.005
   c.train.steps = 20000
   c.train.batch_size = 512

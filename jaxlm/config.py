@@ -31,6 +31,23 @@ def base_config() -> ml_collections.ConfigDict:
     tokenizer="char",  # char | a tokenizer directory | a hub id
     seq_len=256,  # tokens per training window
     val_fraction=0.1,  # last fraction of the stream held out for eval
+    # document pipeline (jaxlm.data.pipeline), used when packing is not "none"
+    packing="none",  # none: random windows of one stream (nanoGPT) | concat | best_fit
+    mixture="",  # "PATH_OR_GLOB[=W],hf:ID[:CONFIG][=W],...": weighted sources; "" = the above
+    format="",  # text | json | jsonl | csv | tsv | parquet; "" = from the file extension
+    sample_by="line",  # text files: a document per line | paragraph | document (whole file)
+    streaming=False,  # stream hub datasets instead of downloading them first
+    task="lm",  # lm: text documents | sft: chat/instruction examples, loss on responses only
+    messages_column="messages",  # sft: a list of {role, content}; else prompt/response columns
+    prompt_column="prompt",
+    response_column="response",
+    add_bos=False,  # put the tokenizer's BOS before every document
+    add_eos=True,  # put the tokenizer's EOS after every document
+    truncate=False,  # best_fit: cut documents longer than seq_len + 1 instead of failing
+    best_fit_bins=64,  # rows best_fit packs into at once (more: less padding)
+    cache_dir="",  # tokenized-data cache; "" = ~/.cache/jaxlm
+    prefetch=4,  # batches prepared ahead in background threads
+    read_threads=4,  # threads reading and packing rows
   ))
   c.train = ml_collections.ConfigDict(dict(
     steps=1000,

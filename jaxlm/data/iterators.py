@@ -27,3 +27,54 @@ def background(items: Iterable, size: int = 2) -> Iterator:
     if isinstance(item, BaseException):
       raise item
     yield item
+
+
+class Prefetch:
+  """Runs `transform(next(iterator))` up to `size` batches ahead in a daemon thread, keeping the
+  iterator protocol exact: get_state() is the state after the last batch *returned*, not the
+  last one produced, so a checkpoint taken now resumes at the right batch.
+
+  set_state() is allowed before the first next() (when a run restores), not after.
+  """
+
+  def __init__(self, iterator, transform=lambda x: x, size: int = 2):
+    self.iterator, self.transform, self.size = iterator, transform, size
+    self._state = iterator.get_state()
+    self._queue: queue.Queue | None = None
+
+  def __iter__(self):
+    return self
+
+  def _start(self):
+    self._queue = q = queue.Queue(maxsize=self.size)
+
+    def produce():
+      try:
+        for item in self.iterator:
+          q.put((self.transform(item), self.iterator.get_state()))
+        q.put(_DONE)
+      except BaseException as e:  # surfaced in the consumer
+        q.put(e)
+
+    threading.Thread(target=produce, daemon=True).start()
+
+  def __next__(self):
+    if self._queue is None:
+      self._start()
+    item = self._queue.get()
+    if item is _DONE:
+      self._queue.put(_DONE)
+      raise StopIteration
+    if isinstance(item, BaseException):
+      raise item
+    batch, self._state = item
+    return batch
+
+  def get_state(self) -> dict:
+    return self._state
+
+  def set_state(self, state: dict):
+    if self._queue is not None:
+      raise RuntimeError("Prefetch.set_state must come before the first batch is taken")
+    self.iterator.set_state(state)
+    self._state = self.iterator.get_state()

@@ -114,3 +114,26 @@ class TokenStream:
   def eval_batches(self, split: str, batch: int, num: int, process: int = 0):
     """The same `num` batches at every eval, so eval losses are comparable across steps."""
     return [self.windows(split, batch, (1, i, process)) for i in range(num)]
+
+
+class WindowIterator:
+  """Random-window batches of a TokenStream as a resumable iterator; its state is the step."""
+
+  def __init__(self, stream: TokenStream, local_batch: int, process_index: int = 0,
+               step: int = 0):
+    self.stream, self.local_batch, self.process_index, self.step = (
+      stream, local_batch, process_index, step)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = self.stream.train_batch(self.step, self.local_batch, self.process_index)
+    self.step += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {"step": self.step}
+
+  def set_state(self, state: dict):
+    self.step = int(state["step"])

@@ -7,8 +7,7 @@ import time
 import jax
 
 from jaxlm import checkpoint, generate, sharding, textgen
-from jaxlm.data import text
-from jaxlm.data.iterators import background
+from jaxlm.data.iterators import Prefetch
 from jaxlm.train import metrics as metrics_lib, run as run_lib, step as step_lib
 
 
@@ -47,9 +46,8 @@ def _check_finite(step: int, loss: float, ckpt):
 
 def train(config, workdir: str) -> dict:
   """Trains as `config` says, writing everything into `workdir`. Returns the final metrics."""
-  docs = text.load_documents(config.data)
+  docs = run_lib.raw_documents(config)
   run = run_lib.build(config, workdir, docs)
-  stream = run_lib.load_stream(config, run.tokenizer, docs)
   cfg_t = config.train
   is_main = jax.process_index() == 0
   ckpt = checkpoint.Checkpointer(
@@ -58,21 +56,19 @@ def train(config, workdir: str) -> dict:
   writer = metrics_lib.MetricsWriter(workdir, cfg_t.steps, enabled=is_main)
   state, shardings = restore_or_init(run, ckpt, writer)
   start = int(jax.device_get(state.step))
+  data = run_lib.load_data(config, run.tokenizer, docs, start)
   writer.bar.reset(cfg_t.steps)
   writer.bar.update(start)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   writer.message(f"model: {n_params:,} parameters; mesh {dict(run.mesh.shape)}; "
-                 f"{len(stream.train):,} train / {len(stream.val):,} val tokens")
+                 f"{data.summary}")
 
   train_fn = step_lib.jit_train_step(shardings, run.mesh, grad_accum=cfg_t.grad_accum,
                                      dropout=config.model.dropout > 0)
   eval_fn = step_lib.jit_eval_step(run.model.apply, shardings.params, run.mesh)
-  local_batch = cfg_t.batch_size // jax.process_count()
-  eval_batches = stream.eval_batches("val", local_batch, cfg_t.eval_batches, jax.process_index())
-  batches = background(
-    (_device_batch(stream.train_batch(s, local_batch, jax.process_index()), run.mesh)
-     for s in range(start, cfg_t.steps)), size=2,
-  )
+  eval_batches = data.eval_batches
+  # batches placed on the devices in a background thread; get_state() stays exact
+  train_batches = Prefetch(data.train, lambda b: _device_batch(b, run.mesh), size=2)
   if start == 0 and config.model.get("init_from"):  # the imported model's eval loss, before
     with sharding.mesh_rules(run.mesh):
       initial = evaluate(run, state.params, eval_fn, eval_batches)
@@ -83,9 +79,12 @@ def train(config, workdir: str) -> dict:
   final, step, pending = {}, start, None
   with sharding.mesh_rules(run.mesh):
     for step in range(start + 1, cfg_t.steps + 1):
-      state, step_metrics = train_fn(state, next(batches))
+      wait_start = time.perf_counter()  # the previous step runs on the device meanwhile
+      batch = next(train_batches)
+      data_wait = time.perf_counter() - wait_start
+      state, step_metrics = train_fn(state, batch)
       if pending is not None:  # fetch the previous step's metrics while this one runs
-        report(*pending)
+        report(*pending, data_wait)
       pending = (step, step_metrics)
       if step % cfg_t.eval_every == 0 or step == cfg_t.steps:
         final = evaluate(run, state.params, eval_fn, eval_batches)
@@ -111,15 +110,18 @@ class _Reporter:
     self.writer, self.ckpt, self.schedule = writer, ckpt, schedule
     self.tokens_per_step, self.log_every = tokens_per_step, log_every
     self.start_step, self.window = start_step, (start_step, time.perf_counter())
+    self.data_wait = 0.0  # seconds the host waited for batches since the window started
 
-  def __call__(self, step: int, step_metrics):
+  def __call__(self, step: int, step_metrics, data_wait: float = 0.0):
+    """`data_wait`: seconds just spent getting a batch (since the previous call)."""
     values = jax.device_get(step_metrics)
     loss = float(values["loss"])
     _check_finite(step, loss, self.ckpt)
     now = time.perf_counter()
     if step == self.start_step + 1:  # leave compilation out of the throughput
-      self.window = (step, now)
+      self.window, self.data_wait = (step, now), 0.0
       return
+    self.data_wait += data_wait
     last_step, last_time = self.window
     tokens_per_sec = self.tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
     self.writer.progress(step, loss, tokens_per_sec)
@@ -127,8 +129,10 @@ class _Reporter:
       self.writer.write(step, {
         "loss": loss, "lr": float(self.schedule(step - 1)),
         "grad_norm": float(values["grad_norm"]), "tokens_per_sec": tokens_per_sec,
+        "data_wait_ms": 1e3 * self.data_wait / max(step - last_step, 1),
+        "data_wait_frac": self.data_wait / max(now - last_time, 1e-9),
       })
-      self.window = (step, now)
+      self.window, self.data_wait = (step, now), 0.0
 
 
 def sample_text(run, params, sample_cfg) -> str:

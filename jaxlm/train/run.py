@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from jaxlm import sharding
-from jaxlm.data import text, tokenizers as tok_lib
+from jaxlm.data import pipeline, text, tokenizers as tok_lib
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.transformer import Transformer
 from jaxlm.train import optim, step as step_lib
@@ -156,3 +156,33 @@ def load_stream(config, tokenizer, docs) -> text.TokenStream:
     return mlm.MlmStream(stream, tokenizer, config.mlm.prob, config.mlm.whole_word)
   return text.TokenStream.split(tokens, config.data.val_fraction, config.data.seq_len,
                                 config.train.seed)
+
+
+def raw_documents(config) -> list[str] | None:
+  """The raw text random-window mode (or a char tokenizer) needs; None for the pipeline."""
+  if config.data.packing == "none" or config.data.tokenizer == "char":
+    return text.load_documents(config.data)
+  return None
+
+
+def load_data(config, tokenizer, docs, start_step: int = 0) -> pipeline.Pipeline:
+  """The run's train iterator (resumable: get_state / set_state) and fixed eval batches.
+
+  `start_step` batches are skipped (a resumed run without a saved iterator state); a run that
+  restores the iterator's state with set_state passes 0.
+  """
+  cfg_t = config.train
+  index, count = jax.process_index(), jax.process_count()
+  local = cfg_t.batch_size // count
+  if config.data.packing == "none":
+    stream = load_stream(config, tokenizer, docs)
+    return pipeline.Pipeline(
+      text.WindowIterator(stream, local, index, start_step),
+      stream.eval_batches("val", local, cfg_t.eval_batches, index),
+      f"{len(stream.train):,} train / {len(stream.val):,} val tokens",
+    )
+  data = pipeline.build(config.data, tokenizer, batch_size=cfg_t.batch_size, seed=cfg_t.seed,
+                        eval_batches=cfg_t.eval_batches, shard=pipeline.Shard(index, count))
+  for _ in range(start_step):  # no saved iterator state: replay the deterministic stream
+    next(data.train)
+  return data
