@@ -1,4 +1,4 @@
-"""Iterator helpers: background prefetch so the accelerator never waits on the host."""
+"""Iterator helpers: background prefetch, and a resumable step-indexed batch iterator."""
 
 import queue
 import threading
@@ -27,3 +27,29 @@ def background(items: Iterable, size: int = 2) -> Iterator:
     if isinstance(item, BaseException):
       raise item
     yield item
+
+
+class StepIterator:
+  """This process's training batches as a resumable iterator: batch n depends only on
+  (seed, n, process), so the whole position is {"step": n}.
+
+  Protocol used by the train loop: `next()` gives a dict of numpy arrays, `get_state()` a
+  JSON-serializable dict, `set_state(state)` moves back to it.
+  """
+
+  def __init__(self, stream, local_batch: int, process: int = 0, step: int = 0):
+    self.stream, self.local_batch, self.process, self.step = stream, local_batch, process, step
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    batch = self.stream.train_batch(self.step, self.local_batch, self.process)
+    self.step += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {"step": self.step}
+
+  def set_state(self, state: dict) -> None:
+    self.step = int(state["step"])

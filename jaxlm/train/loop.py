@@ -1,5 +1,6 @@
 """The training loop: sharded steps, eval, metrics, checkpoints and a closing text sample."""
 
+import json
 import math
 import os
 import time
@@ -7,9 +8,9 @@ import time
 import jax
 
 from jaxlm import checkpoint, generate, sharding
-from jaxlm.data import text
-from jaxlm.data.iterators import background
-from jaxlm.train import metrics as metrics_lib, run as run_lib, step as step_lib
+from jaxlm.data import text, tokenizers as tok_lib
+from jaxlm.data.iterators import StepIterator, background
+from jaxlm.train import metrics as metrics_lib, preemption, run as run_lib, step as step_lib
 
 
 def _device_batch(local: dict, mesh) -> dict:
@@ -26,37 +27,115 @@ def evaluate(run, params, eval_fn, batches) -> dict:
   return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
-def restore_or_init(run, ckpt, writer):
-  """Resumes from the newest checkpoint in the run directory, or initialises a fresh state."""
-  latest = ckpt.latest_step()
-  if latest is None:
-    return run.init_state()
+BEST_METRICS = ("eval_loss", "eval_ppl")
+
+
+def open_checkpoints(config, workdir: str, writer) -> checkpoint.Checkpointer:
+  """The run's Checkpointer; with checkpoint.fresh, older checkpoints and metrics are set aside."""
+  cfg = config.checkpoint
+  if cfg.every < 1:
+    raise ValueError(f"checkpoint.every={cfg.every} must be >= 1 (steps between checkpoints)")
+  if cfg.keep_best and cfg.best_metric not in BEST_METRICS:
+    raise ValueError(f"checkpoint.best_metric={cfg.best_metric!r} is not one of {BEST_METRICS}")
+  directory = os.path.join(workdir, "checkpoints")
+  if cfg.fresh and jax.process_index() == 0:
+    for name in ("checkpoints", "metrics.jsonl"):
+      old = os.path.join(workdir, name)
+      if os.path.exists(old):
+        aside = f"{old}.old-{int(time.time())}"
+        os.replace(old, aside)
+        writer(f"checkpoint.fresh: moved {old} to {aside}")
+  return checkpoint.Checkpointer.from_config(cfg, directory)
+
+
+def resume_step(ckpt, cfg) -> int | None:
+  """The step to resume from: checkpoint.restore_step, or the newest (-1); None starts fresh.
+
+  Checkpoints newer than an explicitly chosen step are moved to `checkpoints.after-STEP/` (the
+  resumed run will write those steps again).
+  """
+  steps = ckpt.all_steps()
+  if cfg.restore_step < -1:
+    raise ValueError(f"checkpoint.restore_step={cfg.restore_step}: use -1 (newest) or a step")
+  if cfg.restore_step == -1 or cfg.fresh:
+    return steps[-1] if steps and not cfg.fresh else None
+  if cfg.restore_step not in steps:
+    raise ValueError(f"checkpoint.restore_step={cfg.restore_step} is not in {ckpt.directory}; "
+                     f"steps present: {steps} (-1: the newest)")
+  ckpt.set_aside_after(cfg.restore_step)
+  return cfg.restore_step
+
+
+def restore_or_init(run, ckpt, step: int | None, writer):
+  """(state, shardings, data iterator state) from checkpoint `step`, or a fresh state if None."""
+  if step is None:
+    return (*run.init_state(), None)
   abstract, shardings = run.abstract_state()
-  writer.message(f"resuming from checkpoint step {latest} in {ckpt.directory}")
-  return ckpt.restore(latest, abstract), shardings
+  writer.message(f"resuming from checkpoint step {step} in {ckpt.directory}")
+  state, data_state, _ = ckpt.restore(step, abstract)
+  return state, shardings, data_state
 
 
-def _check_finite(step: int, loss: float, ckpt):
-  if not math.isfinite(loss):
+def checkpoint_meta(run) -> dict:
+  """What a checkpoint records besides arrays: the resolved config and the tokenizer used."""
+  return {
+    "config": json.loads(run.config.to_json_best_effort()),
+    "tokenizer": {"source": run.config.data.tokenizer, "saved_dir": run_lib.TOKENIZER_DIR,
+                  "vocab_size": tok_lib.vocab_size(run.tokenizer)},
+  }
+
+
+def _check_finite(step: int, values: dict, ckpt):
+  bad = {k: float(values[k]) for k in ("loss", "grad_norm") if not math.isfinite(values[k])}
+  if bad:
     ckpt.wait()
     raise FloatingPointError(
-      f"loss is {loss} at step {step}; stopping. The last good checkpoint is step "
-      f"{ckpt.latest_step()} in {ckpt.directory} (lower optim.lr or raise optim.warmup_steps)"
+      f"non-finite {bad} at step {step}; stopping. The last good checkpoint is step "
+      f"{ckpt.latest_step()} in {ckpt.directory} (lower optim.lr, raise optim.warmup_steps, or "
+      "set train.skip_nonfinite=N to skip up to N such batches in a row)"
     )
 
 
+def _prefetched(data_iter, mesh, num: int):
+  """Device batches paired with the iterator state after each, produced in the background."""
+  def produce():
+    for _ in range(num):
+      try:
+        local = next(data_iter)
+      except StopIteration:
+        return
+      yield _device_batch(local, mesh), data_iter.get_state()
+
+  return background(produce(), size=2)
+
+
 def train(config, workdir: str) -> dict:
-  """Trains as `config` says, writing everything into `workdir`. Returns the final metrics."""
+  """Trains as `config` says, writing everything into `workdir`. Returns the final metrics.
+
+  Raises:
+    preemption.Preempted: after SIGTERM/SIGINT, once the checkpoint of the current step is saved.
+  """
   docs = text.load_documents(config.data)
   run = run_lib.build(config, workdir, docs)
   stream = run_lib.load_stream(config, run.tokenizer, docs)
   cfg_t = config.train
   is_main = jax.process_index() == 0
-  ckpt = checkpoint.Checkpointer(
-    os.path.join(workdir, "checkpoints"), config.checkpoint.keep, config.checkpoint.use_async
-  )
+  ckpt = open_checkpoints(config, workdir, print if is_main else (lambda _: None))
+  step0 = resume_step(ckpt, config.checkpoint)
+  if is_main:
+    metrics_lib.drop_records_after(workdir, step0 or 0)
   writer = metrics_lib.MetricsWriter(workdir, cfg_t.steps, enabled=is_main)
-  state, shardings = restore_or_init(run, ckpt, writer)
+  try:
+    with preemption.PreemptionGuard() as guard:
+      return _train_loop(run, stream, ckpt, writer, guard, step0)
+  finally:
+    ckpt.close()
+    writer.close()
+
+
+def _train_loop(run, stream, ckpt, writer, guard, step0) -> dict:
+  config, cfg_t = run.config, run.config.train
+  state, shardings, data_state = restore_or_init(run, ckpt, step0, writer)
   start = int(jax.device_get(state.step))
   writer.bar.reset(cfg_t.steps)
   writer.bar.update(start)
@@ -69,32 +148,43 @@ def train(config, workdir: str) -> dict:
   eval_fn = step_lib.jit_eval_step(run.model.apply, shardings.params, run.mesh)
   local_batch = cfg_t.batch_size // jax.process_count()
   eval_batches = stream.eval_batches("val", local_batch, cfg_t.eval_batches, jax.process_index())
-  batches = background(
-    (_device_batch(stream.train_batch(s, local_batch, jax.process_index()), run.mesh)
-     for s in range(start, cfg_t.steps)), size=2,
-  )
+  data_iter = StepIterator(stream, local_batch, jax.process_index())
+  if data_state is not None:
+    data_iter.set_state(data_state)
+  batches = _prefetched(data_iter, run.mesh, cfg_t.steps - start)
   report = _Reporter(writer, ckpt, run.schedule, cfg_t.batch_size * config.data.seq_len,
-                     cfg_t.log_every, start)
+                     cfg_t.log_every, start, cfg_t.skip_nonfinite)
+  meta = checkpoint_meta(run)
   final, step, pending = {}, start, None
   with sharding.mesh_rules(run.mesh):
     for step in range(start + 1, cfg_t.steps + 1):
-      state, step_metrics = train_fn(state, next(batches))
+      batch, data_state = next(batches, (None, None))
+      if batch is None:
+        raise ValueError(f"the data iterator ran out at step {step} of train.steps={cfg_t.steps}")
+      state, step_metrics = train_fn(state, batch)
       if pending is not None:  # fetch the previous step's metrics while this one runs
         report(*pending)
       pending = (step, step_metrics)
+      evaluated = None
       if step % cfg_t.eval_every == 0 or step == cfg_t.steps:
-        final = evaluate(run, state.params, eval_fn, eval_batches)
+        final = evaluated = evaluate(run, state.params, eval_fn, eval_batches)
         writer.write(step, final)
         writer.message(f"step {step}: eval_loss {final['eval_loss']:.4f} "
                        f"ppl {final['eval_ppl']:.2f}")
-      if step % config.checkpoint.every == 0 or step == cfg_t.steps:
-        ckpt.save(step, state)
+      stop = guard.should_stop(step)
+      if stop or step % config.checkpoint.every == 0 or step == cfg_t.steps:
+        report(*pending)  # never save a state whose step was not finite
+        pending = None
+        ckpt.save(step, state, data_state, meta, evaluated)
+      if stop:
+        ckpt.wait()
+        raise preemption.Preempted(
+          f"preempted by {guard.signal_name} at step {step}: checkpoint saved to "
+          f"{os.path.join(ckpt.directory, str(step))}", guard.exit_code)
     if pending is not None:
       report(*pending)
   ckpt.wait()
-  ckpt.close()
-  writer.close()
-  if is_main and config.sample.max_new_tokens > 0:
+  if jax.process_index() == 0 and config.sample.max_new_tokens > 0:
     print(sample_text(run, state.params, config.sample), flush=True)
   return {"step": step, **final}
 
@@ -102,28 +192,48 @@ def train(config, workdir: str) -> dict:
 class _Reporter:
   """Host side of each step: NaN guard, progress bar, and a metrics record every `log_every`."""
 
-  def __init__(self, writer, ckpt, schedule, tokens_per_step, log_every, start_step):
+  def __init__(self, writer, ckpt, schedule, tokens_per_step, log_every, start_step,
+               skip_nonfinite: int = 0):
     self.writer, self.ckpt, self.schedule = writer, ckpt, schedule
     self.tokens_per_step, self.log_every = tokens_per_step, log_every
     self.start_step, self.window = start_step, (start_step, time.perf_counter())
+    self.skip_nonfinite, self.skipped, self.skipped_in_row = skip_nonfinite, 0, 0
 
   def __call__(self, step: int, step_metrics):
-    values = jax.device_get(step_metrics)
-    loss = float(values["loss"])
-    _check_finite(step, loss, self.ckpt)
+    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    self._guard(step, values)
     now = time.perf_counter()
+    record = {"loss": values["loss"], "lr": float(self.schedule(step - 1)),
+              "grad_norm": values["grad_norm"]}
+    if self.skip_nonfinite:
+      record["skipped_nonfinite"] = self.skipped
     if step == self.start_step + 1:  # leave compilation out of the throughput
       self.window = (step, now)
-      return
-    last_step, last_time = self.window
-    tokens_per_sec = self.tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
-    self.writer.progress(step, loss, tokens_per_sec)
+    else:
+      last_step, last_time = self.window
+      record["tokens_per_sec"] = self.tokens_per_step * (step - last_step) / max(now - last_time,
+                                                                                   1e-9)
+      self.writer.progress(step, values["loss"], record["tokens_per_sec"])
     if step % self.log_every == 0:
-      self.writer.write(step, {
-        "loss": loss, "lr": float(self.schedule(step - 1)),
-        "grad_norm": float(values["grad_norm"]), "tokens_per_sec": tokens_per_sec,
-      })
+      self.writer.write(step, record)
       self.window = (step, now)
+
+  def _guard(self, step: int, values: dict):
+    """Stops on a non-finite loss, or counts it when skipping (optax.apply_if_finite)."""
+    finite = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
+    if finite or not self.skip_nonfinite:
+      self.skipped_in_row = 0
+      _check_finite(step, values, self.ckpt)
+      return
+    self.skipped += 1
+    self.skipped_in_row += 1
+    if self.skipped_in_row > self.skip_nonfinite:
+      self.ckpt.wait()
+      raise FloatingPointError(
+        f"{self.skipped_in_row} non-finite losses in a row up to step {step} (more than "
+        f"train.skip_nonfinite={self.skip_nonfinite}); stopping. The last good checkpoint is "
+        f"step {self.ckpt.latest_step()} in {self.ckpt.directory}")
+    self.writer.message(f"step {step}: non-finite loss, update skipped ({self.skipped} so far)")
 
 
 def sample_text(run, params, sample_cfg) -> str:
