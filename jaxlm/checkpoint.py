@@ -129,9 +129,18 @@ class Checkpointer:
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
       partial_restore=True,
     ))
-    return self._restore(step, args)["state"]["params"]
+    # a separate reader: the partial restore needs the PyTree handler for the "state" item
+    reader = ocp.CheckpointManager(
+      self.directory, options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+    )
+    try:
+      return self._restore(step, args, reader)["state"]["params"]
+    finally:
+      reader.close()
 
-  def _restore(self, step: int, args):
+  def _restore(self, step: int, args, manager=None):
+    manager = manager or self.manager
     steps = self.all_steps()
     if step not in steps:
       raise ValueError(
@@ -139,7 +148,7 @@ class Checkpointer:
         "checkpoint.restore_step to one of them (-1: the newest)"
       )
     try:
-      return self.manager.restore(step, args=args)
+      return manager.restore(step, args=args)
     except Exception as e:  # orbax / tensorstore errors of many types: name the broken step
       path = os.path.join(self.directory, str(step))
       others = [s for s in steps if s != step]
