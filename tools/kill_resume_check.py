@@ -135,6 +135,9 @@ def main():
   args = parser.parse_args()
   rng = random.Random(args.seed)
   with tempfile.TemporaryDirectory() as root:
+    # the runs compile the same programs: share one persistent XLA cache (reference fills it)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(root, "xla_cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     reference = os.path.join(root, "reference")
     run_to_end(reference, args.steps)
     results = []
