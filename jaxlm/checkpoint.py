@@ -122,6 +122,10 @@ class Checkpointer:
     out = self._restore(step, args)
     return out["state"], dict(out["data"] or {}), dict(out["meta"] or {})
 
+  def restore_meta(self, step: int) -> dict:
+    """Only the "meta" item of `step` (the config and tokenizer it was written with)."""
+    return dict(self._restore(step, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {})
+
   def restore_params(self, step: int, abstract_params):
     """Only the params of `step` (no optimizer state read), e.g. for sampling or export."""
     target = {"params": abstract_params}
@@ -131,7 +135,8 @@ class Checkpointer:
     ))
     # a separate reader: the partial restore needs the PyTree handler for the "state" item
     reader = ocp.CheckpointManager(
-      self.directory, options=ocp.CheckpointManagerOptions(read_only=True),
+      self.directory,
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
       item_handlers={"state": ocp.PyTreeCheckpointHandler()},
     )
     try:

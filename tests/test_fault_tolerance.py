@@ -248,6 +248,8 @@ def _truncate_arrays(step_dir):
 
 def test_a_truncated_checkpoint_is_named_and_an_older_step_offered(tmp_path, text_file):
   loop.train(tiny_config(text_file, **{"train.steps": 4, "checkpoint.every": 2}), str(tmp_path))
+  with pytest.raises(ValueError, match="model.embed_dim=32 there but 64 now"):
+    loop.train(tiny_config(text_file, **{"model.embed_dim": 64}), str(tmp_path))
   _truncate_arrays(tmp_path / "checkpoints" / "4")
   config = tiny_config(text_file, **{"train.steps": 6, "checkpoint.every": 2})
   with pytest.raises(ValueError) as err:
@@ -305,6 +307,17 @@ def test_a_full_disk_fails_the_save_loudly_and_keeps_older_checkpoints(tmp_path)
   restored, data, _ = ckpt.restore(1, abstract)
   np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(state["w"]))
   assert data == {"step": 1}
+
+
+def test_retention_keeps_the_newest_the_best_and_every_kth(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, use_async=False, keep_best=2,
+                                 best_metric="eval_loss", keep_period=4)
+  losses = {1: 3.0, 2: 1.0, 3: 2.5, 4: 2.9, 5: 1.5, 6: 2.8, 7: 2.7}
+  for step, loss in losses.items():
+    ckpt.save(step, {"w": jnp.full((4,), step, jnp.float32)}, {"step": step}, {},
+              {"eval_loss": loss})
+  assert ckpt.all_steps() == [2, 4, 5, 7]  # best two (2, 5), every 4th (4), newest (7)
+  ckpt.close()
 
 
 # --- bad input -----------------------------------------------------------------------------------

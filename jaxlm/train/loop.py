@@ -70,10 +70,37 @@ def restore_or_init(run, ckpt, step: int | None, writer):
   """(state, shardings, data iterator state) from checkpoint `step`, or a fresh state if None."""
   if step is None:
     return (*run.init_state(), None)
+  check_same_model(run.config, ckpt.restore_meta(step).get("config", {}), step)
   abstract, shardings = run.abstract_state()
   writer.message(f"resuming from checkpoint step {step} in {ckpt.directory}")
   state, data_state, _ = ckpt.restore(step, abstract)
   return state, shardings, data_state
+
+
+# config keys that change the shapes or structure of the saved train state
+_STATE_KEYS = {
+  "model": ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim",
+            "mlp_dim", "max_seq_len", "position", "use_bias", "qkv_bias", "gated_mlp",
+            "tie_embeddings", "norm", "param_dtype", "scan_layers"),
+  "optim": ("name",),
+}
+
+
+def check_same_model(config, saved: dict, step: int):
+  """Fails clearly when the config changed what the checkpoint's state looks like."""
+  changes = [
+    f"{section}.{k}={saved[section][k]!r} there but {config[section][k]!r} now"
+    for section, keys in _STATE_KEYS.items() for k in keys
+    if k in saved.get(section, {}) and saved[section][k] != config[section][k]
+  ]
+  was_skip = bool(saved.get("train", {}).get("skip_nonfinite", 0))
+  if "train" in saved and was_skip != bool(config.train.skip_nonfinite):
+    changes.append("train.skip_nonfinite on/off differs (it wraps the optimizer state)")
+  if changes:
+    raise ValueError(
+      f"checkpoint step {step} was written with a different config ({'; '.join(changes)}); "
+      "resume with the same settings, or start over with --config.checkpoint.fresh=True"
+    )
 
 
 def checkpoint_meta(run) -> dict:
