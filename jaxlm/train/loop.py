@@ -181,6 +181,8 @@ def _train_loop(run, stream, ckpt, writer, guard, step0) -> dict:
   batches = _prefetched(data_iter, run.mesh, cfg_t.steps - start)
   report = _Reporter(writer, ckpt, run.schedule, cfg_t.batch_size * config.data.seq_len,
                      cfg_t.log_every, start, cfg_t.skip_nonfinite)
+  if cfg_t.skip_nonfinite:  # the count so far lives in optax.apply_if_finite's state
+    report.skipped = int(jax.device_get(state.opt_state.total_notfinite))
   meta = checkpoint_meta(run)
   final, step, pending = {}, start, None
   with sharding.mesh_rules(run.mesh):
