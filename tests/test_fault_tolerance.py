@@ -17,13 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import REPO
+
 from jaxlm import checkpoint, sample, sharding
 from jaxlm.config import base_config
 from jaxlm.data import text
 from jaxlm.data.iterators import StepIterator
-from jaxlm.train import loop, run as run_lib, step as step_lib
+from jaxlm.train import loop
+from jaxlm.train import run as run_lib
+from jaxlm.train import step as step_lib
 
 _spec = importlib.util.spec_from_file_location(
   "kill_resume_check", os.path.join(REPO, "tools", "kill_resume_check.py"))
@@ -55,11 +57,11 @@ def text_file(tmp_path):
 def tiny_config(data_path: str, **overrides):
   """A 1-layer, 32-dim model on a small text file; overrides as {"section.key": value}."""
   c = base_config()
-  c.model.update(dict(num_layers=1, embed_dim=32, num_heads=2, max_seq_len=64))
-  c.data.update(dict(source="file", path=data_path, seq_len=16))
-  c.train.update(dict(steps=6, batch_size=8, log_every=1, eval_every=100, eval_batches=1))
+  c.model.update({"num_layers": 1, "embed_dim": 32, "num_heads": 2, "max_seq_len": 64})
+  c.data.update({"source": "file", "path": data_path, "seq_len": 16})
+  c.train.update({"steps": 6, "batch_size": 8, "log_every": 1, "eval_every": 100, "eval_batches": 1})
   c.optim.warmup_steps = 2
-  c.checkpoint.update(dict(every=1, keep=0))
+  c.checkpoint.update({"every": 1, "keep": 0})
   c.sample.max_new_tokens = 0
   for key, value in overrides.items():
     section, name = key.split(".")
