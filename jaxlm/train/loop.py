@@ -1,16 +1,16 @@
 """The training loop: sharded steps, eval, metrics, checkpoints and a closing text sample."""
 
-import json
 import math
 import os
 import time
 
 import jax
 
-from jaxlm import checkpoint, generate, sharding
-from jaxlm.data import text, tokenizers as tok_lib
+from jaxlm import generate, sharding
+from jaxlm.data import text
 from jaxlm.data.iterators import StepIterator, background
-from jaxlm.train import metrics as metrics_lib, preemption, run as run_lib, step as step_lib
+from jaxlm.train import metrics as metrics_lib, preemption, resume, run as run_lib
+from jaxlm.train import step as step_lib
 
 
 def _device_batch(local: dict, mesh) -> dict:
@@ -25,91 +25,6 @@ def evaluate(run, params, eval_fn, batches) -> dict:
   sums = [jax.device_get(eval_fn(params, _device_batch(b, run.mesh))) for b in batches]
   loss = sum(float(s["loss_sum"]) for s in sums) / max(sum(float(s["weight"]) for s in sums), 1)
   return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-
-
-BEST_METRICS = ("eval_loss", "eval_ppl")
-
-
-def open_checkpoints(config, workdir: str, writer) -> checkpoint.Checkpointer:
-  """The run's Checkpointer; with checkpoint.fresh, older checkpoints and metrics are set aside."""
-  cfg = config.checkpoint
-  if cfg.every < 1:
-    raise ValueError(f"checkpoint.every={cfg.every} must be >= 1 (steps between checkpoints)")
-  if cfg.keep_best and cfg.best_metric not in BEST_METRICS:
-    raise ValueError(f"checkpoint.best_metric={cfg.best_metric!r} is not one of {BEST_METRICS}")
-  directory = os.path.join(workdir, "checkpoints")
-  if cfg.fresh and jax.process_index() == 0:
-    for name in ("checkpoints", "metrics.jsonl"):
-      old = os.path.join(workdir, name)
-      if os.path.exists(old):
-        aside = f"{old}.old-{int(time.time())}"
-        os.replace(old, aside)
-        writer(f"checkpoint.fresh: moved {old} to {aside}")
-  return checkpoint.Checkpointer.from_config(cfg, directory)
-
-
-def resume_step(ckpt, cfg) -> int | None:
-  """The step to resume from: checkpoint.restore_step, or the newest (-1); None starts fresh.
-
-  Checkpoints newer than an explicitly chosen step are moved to `checkpoints.after-STEP/` (the
-  resumed run will write those steps again).
-  """
-  steps = ckpt.all_steps()
-  if cfg.restore_step < -1:
-    raise ValueError(f"checkpoint.restore_step={cfg.restore_step}: use -1 (newest) or a step")
-  if cfg.restore_step == -1 or cfg.fresh:
-    return steps[-1] if steps and not cfg.fresh else None
-  if cfg.restore_step not in steps:
-    raise ValueError(f"checkpoint.restore_step={cfg.restore_step} is not in {ckpt.directory}; "
-                     f"steps present: {steps} (-1: the newest)")
-  ckpt.set_aside_after(cfg.restore_step)
-  return cfg.restore_step
-
-
-def restore_or_init(run, ckpt, step: int | None, writer):
-  """(state, shardings, data iterator state) from checkpoint `step`, or a fresh state if None."""
-  if step is None:
-    return (*run.init_state(), None)
-  check_same_model(run.config, ckpt.restore_meta(step).get("config", {}), step)
-  abstract, shardings = run.abstract_state()
-  writer.message(f"resuming from checkpoint step {step} in {ckpt.directory}")
-  state, data_state, _ = ckpt.restore(step, abstract)
-  return state, shardings, data_state
-
-
-# config keys that change the shapes or structure of the saved train state
-_STATE_KEYS = {
-  "model": ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim",
-            "mlp_dim", "max_seq_len", "position", "use_bias", "qkv_bias", "gated_mlp",
-            "tie_embeddings", "norm", "param_dtype", "scan_layers"),
-  "optim": ("name",),
-}
-
-
-def check_same_model(config, saved: dict, step: int):
-  """Fails clearly when the config changed what the checkpoint's state looks like."""
-  changes = [
-    f"{section}.{k}={saved[section][k]!r} there but {config[section][k]!r} now"
-    for section, keys in _STATE_KEYS.items() for k in keys
-    if k in saved.get(section, {}) and saved[section][k] != config[section][k]
-  ]
-  was_skip = bool(saved.get("train", {}).get("skip_nonfinite", 0))
-  if "train" in saved and was_skip != bool(config.train.skip_nonfinite):
-    changes.append("train.skip_nonfinite on/off differs (it wraps the optimizer state)")
-  if changes:
-    raise ValueError(
-      f"checkpoint step {step} was written with a different config ({'; '.join(changes)}); "
-      "resume with the same settings, or start over with --config.checkpoint.fresh=True"
-    )
-
-
-def checkpoint_meta(run) -> dict:
-  """What a checkpoint records besides arrays: the resolved config and the tokenizer used."""
-  return {
-    "config": json.loads(run.config.to_json_best_effort()),
-    "tokenizer": {"source": run.config.data.tokenizer, "saved_dir": run_lib.TOKENIZER_DIR,
-                  "vocab_size": tok_lib.vocab_size(run.tokenizer)},
-  }
 
 
 def _check_finite(step: int, values: dict, ckpt):
@@ -147,8 +62,8 @@ def train(config, workdir: str) -> dict:
   stream = run_lib.load_stream(config, run.tokenizer, docs)
   cfg_t = config.train
   is_main = jax.process_index() == 0
-  ckpt = open_checkpoints(config, workdir, print if is_main else (lambda _: None))
-  step0 = resume_step(ckpt, config.checkpoint)
+  ckpt = resume.open_checkpoints(config, workdir, print if is_main else (lambda _: None))
+  step0 = resume.resume_step(ckpt, config.checkpoint)
   if is_main:
     metrics_lib.drop_records_after(workdir, step0 or 0)
   writer = metrics_lib.MetricsWriter(workdir, cfg_t.steps, enabled=is_main)
@@ -162,7 +77,7 @@ def train(config, workdir: str) -> dict:
 
 def _train_loop(run, stream, ckpt, writer, guard, step0) -> dict:
   config, cfg_t = run.config, run.config.train
-  state, shardings, data_state = restore_or_init(run, ckpt, step0, writer)
+  state, shardings, data_state = resume.restore_or_init(run, ckpt, step0, writer)
   start = int(jax.device_get(state.step))
   writer.bar.reset(cfg_t.steps)
   writer.bar.update(start)
@@ -183,7 +98,7 @@ def _train_loop(run, stream, ckpt, writer, guard, step0) -> dict:
                      cfg_t.log_every, start, cfg_t.skip_nonfinite)
   if cfg_t.skip_nonfinite:  # the count so far lives in optax.apply_if_finite's state
     report.skipped = int(jax.device_get(state.opt_state.total_notfinite))
-  meta = checkpoint_meta(run)
+  meta = resume.checkpoint_meta(run)
   final, step, pending = {}, start, None
   with sharding.mesh_rules(run.mesh):
     for step in range(start + 1, cfg_t.steps + 1):
