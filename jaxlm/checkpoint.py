@@ -1,41 +1,176 @@
-"""Orbax checkpoints of the train state: async saves, keep-N, restore onto any mesh."""
+"""Orbax checkpoints of a run: train state, data iterator state and run metadata, per step.
+
+Async saves, keep-last-N / best-N / every-Kth retention, restore onto any mesh, params-only
+restore for inference, and clear errors for unreadable checkpoints or failed saves.
+"""
 
 import os
 
+import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+BEST_MODES = ("min", "max")
+
+
+def _preservation(keep: int, keep_best: int, best_metric: str, best_mode: str, keep_period: int):
+  """The union of: the newest `keep`, the best `keep_best` by `best_metric`, every Kth step."""
+  if best_mode not in BEST_MODES:
+    raise ValueError(f"checkpoint.best_mode={best_mode!r} is not one of {BEST_MODES}")
+  for name, value in (("keep", keep), ("keep_best", keep_best), ("keep_period", keep_period)):
+    if value < 0:
+      raise ValueError(f"checkpoint.{name}={value} must be >= 0 (0 turns it off)")
+  if keep_best and not best_metric:
+    raise ValueError("checkpoint.keep_best needs checkpoint.best_metric, e.g. 'eval_loss'")
+  kept = [policies.LatestN(keep or None)]
+  if keep_best:
+    kept.append(policies.BestN(
+      get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min", n=keep_best,
+      keep_checkpoints_without_metrics=False,
+    ))
+  if keep_period:
+    kept.append(policies.EveryNSteps(keep_period))
+  return policies.AnyPreservationPolicy(kept)
+
+
+class SaveError(OSError):
+  """A checkpoint could not be written (disk full, permissions); older ones are untouched."""
 
 
 class Checkpointer:
-  """A CheckpointManager for `<workdir>/checkpoints`, saving the TrainState under "state".
+  """A CheckpointManager for `<workdir>/checkpoints` with items "state", "data" and "meta".
 
   Orbax writes each step into a temporary directory and renames it when complete, so a crash
-  at any moment leaves the last finished checkpoint usable.
+  or SIGKILL at any moment leaves the last finished checkpoint usable and the partial one unlisted.
   """
 
-  def __init__(self, directory: str, keep: int = 0, use_async: bool = True):
+  def __init__(self, directory: str, keep: int = 0, use_async: bool = True, *, keep_best: int = 0,
+               best_metric: str = "", best_mode: str = "min", keep_period: int = 0):
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep or None,
       enable_async_checkpointing=use_async,
       create=True,
+      preservation_policy=_preservation(keep, keep_best, best_metric, best_mode, keep_period),
     )
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._saving = None
+
+  @classmethod
+  def from_config(cls, cfg, directory: str):
+    """A Checkpointer set up from the `checkpoint` config section."""
+    return cls(directory, cfg.keep, cfg.use_async, keep_best=cfg.keep_best,
+               best_metric=cfg.best_metric, best_mode=cfg.best_mode, keep_period=cfg.keep_period)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state) -> None:
-    """Starts saving `state` as `step` (in the background when async); the caller picks steps."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state))
-    self.manager.save(step, args=args, force=True)
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
 
-  def restore(self, step: int, abstract_state):
-    """Restores `step` into `abstract_state`'s shapes, dtypes and shardings (any mesh)."""
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-    return self.manager.restore(step, args=args)["state"]
+  def set_aside_after(self, step: int) -> list[int]:
+    """Moves checkpoints newer than `step` to `<directory>.after-<step>/`, so a run resumed from
+    an older step can write those steps again. Returns the steps moved."""
+    newer = [s for s in self.all_steps() if s > step]
+    if newer and jax.process_index() == 0:
+      aside = f"{self.directory}.after-{step}"
+      os.makedirs(aside, exist_ok=True)
+      for s in newer:
+        os.replace(os.path.join(self.directory, str(s)), os.path.join(aside, str(s)))
+    self.manager.reload()
+    return newer
+
+  def save(self, step: int, state, data: dict | None = None, meta: dict | None = None,
+           metrics: dict | None = None) -> None:
+    """Starts saving `state` (and the data iterator state, run metadata) as `step`.
+
+    In the background when async; a failure of the previous async save is raised here or at
+    `wait`. `metrics` (e.g. eval_loss) rank the checkpoint for keep_best.
+    """
+    self._check_previous()
+    items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data or {}),
+             "meta": ocp.args.JsonSave(meta or {})}
+    self._saving = step
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    except (OSError, ValueError) as e:
+      raise self._save_error(step, e) from e
 
   def wait(self):
-    self.manager.wait_until_finished()
+    """Blocks until the pending save is on disk; raises SaveError if it failed."""
+    self._check_previous()
+
+  def _check_previous(self):
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # orbax re-raises the background thread's error
+      raise self._save_error(self._saving, e) from e
+    self._saving = None
+
+  def _save_error(self, step, err) -> SaveError:
+    good = [s for s in self.manager.all_steps() if s != step]
+    return SaveError(
+      f"saving checkpoint step {step} to {self.directory} failed ({type(err).__name__}: "
+      f"{_first_line(err)}); older checkpoints are intact: steps {sorted(good)}. Free disk "
+      "space or fix the directory's permissions, then resume"
+    )
+
+  def restore(self, step: int, abstract_state):
+    """(state, data iterator state, meta) of `step`, the state placed as `abstract_state` says
+    (its shapes, dtypes and shardings: any mesh, resharded while loading)."""
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                              data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+    out = self._restore(step, args)
+    return out["state"], dict(out["data"] or {}), dict(out["meta"] or {})
+
+  def restore_meta(self, step: int) -> dict:
+    """Only the "meta" item of `step` (the config and tokenizer it was written with)."""
+    return dict(self._restore(step, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {})
+
+  def restore_params(self, step: int, abstract_params):
+    """Only the params of `step` (no optimizer state read), e.g. for sampling or export."""
+    target = {"params": abstract_params}
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True,
+    ))
+    # a separate reader: the partial restore needs the PyTree handler for the "state" item
+    reader = ocp.CheckpointManager(
+      self.directory,
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+    )
+    try:
+      return self._restore(step, args, reader)["state"]["params"]
+    finally:
+      reader.close()
+
+  def _restore(self, step: int, args, manager=None):
+    manager = manager or self.manager
+    steps = self.all_steps()
+    if step not in steps:
+      raise ValueError(
+        f"no checkpoint step {step} in {self.directory}; steps present: {steps}. Set "
+        "checkpoint.restore_step to one of them (-1: the newest)"
+      )
+    try:
+      return manager.restore(step, args=args)
+    except Exception as e:  # orbax / tensorstore errors of many types: name the broken step
+      path = os.path.join(self.directory, str(step))
+      others = [s for s in steps if s != step]
+      offer = (f"restore another with --config.checkpoint.restore_step=N (N in {others})"
+               if others else "start over with --config.checkpoint.fresh=True")
+      raise ValueError(
+        f"checkpoint {path} is corrupt or incomplete ({type(e).__name__}: {_first_line(e)}); "
+        f"{offer}"
+      ) from e
 
   def close(self):
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+  text = str(err).strip().splitlines()
+  return (text[0] if text else "")[:limit]

@@ -8,6 +8,7 @@
   jaxlm eval --workdir runs/sst2 --split dev     (fine-tuning runs: the task's metrics)
 """
 
+import shlex
 import sys
 
 from absl import flags
@@ -126,11 +127,18 @@ def main(argv=None):
   rest = _parse(argv)
   try:
     _main(rest)
-  except (UsageError, ValueError, FileNotFoundError, FloatingPointError) as e:
+  except (UsageError, ValueError, OSError, FloatingPointError) as e:
     if FLAGS.debug:
       raise
     print(f"jaxlm: error: {e}", file=sys.stderr)
     sys.exit(2 if isinstance(e, UsageError) else 1)
+  except Exception as e:  # only Preempted (SIGTERM/SIGINT, checkpoint saved) is handled
+    from jaxlm.train.preemption import Preempted
+
+    if not isinstance(e, Preempted):
+      raise
+    print(f"jaxlm: {e}; resume with: jaxlm {shlex.join(argv[1:])}", file=sys.stderr, flush=True)
+    sys.exit(e.code)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     log_every=10,  # steps between metrics.jsonl records
     eval_every=250,
     eval_batches=20,
+    skip_nonfinite=0,  # 0: stop at a NaN/Inf loss; N: skip such updates, up to N in a row
   ))
   c.optim = ml_collections.ConfigDict(dict(
     name="adamw",  # adamw | adafactor | lion | sgd
@@ -75,7 +76,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.runtime = ml_collections.ConfigDict(dict(
     cpu_devices=0,  # on CPU, devices to split the cores into; 0 = auto (see jaxlm.runtime)
   ))
-  c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, use_async=True))
+  c.checkpoint = ml_collections.ConfigDict(dict(
+    every=1000,  # steps between checkpoints (also saved at the last step and on SIGTERM/SIGINT)
+    keep=3,  # newest checkpoints kept (0: all)
+    use_async=True,  # save in the background while training continues
+    keep_best=0,  # also keep the best N by best_metric (0: off)
+    best_metric="eval_loss",  # eval_loss | eval_ppl
+    best_mode="min",  # min | max
+    keep_period=0,  # also keep every step that is a multiple of this, forever (0: off)
+    restore_step=-1,  # -1: resume from the newest checkpoint in the workdir; N: from step N
+    fresh=False,  # ignore (move aside) existing checkpoints and metrics; start from step 0
+  ))
   c.sample = ml_collections.ConfigDict(dict(
     prompt="\n", max_new_tokens=200, temperature=0.8, top_k=0, top_p=1.0, seed=0,
   ))

@@ -25,9 +25,9 @@ def load_run(workdir: str, step: int | None = None):
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train the run first")
   abstract, _ = run.abstract_state()
-  state = ckpt.restore(step, abstract)
+  params = ckpt.restore_params(step, abstract.params)  # the optimizer state is never read
   ckpt.close()
-  return run, state.params
+  return run, params
 
 
 def sample_from_run(workdir: str, prompt: str, max_new_tokens: int = 200, temperature=0.8,

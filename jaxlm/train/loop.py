@@ -6,9 +6,10 @@ import time
 
 import jax
 
-from jaxlm import checkpoint, generate, sharding, textgen
+from jaxlm import generate, sharding, textgen
 from jaxlm.data.iterators import Prefetch
-from jaxlm.train import metrics as metrics_lib, run as run_lib, step as step_lib
+from jaxlm.train import metrics as metrics_lib, preemption, resume, run as run_lib
+from jaxlm.train import step as step_lib
 
 
 def _device_batch(local: dict, mesh) -> dict:
@@ -25,38 +26,46 @@ def evaluate(run, params, eval_fn, batches) -> dict:
   return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
-def restore_or_init(run, ckpt, writer):
-  """Resumes from the newest checkpoint in the run directory, or initialises a fresh state."""
-  latest = ckpt.latest_step()
-  if latest is None:
-    return run.init_state()
-  abstract, shardings = run.abstract_state()
-  writer.message(f"resuming from checkpoint step {latest} in {ckpt.directory}")
-  return ckpt.restore(latest, abstract), shardings
-
-
-def _check_finite(step: int, loss: float, ckpt):
-  if not math.isfinite(loss):
+def _check_finite(step: int, values: dict, ckpt):
+  bad = {k: float(values[k]) for k in ("loss", "grad_norm") if not math.isfinite(values[k])}
+  if bad:
     ckpt.wait()
     raise FloatingPointError(
-      f"loss is {loss} at step {step}; stopping. The last good checkpoint is step "
-      f"{ckpt.latest_step()} in {ckpt.directory} (lower optim.lr or raise optim.warmup_steps)"
+      f"non-finite {bad} at step {step}; stopping. The last good checkpoint is step "
+      f"{ckpt.latest_step()} in {ckpt.directory} (lower optim.lr, raise optim.warmup_steps, or "
+      "set train.skip_nonfinite=N to skip up to N such batches in a row)"
     )
 
 
 def train(config, workdir: str) -> dict:
-  """Trains as `config` says, writing everything into `workdir`. Returns the final metrics."""
+  """Trains as `config` says, writing everything into `workdir`. Returns the final metrics.
+
+  Raises:
+    preemption.Preempted: after SIGTERM/SIGINT, once the checkpoint of the current step is saved.
+  """
   docs = run_lib.raw_documents(config)
   run = run_lib.build(config, workdir, docs)
   cfg_t = config.train
   is_main = jax.process_index() == 0
-  ckpt = checkpoint.Checkpointer(
-    os.path.join(workdir, "checkpoints"), config.checkpoint.keep, config.checkpoint.use_async
-  )
+  ckpt = resume.open_checkpoints(config, workdir, print if is_main else (lambda _: None))
+  step0 = resume.resume_step(ckpt, config.checkpoint)
+  if is_main:
+    metrics_lib.drop_records_after(workdir, step0 or 0)
   writer = metrics_lib.MetricsWriter(workdir, cfg_t.steps, enabled=is_main)
-  state, shardings = restore_or_init(run, ckpt, writer)
+  try:
+    with preemption.PreemptionGuard() as guard:
+      return _train_loop(run, docs, ckpt, writer, guard, step0)
+  finally:
+    ckpt.close()
+    writer.close()
+
+
+def _train_loop(run, docs, ckpt, writer, guard, step0) -> dict:
+  config, cfg_t = run.config, run.config.train
+  state, shardings, data_state = resume.restore_or_init(run, ckpt, step0, writer)
   start = int(jax.device_get(state.step))
-  data = run_lib.load_data(config, run.tokenizer, docs, start)
+  # a checkpoint without an iterator state (none saved yet) replays the stream to `start`
+  data = run_lib.load_data(config, run.tokenizer, docs, start if data_state is None else 0)
   writer.bar.reset(cfg_t.steps)
   writer.bar.update(start)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -69,36 +78,50 @@ def train(config, workdir: str) -> dict:
   eval_batches = data.eval_batches
   # batches placed on the devices in a background thread; get_state() stays exact
   train_batches = Prefetch(data.train, lambda b: _device_batch(b, run.mesh), size=2)
+  if data_state is not None:
+    train_batches.set_state(data_state)
   if start == 0 and config.model.get("init_from"):  # the imported model's eval loss, before
     with sharding.mesh_rules(run.mesh):
       initial = evaluate(run, state.params, eval_fn, eval_batches)
     writer.write(0, initial)
     writer.message(f"step 0 (imported weights): eval_loss {initial['eval_loss']:.4f}")
   report = _Reporter(writer, ckpt, run.schedule, cfg_t.batch_size * config.data.seq_len,
-                     cfg_t.log_every, start)
+                     cfg_t.log_every, start, cfg_t.skip_nonfinite)
+  if cfg_t.skip_nonfinite:  # the count so far lives in optax.apply_if_finite's state
+    report.skipped = int(jax.device_get(state.opt_state.total_notfinite))
+  meta = resume.checkpoint_meta(run)
   final, step, pending = {}, start, None
   with sharding.mesh_rules(run.mesh):
     for step in range(start + 1, cfg_t.steps + 1):
       wait_start = time.perf_counter()  # the previous step runs on the device meanwhile
-      batch = next(train_batches)
+      batch = next(train_batches, None)
       data_wait = time.perf_counter() - wait_start
+      if batch is None:
+        raise ValueError(f"the data iterator ran out at step {step} of train.steps={cfg_t.steps}")
       state, step_metrics = train_fn(state, batch)
       if pending is not None:  # fetch the previous step's metrics while this one runs
         report(*pending, data_wait)
       pending = (step, step_metrics)
+      evaluated = None
       if step % cfg_t.eval_every == 0 or step == cfg_t.steps:
-        final = evaluate(run, state.params, eval_fn, eval_batches)
+        final = evaluated = evaluate(run, state.params, eval_fn, eval_batches)
         writer.write(step, final)
         writer.message(f"step {step}: eval_loss {final['eval_loss']:.4f} "
                        f"ppl {final['eval_ppl']:.2f}")
-      if step % config.checkpoint.every == 0 or step == cfg_t.steps:
-        ckpt.save(step, state)
+      stop = guard.should_stop(step)
+      if stop or step % config.checkpoint.every == 0 or step == cfg_t.steps:
+        report(*pending)  # never save a state whose step was not finite
+        pending = None
+        ckpt.save(step, state, train_batches.get_state(), meta, evaluated)
+      if stop:
+        ckpt.wait()
+        raise preemption.Preempted(
+          f"preempted by {guard.signal_name} at step {step}: checkpoint saved to "
+          f"{os.path.join(ckpt.directory, str(step))}", guard.exit_code)
     if pending is not None:
       report(*pending)
   ckpt.wait()
-  ckpt.close()
-  writer.close()
-  if is_main and config.sample.max_new_tokens > 0:
+  if jax.process_index() == 0 and config.sample.max_new_tokens > 0:
     print(sample_text(run, state.params, config.sample), flush=True)
   return {"step": step, **final}
 
@@ -106,33 +129,53 @@ def train(config, workdir: str) -> dict:
 class _Reporter:
   """Host side of each step: NaN guard, progress bar, and a metrics record every `log_every`."""
 
-  def __init__(self, writer, ckpt, schedule, tokens_per_step, log_every, start_step):
+  def __init__(self, writer, ckpt, schedule, tokens_per_step, log_every, start_step,
+               skip_nonfinite: int = 0):
     self.writer, self.ckpt, self.schedule = writer, ckpt, schedule
     self.tokens_per_step, self.log_every = tokens_per_step, log_every
     self.start_step, self.window = start_step, (start_step, time.perf_counter())
+    self.skip_nonfinite, self.skipped, self.skipped_in_row = skip_nonfinite, 0, 0
     self.data_wait = 0.0  # seconds the host waited for batches since the window started
 
   def __call__(self, step: int, step_metrics, data_wait: float = 0.0):
     """`data_wait`: seconds just spent getting a batch (since the previous call)."""
-    values = jax.device_get(step_metrics)
-    loss = float(values["loss"])
-    _check_finite(step, loss, self.ckpt)
+    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    self._guard(step, values)
     now = time.perf_counter()
+    record = {"loss": values["loss"], "lr": float(self.schedule(step - 1)),
+              "grad_norm": values["grad_norm"]}
+    if self.skip_nonfinite:
+      record["skipped_nonfinite"] = self.skipped
     if step == self.start_step + 1:  # leave compilation out of the throughput
       self.window, self.data_wait = (step, now), 0.0
-      return
-    self.data_wait += data_wait
-    last_step, last_time = self.window
-    tokens_per_sec = self.tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
-    self.writer.progress(step, loss, tokens_per_sec)
+    else:
+      self.data_wait += data_wait
+      last_step, last_time = self.window
+      elapsed = max(now - last_time, 1e-9)
+      record["tokens_per_sec"] = self.tokens_per_step * (step - last_step) / elapsed
+      record["data_wait_ms"] = 1e3 * self.data_wait / max(step - last_step, 1)
+      record["data_wait_frac"] = self.data_wait / elapsed
+      self.writer.progress(step, values["loss"], record["tokens_per_sec"])
     if step % self.log_every == 0:
-      self.writer.write(step, {
-        "loss": loss, "lr": float(self.schedule(step - 1)),
-        "grad_norm": float(values["grad_norm"]), "tokens_per_sec": tokens_per_sec,
-        "data_wait_ms": 1e3 * self.data_wait / max(step - last_step, 1),
-        "data_wait_frac": self.data_wait / max(now - last_time, 1e-9),
-      })
+      self.writer.write(step, record)
       self.window, self.data_wait = (step, now), 0.0
+
+  def _guard(self, step: int, values: dict):
+    """Stops on a non-finite loss, or counts it when skipping (optax.apply_if_finite)."""
+    finite = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
+    if finite or not self.skip_nonfinite:
+      self.skipped_in_row = 0
+      _check_finite(step, values, self.ckpt)
+      return
+    self.skipped += 1
+    self.skipped_in_row += 1
+    if self.skipped_in_row > self.skip_nonfinite:
+      self.ckpt.wait()
+      raise FloatingPointError(
+        f"{self.skipped_in_row} non-finite losses in a row up to step {step} (more than "
+        f"train.skip_nonfinite={self.skip_nonfinite}); stopping. The last good checkpoint is "
+        f"step {self.ckpt.latest_step()} in {self.ckpt.directory}")
+    self.writer.message(f"step {step}: non-finite loss, update skipped ({self.skipped} so far)")
 
 
 def sample_text(run, params, sample_cfg) -> str:

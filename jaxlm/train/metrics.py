@@ -49,6 +49,28 @@ class MetricsWriter:
       self.tb.close()
 
 
+def drop_records_after(workdir: str, step: int) -> int:
+  """Rewrites `<workdir>/metrics.jsonl` (atomically) without records past `step`, so a resumed
+  run's log continues from its checkpoint. Returns how many records were dropped."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return 0
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        kept.append(line)
+    except (ValueError, KeyError):  # a line cut short by a kill
+      continue
+  if len(kept) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+  return len(lines) - len(kept)
+
+
 def _plain(value):
   """Device or numpy scalars become Python floats; ints and strings stay as they are."""
   if isinstance(value, (int, str, bool)):

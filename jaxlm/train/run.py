@@ -10,6 +10,7 @@ import os
 import jax
 import ml_collections
 import numpy as np
+import optax
 
 from jaxlm import sharding
 from jaxlm.data import pipeline, text, tokenizers as tok_lib
@@ -110,6 +111,13 @@ def check_batch(config, mesh):
     )
 
 
+def _maybe_skip_nonfinite(tx, max_in_row: int):
+  """With train.skip_nonfinite=N, updates from non-finite gradients are dropped (N in a row)."""
+  if max_in_row < 0:
+    raise ValueError(f"train.skip_nonfinite={max_in_row} must be >= 0 (0: stop at NaN/Inf)")
+  return optax.apply_if_finite(tx, max_in_row) if max_in_row else tx
+
+
 def build(config, workdir: str, docs: list[str] | None = None) -> Run:
   """Resolves tokenizer, model, mesh and optimizer for `config`; writes the resolved config."""
   os.makedirs(workdir, exist_ok=True)
@@ -122,6 +130,7 @@ def build(config, workdir: str, docs: list[str] | None = None) -> Run:
   mesh = sharding.make_mesh(config.mesh)
   check_batch(config, mesh)
   tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
+  tx = _maybe_skip_nonfinite(tx, config.train.skip_nonfinite)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
