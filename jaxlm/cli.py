@@ -1,7 +1,7 @@
 """`jaxlm train | generate | plot`: the command line.
 
   jaxlm train --config configs/demo.py --workdir runs/demo [--config.train.steps=100 ...]
-  jaxlm generate --workdir runs/demo --prompt "The "
+  jaxlm generate --workdir runs/demo --prompt "The "    (or --hf HF_DIR_OR_GGUF; --stop STR)
   jaxlm plot --workdir runs/demo [--out loss.png]
   jaxlm convert --from-hf SRC --workdir DIR     (HF directory, .gguf file or hub id -> run dir)
   jaxlm convert --workdir DIR --to-hf OUT [--step N]     (a run's checkpoint -> HF directory)
@@ -27,6 +27,8 @@ flags.DEFINE_integer("top_k", 0, "generate: keep the k most likely tokens (0: al
 flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass")
 flags.DEFINE_integer("seed", 0, "generate: sampling seed")
 flags.DEFINE_multi_string("stop", None, "generate: stop when the text contains this string")
+flags.DEFINE_string("hf", None, "generate: a Hugging Face model directory or .gguf file to use "
+                    "instead of --workdir")
 flags.DEFINE_string("out", None, "plot: PNG path (default WORKDIR/loss.png)")
 flags.DEFINE_string("from-hf", None, "convert: HF model directory, .gguf file or hub id to import")
 flags.DEFINE_string("to-hf", None, "convert: directory to write the run's checkpoint to, in HF format")
@@ -91,7 +93,7 @@ def _generate():
   sample.sample_from_run(
     FLAGS.workdir, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
     temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
-    stop=FLAGS.stop or (), out=sys.stdout,
+    stop=FLAGS.stop or (), out=sys.stdout, hf=FLAGS.hf,
   )
 
 
@@ -116,7 +118,7 @@ def _convert():
 def _main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise UsageError(f"usage: jaxlm {{{'|'.join(COMMANDS)}}} --workdir DIR [flags]; got {argv[1:]}")
-  if not FLAGS.workdir:
+  if not FLAGS.workdir and not (argv[1] == "generate" and FLAGS.hf):
     raise UsageError(f"{argv[1]} needs --workdir=DIR")
   {"train": _train, "generate": _generate, "plot": _plot, "convert": _convert,
    "eval": _eval}[argv[1]]()

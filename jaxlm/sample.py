@@ -30,13 +30,27 @@ def load_run(workdir: str, step: int | None = None):
   return run, params
 
 
-def sample_from_run(workdir: str, prompt: str, max_new_tokens: int = 200, temperature=0.8,
-                    top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
-                    out: TextIO | None = None) -> str:
-  """`prompt` followed by text sampled from the run's latest checkpoint (streamed to `out`)."""
-  run, params = load_run(workdir)
+def load_hf(src: str):
+  """(model, params, tokenizer) of a Hugging Face checkpoint: a directory or a .gguf file."""
+  from jaxlm.hf import api
+
+  model, params = api.from_hf(src)
+  return model, params, api.load_tokenizer(src)
+
+
+def sample_from_run(workdir: str | None, prompt: str, max_new_tokens: int = 200,
+                    temperature=0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                    stop: Sequence[str] = (), out: TextIO | None = None,
+                    hf: str | None = None) -> str:
+  """`prompt` followed by text sampled from the run's latest checkpoint, or from the Hugging Face
+  checkpoint `hf` when given (streamed to `out`)."""
+  if hf:
+    model, params, tokenizer = load_hf(hf)
+  else:
+    run, params = load_run(workdir)
+    model, tokenizer = run.model, run.tokenizer
   sampler = generate.Sampler(temperature, top_k, top_p)
   kwargs = {"max_new_tokens": max_new_tokens, "sampler": sampler, "seed": seed, "stop": stop}
   if out is not None:
-    return textgen.print_completion(run.model, params, run.tokenizer, prompt, out, **kwargs)
-  return prompt + textgen.complete(run.model, params, run.tokenizer, [prompt], **kwargs)[0]
+    return textgen.print_completion(model, params, tokenizer, prompt, out, **kwargs)
+  return prompt + textgen.complete(model, params, tokenizer, [prompt], **kwargs)[0]

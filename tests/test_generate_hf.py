@@ -10,9 +10,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="the HF parity tests build reference models in torch")
 transformers = pytest.importorskip("transformers")
 
-import jaxlm  # noqa: E402
-from jaxlm import generate as gen  # noqa: E402
-from jaxlm.hf import api  # noqa: E402
+import jaxlm
+from jaxlm import generate as gen
+from jaxlm.hf import api
 
 V = 97
 PAD = 0
@@ -95,3 +95,21 @@ def test_smollm2_32_greedy_tokens_match_hf():
   out = gen.generate(model, params, prompts, max_new_tokens=32, pad_id=PAD)
   assert [len(r) for r in expected] == [32, 32]
   assert out == expected, [tokenizer.decode(r) for r in out + expected]
+
+
+def test_cli_generates_from_an_hf_directory(tmp_path):
+  from jaxlm.data import tokenizers as tok_lib
+
+  from test_cli import jaxlm as run_cli
+
+  hf_model = _random_hf_model(_configs()["llama-gqa"], seed=1)
+  hf_model.save_pretrained(str(tmp_path))
+  tokenizer = tok_lib.char_tokenizer("abcdefghijklmnopqrstuvwxyz .,")
+  tokenizer.save_pretrained(str(tmp_path))
+  prompt = "the cat"
+  ids = tokenizer.encode(prompt, add_special_tokens=False)
+  expected = tokenizer.decode(_hf_greedy(hf_model, [ids], 12)[0])
+  result = run_cli("generate", "--hf", str(tmp_path), "--prompt", prompt, "--temperature", "0",
+                   "--max_new_tokens", "12", timeout=200)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout == prompt + expected + "\n"
