@@ -9,6 +9,7 @@ by transformers. Non-overlapping windows of `--window` tokens over the first `--
 """
 
 import argparse
+import concurrent.futures
 import importlib.util
 import math
 import os
@@ -108,9 +109,13 @@ def main():
   cfg = api.model_config_from_hf(family, hf_config)
   data = windows(src_dir, gguf_file, args.data, args.tokens, args.window)
   print(f"{family.name}: {data.size} tokens in {len(data)} windows of {args.window}", flush=True)
-  ppl_jax, t_jax = perplexity("jaxlm", jaxlm_logits_fn(family, cfg, tensors), data, args.batch)
-  print(f"jaxlm perplexity       {ppl_jax:.4f}   ({t_jax:.0f} s)", flush=True)
-  ppl_torch, t_torch = perplexity("torch", torch_logits_fn(hf_config, tensors), data, args.batch)
+  jax_fn, torch_fn = jaxlm_logits_fn(family, cfg, tensors), torch_logits_fn(hf_config, tensors)
+  # both frameworks release the GIL while computing: run them side by side
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    jax_job = pool.submit(perplexity, "jaxlm", jax_fn, data, args.batch)
+    torch_job = pool.submit(perplexity, "torch", torch_fn, data, args.batch)
+    (ppl_jax, t_jax), (ppl_torch, t_torch) = jax_job.result(), torch_job.result()
+  print(f"jaxlm perplexity       {ppl_jax:.4f}   ({t_jax:.0f} s)")
   print(f"HF PyTorch perplexity  {ppl_torch:.4f}   ({t_torch:.0f} s)")
   print(f"relative difference    {abs(ppl_jax - ppl_torch) / ppl_torch:.3e}")
 
