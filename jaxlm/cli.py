@@ -3,6 +3,8 @@
   jaxlm train --config configs/demo.py --workdir runs/demo [--config.train.steps=100 ...]
   jaxlm generate --workdir runs/demo --prompt "The "
   jaxlm plot --workdir runs/demo [--out loss.png]
+  jaxlm convert --from-hf SRC --workdir DIR     (HF directory, .gguf file or hub id -> run dir)
+  jaxlm convert --workdir DIR --to-hf OUT [--step N]     (a run's checkpoint -> HF directory)
   jaxlm eval --workdir runs/sst2 --split dev     (fine-tuning runs: the task's metrics)
 """
 
@@ -11,7 +13,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "generate", "plot", "eval")
+COMMANDS = ("train", "generate", "plot", "convert", "eval")
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "experiment config file (configs/*.py); override fields with --config.KEY=VALUE",
   lock_config=True,
@@ -24,6 +26,9 @@ flags.DEFINE_integer("top_k", 0, "generate: keep the k most likely tokens (0: al
 flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass")
 flags.DEFINE_integer("seed", 0, "generate: sampling seed")
 flags.DEFINE_string("out", None, "plot: PNG path (default WORKDIR/loss.png)")
+flags.DEFINE_string("from-hf", None, "convert: HF model directory, .gguf file or hub id to import")
+flags.DEFINE_string("to-hf", None, "convert: directory to write the run's checkpoint to, in HF format")
+flags.DEFINE_integer("step", None, "convert --to-hf: checkpoint step (default: the latest)")
 flags.DEFINE_string("split", "dev", "eval: the task split to score (dev | test | train)")
 flags.DEFINE_bool("debug", False, "show full tracebacks instead of one-line errors")
 FLAGS = flags.FLAGS
@@ -94,12 +99,25 @@ def _plot():
   print(plot.plot_run(FLAGS.workdir, FLAGS.out))
 
 
+def _convert():
+  from jaxlm.hf import runs as hf_runs
+
+  src, out = FLAGS["from-hf"].value, FLAGS["to-hf"].value
+  if bool(src) == bool(out):
+    raise UsageError("convert needs exactly one of --from-hf=SRC or --to-hf=OUT")
+  if src:
+    print(f"converted {src} into the run directory {hf_runs.convert_from_hf(src, FLAGS.workdir)}")
+  else:
+    print(f"wrote {hf_runs.convert_to_hf(FLAGS.workdir, out, FLAGS.step)}")
+
+
 def _main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise UsageError(f"usage: jaxlm {{{'|'.join(COMMANDS)}}} --workdir DIR [flags]; got {argv[1:]}")
   if not FLAGS.workdir:
     raise UsageError(f"{argv[1]} needs --workdir=DIR")
-  {"train": _train, "generate": _generate, "plot": _plot, "eval": _eval}[argv[1]]()
+  {"train": _train, "generate": _generate, "plot": _plot, "convert": _convert,
+   "eval": _eval}[argv[1]]()
 
 
 def main(argv=None):

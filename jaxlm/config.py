@@ -12,7 +12,9 @@ from jaxlm.models import config as model_config
 def model(preset: str | None = None, **overrides) -> ml_collections.ConfigDict:
   """The `model` section: a named preset (or the defaults) with `overrides` applied."""
   cfg = model_config.preset(preset, **overrides) if preset else model_config.ModelConfig(**overrides)
-  return ml_collections.ConfigDict(cfg.to_dict())
+  # init_from: an HF checkpoint (directory, .gguf file, hub id) or a jaxlm run directory to start
+  # from; its model config wins over the fields above except dropout/dtype/remat/scan_layers
+  return ml_collections.ConfigDict({**cfg.to_dict(), "init_from": ""})
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -15,6 +15,8 @@ def load_run(workdir: str, step: int | None = None):
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
     config.train.batch_size = jax.device_count()
     config.train.grad_accum = 1
+    if config.model.get("init_from"):  # the saved model fields are resolved; weights are in ckpt
+      config.model.init_from = ""
   run = run_lib.build(config, workdir)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   step = ckpt.latest_step() if step is None else step

@@ -118,6 +118,31 @@ def test_pytorch_bin_checkpoint_is_read(tmp_path):
   assert np.abs(_jax_logits(model, params, TOKENS) - ref).max() <= 1e-4
 
 
+def test_gpt2_names_without_the_transformer_prefix_are_read(tmp_path):
+  src = _saved(tmp_path, "gpt2-untied")
+  _edit_weights(src, lambda t: t.update({k.removeprefix("transformer."): t.pop(k) for k in list(t)}))
+  _, params = jaxlm.from_hf(src)
+  assert params["block_1"]["attn"]["q"]["kernel"].shape == (32, 4, 8)
+
+
+def test_bias_free_model_trained_in_jaxlm_exports_as_gpt2(tmp_path):
+  import jax
+  from flax.linen import unbox
+
+  from jaxlm.models import config as model_config
+  from jaxlm.models.transformer import Transformer
+
+  cfg = model_config.preset("nanogpt-char", vocab_size=V, num_layers=2, embed_dim=32,
+                            max_seq_len=32)
+  model = Transformer(cfg)
+  params = unbox(model.init(jax.random.PRNGKey(0), TOKENS)["params"])
+  params = jax.tree.map(lambda x: x + 0.05, params)  # norm scales away from 1 too
+  jaxlm.to_hf(model, params, str(tmp_path))
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+  toks = TOKENS[:, :16]
+  assert np.abs(_hf_logits(reloaded, toks) - _jax_logits(model, params, toks)).max() <= 1e-4
+
+
 def _saved(tmp_path, name="llama2-mha-tied"):
   src = str(tmp_path / "src")
   _random_hf_model(_configs()[name]).save_pretrained(src)

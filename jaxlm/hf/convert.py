@@ -188,8 +188,14 @@ def export_params(family, cfg, params) -> dict:
   if "blocks" in params:
     params = unstack_layers(params)
   dims = family.dims(cfg)
+  flat = traverse_util.flatten_dict(params, sep="/")
+  for path, leaf in abstract_params(family, family.export_config(cfg)).items():
+    if path not in flat:  # a bias the HF layout has and this model does not: zero is the same
+      if not path.endswith("bias"):
+        raise ValueError(f"the model has no parameter {path!r}, which {family.name} needs")
+      flat[path] = np.zeros(leaf.shape, leaf.dtype)
   groups: dict[str, list] = {}
-  for path, x in traverse_util.flatten_dict(params, sep="/").items():
+  for path, x in flat.items():
     rule, fields = match(family.rules, path)
     groups.setdefault(hf_name(rule, fields), []).append((rule, np.asarray(x)))
   tensors = {}

@@ -73,6 +73,11 @@ def train(config, workdir: str) -> dict:
     (_device_batch(stream.train_batch(s, local_batch, jax.process_index()), run.mesh)
      for s in range(start, cfg_t.steps)), size=2,
   )
+  if start == 0 and config.model.get("init_from"):  # the imported model's eval loss, before
+    with sharding.mesh_rules(run.mesh):
+      initial = evaluate(run, state.params, eval_fn, eval_batches)
+    writer.write(0, initial)
+    writer.message(f"step 0 (imported weights): eval_loss {initial['eval_loss']:.4f}")
   report = _Reporter(writer, ckpt, run.schedule, cfg_t.batch_size * config.data.seq_len,
                      cfg_t.log_every, start)
   final, step, pending = {}, start, None

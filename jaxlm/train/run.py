@@ -42,7 +42,15 @@ class Run:
 
   def init_state(self):
     rng = jax.random.PRNGKey(self.config.train.seed)
-    return step_lib.sharded_init(self.model, self.tx, rng, self.example_tokens, self.mesh)
+    state, shardings = step_lib.sharded_init(self.model, self.tx, rng, self.example_tokens,
+                                             self.mesh)
+    init_from = self.config.model.get("init_from", "")
+    if init_from:  # imported weights replace the random ones, placed straight into shardings
+      from jaxlm.hf import runs as hf_runs
+
+      params = hf_runs.load_init_params(init_from, self.model.cfg)
+      state = state.replace(params=jax.device_put(params, shardings.params))
+    return state, shardings
 
 
 def load_or_build_tokenizer(config, workdir: str, docs: list[str] | None):
@@ -50,7 +58,12 @@ def load_or_build_tokenizer(config, workdir: str, docs: list[str] | None):
   saved = os.path.join(workdir, TOKENIZER_DIR)
   if os.path.isdir(saved):
     return tok_lib.load_tokenizer(saved)
-  if config.data.tokenizer == "char":
+  init_from = config.model.get("init_from", "")
+  if init_from and config.data.tokenizer in ("char", ""):
+    from jaxlm.hf import runs as hf_runs
+
+    tokenizer = hf_runs.tokenizer_for_init(init_from)
+  elif config.data.tokenizer == "char":
     if docs is None:
       raise ValueError(f"no tokenizer saved in {saved}; is {workdir!r} a jaxlm run directory?")
     tokenizer = tok_lib.char_tokenizer("".join(docs))
@@ -64,6 +77,11 @@ def load_or_build_tokenizer(config, workdir: str, docs: list[str] | None):
 def resolve_model_config(config, tokenizer) -> ModelConfig:
   """The ModelConfig of the run: vocab from the tokenizer when 0, checked against it otherwise."""
   values = dict(config.model)
+  init_from = values.pop("init_from", "")
+  if init_from:  # the checkpoint's own model config, with the run-level fields of this run
+    from jaxlm.hf import runs as hf_runs
+
+    values = hf_runs.model_config_for_init(init_from, values).to_dict()
   n_tok = tok_lib.vocab_size(tokenizer)
   if not values["vocab_size"]:
     values["vocab_size"] = n_tok
@@ -99,6 +117,8 @@ def build(config, workdir: str, docs: list[str] | None = None) -> Run:
   model_cfg = resolve_model_config(config, tokenizer)
   with config.unlocked():
     config.model.vocab_size = model_cfg.vocab_size
+    if config.model.get("init_from"):  # record the imported model in the saved config
+      config.model.update(model_cfg.to_dict())
   mesh = sharding.make_mesh(config.mesh)
   check_batch(config, mesh)
   tx, schedule = optim.make_optimizer(config.optim, config.train.steps)

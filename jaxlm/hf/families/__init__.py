@@ -43,6 +43,8 @@ class Family:
     tied: HF tensors dropped on import and export when the config ties embeddings.
     optional_prefix: a prefix some checkpoints of the family omit (GPT-2's "transformer.").
     init_inputs: jaxlm model config -> example inputs for `model.init` (shapes only).
+    export_config: jaxlm model config -> the config whose params the HF layout holds; params our
+      model lacks (e.g. GPT-2 biases of a bias-free model) are written as zeros.
   """
 
   name: str
@@ -57,6 +59,7 @@ class Family:
   tied: tuple[str, ...] = ()
   optional_prefix: str = ""
   init_inputs: Callable[[Any], tuple] = lambda cfg: (jnp.zeros((1, 1), jnp.int32),)
+  export_config: Callable[[Any], Any] = lambda cfg: cfg
 
 
 def families() -> list[Family]:

@@ -1,7 +1,8 @@
 """GPT-2 (GPT2LMHeadModel): its parameter-name table and config mapping.
 
 HF GPT-2 uses Conv1D layers, whose weights are stored [in, out] (our kernel layout already), and
-one fused c_attn projection that the table splits into q, k and v with `part`.
+one fused c_attn projection that the table splits into q, k and v with `part`. A bias-free model
+(nanogpt-char) is written with zero biases.
 """
 
 from jaxlm.hf.convert import Rule
@@ -62,7 +63,7 @@ def config_to_hf(cfg: ModelConfig):
 
   problems = [name for name, bad in (
     ("norm='layernorm'", cfg.norm != "layernorm"), ("position='learned'", cfg.position != "learned"),
-    ("use_bias=True", not cfg.use_bias), ("gated_mlp=False", cfg.gated_mlp),
+    ("gated_mlp=False", cfg.gated_mlp),
     ("num_kv_heads=num_heads", cfg.kv_heads != cfg.num_heads),
     ("head_dim=embed_dim/num_heads", cfg.head_size * cfg.num_heads != cfg.embed_dim),
   ) if bad]
@@ -81,5 +82,5 @@ GPT2 = Family(
   name="gpt2", architectures=("GPT2LMHeadModel",), model_types=("gpt2",), rules=RULES,
   config_from_hf=config_from_hf, config_to_hf=config_to_hf,
   ignored=(r"\.attn\.bias$", r"\.attn\.masked_bias$"), tied=("lm_head.weight",),
-  optional_prefix="transformer.",
+  optional_prefix="transformer.", export_config=lambda cfg: cfg.replace(use_bias=True),
 )
