@@ -22,3 +22,12 @@ def shakespeare_path():
   if not os.path.isfile(path):
     pytest.skip(f"Tiny Shakespeare not found at {path} (../shared/data is absent)")
   return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+  """Real SmolLM2-135M weights, read once per session: (jaxlm model, params, HF model, tokenizer)."""
+  pytest.importorskip("torch")
+  from hf_testing import load_smollm2
+
+  return load_smollm2()

