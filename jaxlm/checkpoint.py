@@ -120,7 +120,8 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                               data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
     out = self._restore(step, args)
-    return out["state"], dict(out["data"] or {}), dict(out["meta"] or {})
+    data = dict(out["data"]) if out["data"] else None  # None: saved without an iterator state
+    return out["state"], data, dict(out["meta"] or {})
 
   def restore_meta(self, step: int) -> dict:
     """Only the "meta" item of `step` (the config and tokenizer it was written with)."""

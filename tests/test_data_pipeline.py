@@ -281,3 +281,13 @@ def test_training_on_packed_documents_logs_data_wait_and_resumes_exactly(tmp_pat
   resumed = loop.train(_tiny_run_config(tmp_path, 6), str(tmp_path / "split"))
   assert resumed["step"] == 6
   np.testing.assert_allclose(resumed["eval_loss"], final["eval_loss"], rtol=1e-6)
+
+
+def test_a_truncation_saved_with_the_tokenizer_never_cuts_documents(gpt2):
+  from jaxlm.data import tokenize
+
+  text = "the quick brown fox jumps over the lazy dog " * 10
+  full = tokenize.encode_texts(gpt2, [text], [], [])[0]
+  gpt2.backend_tokenizer.enable_truncation(8)  # as BERT-style tokenizer.json files ship
+  flat, lengths, _ = tokenize.encode_texts(gpt2, [text], [], [])
+  assert len(full) > 8 and np.array_equal(flat, full) and list(lengths) == [len(full)]

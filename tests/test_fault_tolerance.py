@@ -351,3 +351,16 @@ def test_an_empty_data_file_is_named(tmp_path):
   empty.write_text("")
   with pytest.raises(ValueError, match="is empty"):
     loop.train(tiny_config(str(empty)), str(tmp_path / "w"))
+
+
+def test_a_checkpoint_without_an_iterator_state_restores_none(tmp_path):
+  """None (not {}) tells the loop to replay the stream to the step instead of set_state({})."""
+  ckpt = checkpoint.Checkpointer(str(tmp_path), use_async=False)
+  state = {"w": jnp.arange(4.0)}
+  ckpt.save(1, state, {}, {})
+  abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32,
+                                        sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+  restored, data, _ = ckpt.restore(1, abstract)
+  assert data is None
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(4.0))
+  ckpt.close()

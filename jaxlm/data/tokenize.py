@@ -13,6 +13,7 @@ import tqdm
 
 from jaxlm.data import cache
 from jaxlm.data import sources as sources_lib
+from jaxlm.data import tokenizers as tok_lib
 
 FORMAT_VERSION = 1  # bump when the stored layout or the encoding rules change
 BATCH_DOCS = 2048
@@ -83,11 +84,7 @@ def special_ids(tokenizer, cfg) -> tuple[list[int], list[int]]:
 def encode_texts(tokenizer, texts: list[str], bos: list[int], eos: list[int]):
   """(flat int32 ids, int64 lengths) of the non-empty `texts`, each wrapped in bos/eos."""
   texts = [t for t in texts if t]
-  backend = getattr(tokenizer, "backend_tokenizer", None)
-  if backend is not None:
-    ids = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-  else:
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+  ids = tok_lib.encode_batch(tokenizer, texts)
   lengths = np.fromiter(map(len, ids), np.int64, len(ids)) + len(bos) + len(eos)
   flat = np.fromiter(itertools.chain.from_iterable(bos + x + eos for x in ids), np.int32,
                      int(lengths.sum()))

@@ -37,12 +37,26 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     ) from None
 
 
+def _untruncated_backend(tokenizer: PreTrainedTokenizerBase):
+  """The Rust tokenizer behind `tokenizer` with any saved max_length truncation off, or None."""
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  if backend is not None and backend.truncation is not None:
+    backend.no_truncation()  # a max_length saved with the tokenizer would cut whole documents
+  return backend
+
+
+def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+  """Token ids of each text (no special tokens added), batched in Rust where possible."""
+  backend = _untruncated_backend(tokenizer)
+  if backend is not None:
+    return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+  return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> np.ndarray:
   """Token ids of `text` (no special tokens added) as an int32 array."""
-  backend = getattr(tokenizer, "backend_tokenizer", None)
+  backend = _untruncated_backend(tokenizer)
   if backend is not None:
-    if backend.truncation is not None:  # a max_length saved with the tokenizer would cut the text
-      backend.no_truncation()
     ids = backend.encode(text, add_special_tokens=False).ids
   else:
     ids = tokenizer.encode(text, add_special_tokens=False)
