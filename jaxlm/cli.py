@@ -9,6 +9,7 @@
 """
 
 import shlex
+import os
 import sys
 
 from absl import flags
@@ -126,6 +127,8 @@ def _main(argv):
 
 def main(argv=None):
   argv = list(sys.argv if argv is None else argv)
+  # transformers advises installing PyTorch on import; jaxlm needs it only for parity tests
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   rest = _parse(argv)
   try:
     _main(rest)
