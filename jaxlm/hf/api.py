@@ -102,7 +102,7 @@ def to_hf(model, params, out_dir: str, tokenizer=None, family: str | None = None
     out_dir.
   """
   cfg = model.cfg
-  fam = families.family_named(family) if family else families.family_for_model(cfg)
+  fam = families.family_for(cfg, family)
   hf_config = fam.config_to_hf(cfg)
   if isinstance(tokenizer, str):
     tokenizer = load_tokenizer(tokenizer)

@@ -8,13 +8,14 @@ import json
 import os
 
 from jaxlm.hf import api, convert, io
+from jaxlm.train.run import CONFIG_FILE, TOKENIZER_DIR
 
 # Model fields a run may set on top of an imported checkpoint; all others come from it.
 RUN_LEVEL_FIELDS = ("dropout", "dtype", "param_dtype", "remat", "scan_layers")
 
 
 def is_run_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
+  return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(
     os.path.join(path, "checkpoints"))
 
 
@@ -24,7 +25,7 @@ def model_config_for_init(src: str, run_values: dict):
 
   overrides = {k: run_values[k] for k in RUN_LEVEL_FIELDS if k in run_values}
   if is_run_dir(src):
-    with open(os.path.join(src, "config.json")) as f:
+    with open(os.path.join(src, CONFIG_FILE)) as f:
       saved = dict(json.load(f)["model"])
     saved.pop("init_from", None)
     return ModelConfig.from_dict({**saved, **overrides})
@@ -60,7 +61,7 @@ def tokenizer_for_init(src: str):
   if is_run_dir(src):
     from jaxlm.data import tokenizers as tok_lib
 
-    return tok_lib.load_tokenizer(os.path.join(src, "tokenizer"))
+    return tok_lib.load_tokenizer(os.path.join(src, TOKENIZER_DIR))
   return api.load_tokenizer(src)
 
 

@@ -109,19 +109,11 @@ class ModelConfig:
       raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(names)}")
     return cls(**values)
 
-  @classmethod
-  def from_hf_config(cls, hf_config) -> "ModelConfig":
-    """The ModelConfig of a transformers PretrainedConfig (GPT-2, Llama, Mistral, Qwen2)."""
-    from jaxlm.hf import families
-
-    return families.family_for_hf_config(hf_config).config_from_hf(hf_config)
-
   def to_hf_config(self, family: str | None = None):
     """A transformers PretrainedConfig for this model (family inferred when None)."""
     from jaxlm.hf import families
 
-    fam = families.family_named(family) if family else families.family_for_model(self)
-    return fam.config_to_hf(self)
+    return families.family_for(self, family).config_to_hf(self)
 
 
 _GPT2 = dict(norm="layernorm", position="learned", activation="gelu_tanh", use_bias=True)

@@ -100,6 +100,11 @@ def family_named(name: str) -> Family:
   raise ValueError(f"unknown family {name!r}; choose one of {[f.name for f in families()]}")
 
 
+def family_for(cfg, name: str | None = None) -> Family:
+  """The family `name`, or the one `cfg` is written as when `name` is None."""
+  return family_named(name) if name else family_for_model(cfg)
+
+
 def family_for_model(cfg) -> Family:
   """The HF family a jaxlm decoder config is written as: GPT-2 for learned positions, Qwen2 for
   q/k/v-only biases, Llama otherwise; encoders as BERT, or RoBERTa when positions are offset."""
