@@ -7,8 +7,10 @@ the same machine and settings; print dev accuracy and wall time for both.
 Settings (both sides): one epoch, batch 32 (the last partial batch dropped), max length 64,
 AdamW lr 5e-5, betas (0.9, 0.999), eps 1e-8, weight decay 0.01 (not on biases and LayerNorm),
 clipping at 1.0, warmup 210 steps (10% of the steps for a subset) then linear decay to 0,
-dropout 0.1. Differences: the Trainer pads each batch to its longest example, jaxlm to the
-buckets 16/32/64; the Trainer also drops attention probabilities (jaxlm does not).
+dropout 0.1. Differences: the Trainer pads each batch to its longest example; jaxlm packs each
+step's 32 sentences into as few rows of 64 tokens as fit (segment ids keep them apart, so each
+sentence is encoded exactly as alone; task.pack). The Trainer also drops attention probabilities
+(jaxlm does not).
 Wall time is each side's whole run: model load, tokenization, training, dev evaluation.
 """
 
@@ -39,16 +41,16 @@ def _warmup(n_train: int) -> int:
 def run_jaxlm(model_dir: str, data_dir: str, n_train: int, n_eval: int) -> dict:
   sys.path.insert(0, REPO)
   from jaxlm import runtime
-
-  runtime.configure_cpu_devices(0, BATCH)
   from jaxlm.tasks import glue
   from jaxlm.tasks.registry import finetune_config
-  from jaxlm.train import finetune
 
   total = n_train or len(glue.load_split(glue.get_task("sst2"), "train", data_dir)["label"])
   c = finetune_config("sst2", data_dir, MAX_LEN, epochs=1, lr=LR, batch_size=BATCH,
                       warmup_steps=_warmup(total), max_train_examples=n_train,
                       max_eval_examples=n_eval)
+  runtime.configure_cpu_devices(c.runtime.cpu_devices, BATCH)  # as `jaxlm train` does
+  from jaxlm.train import finetune
+
   c.model.init_from = model_dir
   c.train.log_every = 100
   with tempfile.TemporaryDirectory() as workdir:

@@ -82,6 +82,7 @@ def _eval():
 
   config = run.load_config(FLAGS.workdir)
   runtime.configure_cpu_devices(config.runtime.cpu_devices, config.train.batch_size)
+  runtime.init_distributed()
   from jaxlm.train import finetune
 
   scores = finetune.evaluate_run(FLAGS.workdir, FLAGS.split)

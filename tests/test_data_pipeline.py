@@ -182,6 +182,9 @@ def test_prefetch_reports_the_state_of_the_last_batch_taken():
   np.testing.assert_array_equal(first["inputs"], stream.train_batch(5, 4)["inputs"])
   with pytest.raises(RuntimeError, match="before the first batch"):
     ahead.set_state({"step": 0})
+  assert ahead._thread.is_alive()  # blocked on its full queue
+  ahead.close()
+  assert not ahead._thread.is_alive() and ahead._queue.empty()
 
 
 def test_cache_is_reused_and_invalidated(tmp_path, gpt2, monkeypatch):

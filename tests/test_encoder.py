@@ -74,3 +74,46 @@ def test_unknown_task_and_causal_encoder_are_rejected():
   model = EncoderModel(preset("bert-base", **TINY, causal=True))
   with pytest.raises(ValueError, match="causal=False"):
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+
+
+def _features(rng, n, max_len, token_labels):
+  lengths = rng.integers(3, max_len + 1, n)
+  return [{"inputs": rng.integers(3, 61, k).astype(np.int32),
+           "token_types": (np.arange(k) >= k // 2).astype(np.int32),
+           "label": (rng.integers(0, 3, k).astype(np.int32) if token_labels
+                     else np.int32(rng.integers(0, 3)))} for k in lengths]
+
+
+@pytest.mark.parametrize("family", ["bert-base", "roberta-base"])
+@pytest.mark.parametrize("task", ["seq_cls", "token_cls"])
+def test_packed_examples_score_as_if_alone(family, task):
+  """Examples packed several to a row give the outputs and the loss they give padded one per
+  row: segment ids keep them apart, positions (RoBERTa's offset too) restart, [CLS] is found."""
+  from jaxlm.data import buckets
+  from jaxlm.train import objectives
+
+  model, params = _init(task, family)
+  offset = model.cfg.position_offset
+  feats = _features(np.random.default_rng(0), 7, T, task == "token_cls")
+  packed = buckets.pack_batch(feats, 8, T, 0, task == "token_cls", row_multiple=2,
+                              position_offset=offset)
+  padded = buckets.pad_batch(feats, 8, (T,), 0, task == "token_cls")
+  assert len(packed["inputs"]) % 2 == 0 and len(packed["inputs"]) < 7
+  def apply(batch):
+    return np.asarray(objectives.encoder_outputs(model.apply, params,
+                                                 jax.tree.map(jnp.asarray, batch)))
+
+  out_packed, out_padded = apply(packed), apply(padded)
+  if task == "seq_cls":
+    np.testing.assert_allclose(out_packed[:7], out_padded[:7], atol=1e-5)
+  else:
+    _, starts = buckets.pack_starts([len(f["inputs"]) for f in feats], T)
+    flat = out_packed.reshape(-1, out_packed.shape[-1])
+    for i, f in enumerate(feats):
+      n = len(f["inputs"])
+      np.testing.assert_allclose(flat[starts[i]:starts[i] + n], out_padded[i, :n], atol=1e-5)
+  def loss(batch, out):
+    sums = objectives.task_loss_sums(task, jnp.asarray(out), jax.tree.map(jnp.asarray, batch))
+    return [float(x) for x in sums]
+
+  np.testing.assert_allclose(loss(packed, out_packed), loss(padded, out_padded), rtol=1e-5)

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -97,3 +98,40 @@ def test_bucketed_batches_compile_few_shapes():
   assert last["padding_mask"][0].sum() == len(feats[96]["inputs"])
   with pytest.raises(ValueError, match="longer than the largest bucket"):
     buckets.bucket_length(65, bks)
+
+
+def test_a_preempted_finetune_resumes_to_the_uninterrupted_result(tiny_bert, tmp_path,
+                                                                   monkeypatch):
+  """SIGTERM mid-epoch saves; rerunning the same command resumes there (the epoch's batches
+  before it skipped) and ends with the same losses, scores and params as a run never stopped."""
+  from jaxlm.train import finetune, preemption
+
+  data_dir = os.path.join(SHARED_DATA, "glue")
+  if not os.path.isdir(data_dir):
+    pytest.skip(f"{data_dir} not found (../shared/data is absent)")
+  c = finetune_config("sst2", data_dir, 64, epochs=2, lr=1e-3, batch_size=8, warmup_steps=1,
+                      max_train_examples=24, max_eval_examples=16)
+  c.model.init_from = tiny_bert
+  c.train.log_every = 1
+  c.checkpoint.use_async = False
+  whole = finetune.train(c, str(tmp_path / "whole"))
+  monkeypatch.setattr(preemption.PreemptionGuard, "should_stop",
+                      lambda self, step: step == 4)  # mid-way through epoch 2 (3 steps each)
+  with pytest.raises(preemption.Preempted, match="at step 4"):
+    finetune.train(c, str(tmp_path / "cut"))
+  monkeypatch.undo()
+  resumed = finetune.train(c, str(tmp_path / "cut"))
+  assert resumed["step"] == whole["step"] == 6
+  assert resumed["accuracy"] == whole["accuracy"]
+  def loss(run):
+    lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+  assert loss("cut") == pytest.approx(loss("whole"), abs=1e-6) and len(loss("cut")) == 6
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as ck:
+    a = ck.restore(str(tmp_path / "whole" / finetune.PARAMS_DIR))
+    b = ck.restore(str(tmp_path / "cut" / finetune.PARAMS_DIR))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)

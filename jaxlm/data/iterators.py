@@ -18,6 +18,7 @@ class Prefetch:
     self.iterator, self.transform, self.size = iterator, transform, size
     self._state = iterator.get_state()
     self._queue: queue.Queue | None = None
+    self._stop = threading.Event()
 
   def __iter__(self):
     return self
@@ -28,12 +29,15 @@ class Prefetch:
     def produce():
       try:
         for item in self.iterator:
+          if self._stop.is_set():
+            return
           q.put((self.transform(item), self.iterator.get_state()))
         q.put(_DONE)
       except BaseException as e:  # surfaced in the consumer
         q.put(e)
 
-    threading.Thread(target=produce, daemon=True).start()
+    self._thread = threading.Thread(target=produce, daemon=True)
+    self._thread.start()
 
   def __next__(self):
     if self._queue is None:
@@ -49,6 +53,17 @@ class Prefetch:
 
   def get_state(self) -> dict:
     return self._state
+
+  def close(self):
+    """Stops the background thread (which may be waiting on a full queue) and drops the batches
+    it prepared, so a finished run holds no device memory through it."""
+    self._stop.set()
+    if self._queue is None:
+      return
+    for _ in range(2):  # drain, let a producer blocked on put() see the stop, drain its last
+      while not self._queue.empty():
+        self._queue.get_nowait()
+      self._thread.join(timeout=5)
 
   def set_state(self, state: dict):
     if self._queue is not None:

@@ -43,8 +43,16 @@ class Pooler(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD):
-    return jnp.tanh(_dense(self.cfg, self.cfg.embed_dim, "dense")(x_BTD[:, 0]))
+  def __call__(self, first_BD):
+    return jnp.tanh(_dense(self.cfg, self.cfg.embed_dim, "dense")(first_BD))
+
+
+def first_tokens(x_BTD: jax.Array, cls_index_N: jax.Array | None = None) -> jax.Array:
+  """Each sequence's first ([CLS]) hidden state: [B, D] from row starts, or [N, D] at the flat
+  indices (row * T + column) `cls_index_N` of examples packed several to a row."""
+  if cls_index_N is None:
+    return x_BTD[:, 0]
+  return x_BTD.reshape(-1, x_BTD.shape[-1])[cls_index_N]
 
 
 class MlmHead(nn.Module):
@@ -67,13 +75,15 @@ class EncoderModel(nn.Module):
 
   base (returns {"hidden": [B,T,D], "pooled": [B,D] or None}), mlm ([B,T,V]),
   seq_cls ([B,C]; C=1 is regression), token_cls ([B,T,C]) or qa ([B,T,2]: start, end).
+  Packed rows (several examples per row) pass segment_ids and positions; seq_cls then also
+  takes cls_index_N and returns [N, C], one row per example.
   """
 
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BT, padding_mask_BT=None, token_types_BT=None, deterministic=True,
-               positions_BT=None, segment_ids_BT=None):
+               positions_BT=None, segment_ids_BT=None, cls_index_N=None):
     """Runs the encoder and the head; fp32 outputs. Args as in Transformer.__call__."""
     cfg = self.cfg
     check_task(cfg)
@@ -83,13 +93,13 @@ class EncoderModel(nn.Module):
                      return_hidden=True)
     drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
     if cfg.head == "base":
-      pooled_BD = Pooler(cfg, name="pooler")(x_BTD) if cfg.pooler else None
+      pooled_BD = Pooler(cfg, name="pooler")(first_tokens(x_BTD)) if cfg.pooler else None
       return {"hidden": _fp32(x_BTD), "pooled": _fp32(pooled_BD)}
     if cfg.head == "mlm":
       embedding_VD = nn.unbox(backbone.variables["params"]["embed"]["embedding"])
       return _fp32(MlmHead(cfg, name="mlm_head")(x_BTD, embedding_VD))
     if cfg.head == "seq_cls":
-      pooled_BD = drop(Pooler(cfg, name="pooler")(x_BTD))
+      pooled_BD = drop(Pooler(cfg, name="pooler")(first_tokens(x_BTD, cls_index_N)))
       return _fp32(_dense(cfg, cfg.num_labels, "classifier")(pooled_BD))
     if cfg.head == "token_cls":
       return _fp32(_dense(cfg, cfg.num_labels, "classifier")(drop(x_BTD)))

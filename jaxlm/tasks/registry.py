@@ -77,6 +77,8 @@ def task_config(name: str, data_dir: str, max_len: int, **overrides):
     "hub_dataset": "",  # hub id or local dataset dir; "" = glue / conll2003 / squad
     "max_len": max_len,  # tokens per example (window for squad)
     "buckets": (),  # padded lengths; () = powers of two up to max_len
+    "pack": True,  # train on each step's examples packed into rows of max_len (not squad)
+    "pack_row_multiple": 4,  # packed row counts are multiples of this: fewer shapes compile
     "doc_stride": 128,  # squad: tokens shared by consecutive windows
     "eval_split": "dev",
     "max_train_examples": 0,  # 0 = all
@@ -103,4 +105,7 @@ def finetune_config(name: str, data_dir: str, max_len: int, *, epochs: int = 3, 
   c.optim.update(dict(lr=lr, min_lr=0.0, schedule="linear", warmup_steps=warmup_steps, b1=0.9,
                       b2=0.999, eps=1e-8, weight_decay=0.01, clip=1.0))
   c.sample.max_new_tokens = 0
+  # on a CPU, one device: splitting the cores data-parallel would replicate the AdamW update and
+  # all-reduce every gradient of a 20M+ parameter model each step, costing more than it saves
+  c.runtime.cpu_devices = 1
   return c

@@ -3,6 +3,9 @@ task's official metric on the eval split after each epoch, the final params save
 `jaxlm eval --workdir DIR --split dev`. `jaxlm train` runs this for configs with a `task` section.
 """
 
+import dataclasses
+import json
+import math
 import os
 import time
 
@@ -19,7 +22,7 @@ from jaxlm.models.config import ModelConfig
 from jaxlm.models.heads import EncoderModel
 from jaxlm.tasks import registry
 from jaxlm.train import metrics as metrics_lib
-from jaxlm.train import objectives, optim
+from jaxlm.train import objectives, optim, preemption, resume
 from jaxlm.train import run as run_lib
 from jaxlm.train import step as step_lib
 from jaxlm.train.state import TrainState
@@ -67,11 +70,11 @@ def init_state(model, tx, params, mesh, seed: int):
 
 
 def device_batch(batch: dict, mesh) -> dict:
-  """This process's rows of a global host batch, assembled into arrays sharded over the mesh."""
+  """This process's rows of a global host batch, assembled into arrays sharded over the mesh.
+  (Every process builds the same global batch; packed batches have more examples than rows.)"""
   n, i = jax.process_count(), jax.process_index()
-  rows = len(batch["inputs"]) // n
   return {k: jax.make_array_from_process_local_data(
-            sharding.batch_sharding(mesh, v.ndim), v[i * rows:(i + 1) * rows])
+            sharding.batch_sharding(mesh, v.ndim), np.array_split(v, n)[i])
           for k, v in batch.items()}
 
 
@@ -119,10 +122,86 @@ def _buckets(task_cfg) -> tuple:
   return tuple(task_cfg.buckets) or bucket_lib.default_buckets(task_cfg.max_len)
 
 
+def _packing(task, model_cfg, mesh) -> dict | None:
+  """pack_batch's settings when training batches are packed (task.pack; not for QA, whose
+  windows are already full), else None."""
+  if not task.cfg.pack or task.head == "qa":
+    return None
+  return {"row_len": task.cfg.max_len, "position_offset": model_cfg.position_offset,
+          "row_multiple": math.lcm(task.cfg.pack_row_multiple, sharding.batch_divisor(mesh))}
+
+
 def train(config, workdir: str) -> dict:
-  """Fine-tunes as `config` says into `workdir`; returns the final eval scores, step count and
-  training wall time (compilation included)."""
+  """Fine-tunes as `config` says into `workdir`, resuming from its newest checkpoint if it has
+  one; returns the final eval scores, step count and training wall time (compilation included).
+
+  Raises:
+    preemption.Preempted: after SIGTERM/SIGINT, once the checkpoint of the current step is saved.
+  """
   os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  ckpt = resume.open_checkpoints(config, workdir, print if is_main else (lambda _: None))
+  try:
+    step0 = resume.resume_step(ckpt, config.checkpoint)
+    if is_main:
+      metrics_lib.drop_records_after(workdir, step0 or 0)
+    job, state = _prepare(config, workdir, ckpt, step0)
+    try:
+      with preemption.PreemptionGuard() as guard:
+        state, scores, seconds = _loop(job, state, ckpt, guard)
+    finally:
+      job.writer.close()
+  finally:
+    ckpt.close()
+  save_params(workdir, state.params)
+  return {"step": int(jax.device_get(state.step)), "train_seconds": seconds, **scores}
+
+
+@dataclasses.dataclass
+class _Job:
+  """A prepared fine-tuning run: its task and features, compiled steps, schedule and writer."""
+
+  config: object
+  task: registry.Task
+  mesh: object
+  writer: metrics_lib.MetricsWriter
+  schedule: object
+  train_fn: object
+  eval_fn: object
+  train_feats: list
+  eval_feats: list
+  eval_examples: dict
+  pad_id: int
+  pack: dict | None
+  per_epoch: int
+  total: int
+  meta: dict
+
+  def batches(self, epoch: int, skip: int):
+    c = self.config
+    return bucket_lib.train_batches(self.train_feats, c.train.batch_size, _buckets(c.task),
+                                    self.pad_id, self.task.token_labels, c.train.seed, epoch,
+                                    self.pack, skip=skip)
+
+  def evaluate(self, params, step: int) -> dict:
+    c = self.config
+    scores = evaluate(self.task, params, self.eval_fn, self.eval_feats, self.eval_examples,
+                      c.train.batch_size, _buckets(c.task), self.pad_id, self.mesh)
+    self.writer.write(step, {f"{c.task.eval_split}_{k}": v for k, v in scores.items()})
+    self.writer.message(f"step {step} ({step / self.per_epoch:.2f} epochs): " + _fmt(scores))
+    return scores
+
+  def log(self, step: int, step_metrics):
+    self.writer.bar.update(1)
+    if step % self.config.train.log_every == 0:
+      loss = float(jax.device_get(step_metrics["loss"]))
+      self.writer.write(step, {"loss": loss, "lr": float(self.schedule(step - 1))})
+      self.writer.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+
+def _prepare(config, workdir: str, ckpt, step0: int | None) -> tuple[_Job, TrainState]:
+  """The run's model, data, optimizer and compiled steps, and its state: restored from
+  checkpoint `step0`, or the imported (or fresh) model's."""
   task = registry.get_task(config.task)
   tokenizer, model_cfg, params = load_model(config, task)
   _save_run(config, workdir, tokenizer, model_cfg)
@@ -130,7 +209,7 @@ def train(config, workdir: str) -> dict:
   _, train_feats = features(task, tokenizer, "train", config.task.max_train_examples)
   eval_examples, eval_feats = features(task, tokenizer, config.task.eval_split,
                                        config.task.max_eval_examples)
-  bs, buckets, pad_id = config.train.batch_size, _buckets(config.task), tokenizer.pad_token_id
+  bs = config.train.batch_size
   per_epoch = len(train_feats) // bs
   if not per_epoch:
     raise ValueError(f"{len(train_feats)} training features do not fill one batch of "
@@ -139,33 +218,56 @@ def train(config, workdir: str) -> dict:
   tx, schedule = optim.make_optimizer(config.optim, total)
   mesh = sharding.make_mesh(config.mesh)
   run_lib.check_batch(config, mesh)
-  state, shardings = init_state(model, tx, params, mesh, config.train.seed)
-  train_fn, eval_fn = _jit_steps(model, shardings, model_cfg.dropout > 0)
+  meta = {"config": json.loads(config.to_json_best_effort())}
   writer = metrics_lib.MetricsWriter(workdir, total, enabled=jax.process_index() == 0)
+  if step0 is None:
+    state, shardings = init_state(model, tx, params, mesh, config.train.seed)
+  else:
+    resume.check_same_model(config, ckpt.restore_meta(step0).get("config", {}), step0)
+    abstract, shardings = step_lib.abstract_state(model, tx, np.zeros((1, 8), np.int32), mesh)
+    writer.message(f"resuming from checkpoint step {step0} in {ckpt.directory}")
+    state = ckpt.restore(step0, abstract)[0]
+  train_fn, eval_fn = _jit_steps(model, shardings, model_cfg.dropout > 0)
+  pack = _packing(task, model_cfg, mesh)
   writer.message(f"{task.name}: {len(train_feats):,} train / {len(eval_feats):,} "
-                 f"{config.task.eval_split} features; {total} steps of {bs}; buckets {buckets}")
-  step, scores, start = 0, {}, time.perf_counter()
-  with sharding.mesh_rules(mesh):
-    for epoch in range((total + per_epoch - 1) // per_epoch):
-      for batch in bucket_lib.train_batches(train_feats, bs, buckets, pad_id, task.token_labels,
-                                            config.train.seed, epoch):
-        if step == total:
-          break
-        state, step_metrics = train_fn(state, device_batch(batch, mesh))
+                 f"{config.task.eval_split} features; {total} steps of {bs}; "
+                 + (f"packed into rows of {pack['row_len']}" if pack
+                    else f"buckets {_buckets(config.task)}"))
+  job = _Job(config, task, mesh, writer, schedule, train_fn, eval_fn, train_feats, eval_feats,
+             eval_examples, tokenizer.pad_token_id, pack, per_epoch, total, meta)
+  return job, state
+
+
+def _loop(job: _Job, state, ckpt, guard) -> tuple[TrainState, dict, float]:
+  """Epochs of steps from the state's step on (the batches before it skipped, so the data
+  resumes exactly), the eval split scored after each epoch, checkpoints every
+  checkpoint.every steps, at each epoch's end and on preemption."""
+  every = job.config.checkpoint.every
+  step, scores, start = int(jax.device_get(state.step)), {}, time.perf_counter()
+  job.writer.bar.update(step)
+  with sharding.mesh_rules(job.mesh):
+    for epoch in range(step // job.per_epoch, -(-job.total // job.per_epoch)):
+      for batch in job.batches(epoch, skip=step - epoch * job.per_epoch):
+        state, step_metrics = job.train_fn(state, device_batch(batch, job.mesh))
         step += 1
-        writer.bar.update(1)
-        if step % config.train.log_every == 0:
-          loss = float(jax.device_get(step_metrics["loss"]))
-          writer.write(step, {"loss": loss, "lr": float(schedule(step - 1))})
-          writer.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-      scores = evaluate(task, state.params, eval_fn, eval_feats, eval_examples, bs, buckets,
-                        pad_id, mesh)
-      writer.write(step, {f"{config.task.eval_split}_{k}": v for k, v in scores.items()})
-      writer.message(f"epoch {epoch + 1} step {step}: " + _fmt(scores))
-  seconds = time.perf_counter() - start
-  save_params(workdir, state.params)
-  writer.close()
-  return {"step": step, "train_seconds": seconds, **scores}
+        job.log(step, step_metrics)
+        stop = guard.should_stop(step)
+        if stop or step % every == 0:
+          ckpt.save(step, state, meta=job.meta)
+        if stop:
+          ckpt.wait()
+          raise preemption.Preempted(
+            f"preempted by {guard.signal_name} at step {step}: checkpoint saved to "
+            f"{os.path.join(ckpt.directory, str(step))}", guard.exit_code)
+        if step == job.total:
+          break
+      scores = job.evaluate(state.params, step)
+      if step % every:
+        ckpt.save(step, state, meta=job.meta)
+    if not scores:  # resumed at the last step: score it all the same
+      scores = job.evaluate(state.params, step)
+  ckpt.wait()
+  return state, scores, time.perf_counter() - start
 
 
 def _fmt(scores: dict) -> str:

@@ -1,5 +1,6 @@
 """The training loop: sharded steps, eval, metrics, checkpoints and a closing text sample."""
 
+import contextlib
 import math
 import os
 import time
@@ -91,7 +92,7 @@ def _train_loop(run, docs, ckpt, writer, guard, step0) -> dict:
     report.skipped = int(jax.device_get(state.opt_state.total_notfinite))
   meta = resume.checkpoint_meta(run)
   final, step, pending = {}, start, None
-  with sharding.mesh_rules(run.mesh):
+  with sharding.mesh_rules(run.mesh), contextlib.closing(train_batches):
     for step in range(start + 1, cfg_t.steps + 1):
       wait_start = time.perf_counter()  # the previous step runs on the device meanwhile
       batch = next(train_batches, None)

@@ -51,10 +51,13 @@ def task_loss_sums(head: str, outputs, batch):
 
 
 def encoder_outputs(apply_fn, params, batch, rng=None, deterministic=True):
-  """The encoder model's head outputs for a task batch (inputs, padding_mask, token_types)."""
+  """The encoder model's head outputs for a task batch (inputs, padding_mask, token_types; and
+  segment_ids, positions, cls_index when examples are packed)."""
   return apply_fn(
     {"params": params}, batch["inputs"], batch["padding_mask"], batch.get("token_types"),
-    deterministic=deterministic, rngs=None if deterministic else {"dropout": rng},
+    deterministic=deterministic, positions_BT=batch.get("positions"),
+    segment_ids_BT=batch.get("segment_ids"), cls_index_N=batch.get("cls_index"),
+    rngs=None if deterministic else {"dropout": rng},
   )
 
 
