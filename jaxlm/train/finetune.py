@@ -245,10 +245,15 @@ def _loop(job: _Job, state, ckpt, guard) -> tuple[TrainState, dict, float]:
   every = job.config.checkpoint.every
   step, scores, start = int(jax.device_get(state.step)), {}, time.perf_counter()
   job.writer.bar.update(step)
+  previous = None
   with sharding.mesh_rules(job.mesh):
     for epoch in range(step // job.per_epoch, -(-job.total // job.per_epoch)):
       for batch in job.batches(epoch, skip=step - epoch * job.per_epoch):
         state, step_metrics = job.train_fn(state, device_batch(batch, job.mesh))
+        # at most one step queued ahead: the bar tells the truth and a SIGTERM is acted on
+        # within a step, not after every step dispatched since the last log
+        jax.block_until_ready(previous)
+        previous = step_metrics
         step += 1
         job.log(step, step_metrics)
         stop = guard.should_stop(step)
