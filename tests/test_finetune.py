@@ -120,6 +120,12 @@ def test_a_preempted_finetune_resumes_to_the_uninterrupted_result(tiny_bert, tmp
   with pytest.raises(preemption.Preempted, match="at step 4"):
     finetune.train(c, str(tmp_path / "cut"))
   monkeypatch.undo()
+  from jaxlm.hf import api
+
+  def no_reload(*args, **kwargs):
+    raise AssertionError("a resumed run read the HF weights the checkpoint replaces")
+
+  monkeypatch.setattr(api, "from_hf", no_reload)
   resumed = finetune.train(c, str(tmp_path / "cut"))
   assert resumed["step"] == whole["step"] == 6
   assert resumed["accuracy"] == whole["accuracy"]

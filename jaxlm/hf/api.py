@@ -33,6 +33,15 @@ def model_config_from_hf(family, hf_config, dtype: str = "float32", **overrides)
   return cfg.replace(**{"dtype": dtype, "param_dtype": dtype, **overrides})
 
 
+def config_from_hf(src: str, dtype: str = "float32", gguf_file: str | None = None, **overrides):
+  """The ModelConfig that `from_hf(src, dtype, gguf_file, **overrides)` would build, read from
+  the checkpoint's config alone (no weights loaded)."""
+  directory, gguf_file = io.resolve_source(src, gguf_file)
+  hf_config = io.read_config(directory, gguf_file)
+  return model_config_from_hf(families.family_for_hf_config(hf_config), hf_config, dtype,
+                              **overrides)
+
+
 def from_hf(src: str, dtype: str = "float32", gguf_file: str | None = None, **overrides):
   """Imports a Hugging Face causal LM (GPT-2, Llama 2/3, Mistral, Qwen2, SmolLM) or encoder
   (BERT, RoBERTa: base, masked-LM, sequence/token classification, QA).

@@ -4,7 +4,6 @@ task's official metric on the eval split after each epoch, the final params save
 """
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -32,9 +31,10 @@ PARAMS_DIR = "params"
 _RUN_FIELDS = ("head", "num_labels", "dropout", "remat", "scan_layers")
 
 
-def load_model(config, task) -> tuple:
+def load_model(config, task, weights: bool = True) -> tuple:
   """(tokenizer, ModelConfig, params or None): from model.init_from (an HF encoder directory or
-  hub id; its sizes win over the config's) or, without it, a fresh model of config.model."""
+  hub id; its sizes win over the config's; `weights=False` reads only its config, for a run
+  that resumes from its own checkpoint) or, without it, a fresh model of config.model."""
   values = dict(config.model)
   init_from = values.pop("init_from", "")
   values.update(head=task.head, num_labels=task.num_labels)
@@ -45,12 +45,16 @@ def load_model(config, task) -> tuple:
   from jaxlm.hf import api
 
   tokenizer = api.load_tokenizer(init_from)
-  model, params = api.from_hf(init_from, values["param_dtype"],
-                              **{k: values[k] for k in _RUN_FIELDS})
-  if model.cfg.causal:
+  run_fields = {k: values[k] for k in _RUN_FIELDS}
+  if weights:
+    model, params = api.from_hf(init_from, values["param_dtype"], **run_fields)
+    model_cfg = model.cfg
+  else:
+    model_cfg, params = api.config_from_hf(init_from, values["param_dtype"], **run_fields), None
+  if model_cfg.causal:
     raise ValueError(f"model.init_from={init_from!r} is a decoder; fine-tuning tasks need an "
                      "encoder (BERT, RoBERTa)")
-  return tokenizer, model.cfg.replace(dtype=values["dtype"]), params
+  return tokenizer, model_cfg.replace(dtype=values["dtype"]), params
 
 
 def init_state(model, tx, params, mesh, seed: int):
@@ -203,7 +207,7 @@ def _prepare(config, workdir: str, ckpt, step0: int | None) -> tuple[_Job, Train
   """The run's model, data, optimizer and compiled steps, and its state: restored from
   checkpoint `step0`, or the imported (or fresh) model's."""
   task = registry.get_task(config.task)
-  tokenizer, model_cfg, params = load_model(config, task)
+  tokenizer, model_cfg, params = load_model(config, task, weights=step0 is None)
   _save_run(config, workdir, tokenizer, model_cfg)
   model = EncoderModel(model_cfg)
   _, train_feats = features(task, tokenizer, "train", config.task.max_train_examples)
@@ -218,15 +222,13 @@ def _prepare(config, workdir: str, ckpt, step0: int | None) -> tuple[_Job, Train
   tx, schedule = optim.make_optimizer(config.optim, total)
   mesh = sharding.make_mesh(config.mesh)
   run_lib.check_batch(config, mesh)
-  meta = {"config": json.loads(config.to_json_best_effort())}
+  meta = resume.checkpoint_meta(config, tokenizer, config.model.init_from or config.data.tokenizer)
   writer = metrics_lib.MetricsWriter(workdir, total, enabled=jax.process_index() == 0)
   if step0 is None:
     state, shardings = init_state(model, tx, params, mesh, config.train.seed)
   else:
-    resume.check_same_model(config, ckpt.restore_meta(step0).get("config", {}), step0)
     abstract, shardings = step_lib.abstract_state(model, tx, np.zeros((1, 8), np.int32), mesh)
-    writer.message(f"resuming from checkpoint step {step0} in {ckpt.directory}")
-    state = ckpt.restore(step0, abstract)[0]
+    state, _ = resume.restore(ckpt, step0, config, abstract, writer)
   train_fn, eval_fn = _jit_steps(model, shardings, model_cfg.dropout > 0)
   pack = _packing(task, model_cfg, mesh)
   writer.message(f"{task.name}: {len(train_feats):,} train / {len(eval_feats):,} "

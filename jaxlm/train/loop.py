@@ -90,7 +90,7 @@ def _train_loop(run, docs, ckpt, writer, guard, step0) -> dict:
                      cfg_t.log_every, start, cfg_t.skip_nonfinite)
   if cfg_t.skip_nonfinite:  # the count so far lives in optax.apply_if_finite's state
     report.skipped = int(jax.device_get(state.opt_state.total_notfinite))
-  meta = resume.checkpoint_meta(run)
+  meta = resume.checkpoint_meta(run.config, run.tokenizer, run.config.data.tokenizer)
   final, step, pending = {}, start, None
   with sharding.mesh_rules(run.mesh), contextlib.closing(train_batches):
     for step in range(start + 1, cfg_t.steps + 1):

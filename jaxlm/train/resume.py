@@ -54,11 +54,17 @@ def restore_or_init(run, ckpt, step: int | None, writer):
   """(state, shardings, data iterator state) from checkpoint `step`, or a fresh state if None."""
   if step is None:
     return (*run.init_state(), None)
-  check_same_model(run.config, ckpt.restore_meta(step).get("config", {}), step)
   abstract, shardings = run.abstract_state()
+  return (*restore(ckpt, step, run.config, abstract, writer), shardings)
+
+
+def restore(ckpt, step: int, config, abstract, writer) -> tuple:
+  """(state, data iterator state) of checkpoint `step`, once its saved config is checked to
+  describe the same state as `config` (see check_same_model)."""
+  check_same_model(config, ckpt.restore_meta(step).get("config", {}), step)
   writer.message(f"resuming from checkpoint step {step} in {ckpt.directory}")
   state, data_state, _ = ckpt.restore(step, abstract)
-  return state, shardings, data_state
+  return state, data_state
 
 
 # config keys that change the shapes or structure of the saved train state
@@ -87,10 +93,11 @@ def check_same_model(config, saved: dict, step: int):
     )
 
 
-def checkpoint_meta(run) -> dict:
-  """What a checkpoint records besides arrays: the resolved config and the tokenizer used."""
+def checkpoint_meta(config, tokenizer, source: str) -> dict:
+  """What a checkpoint records besides arrays: the resolved config and the tokenizer used
+  (`source`: where it was loaded from; a copy is saved in the run directory)."""
   return {
-    "config": json.loads(run.config.to_json_best_effort()),
-    "tokenizer": {"source": run.config.data.tokenizer, "saved_dir": run_lib.TOKENIZER_DIR,
-                  "vocab_size": tok_lib.vocab_size(run.tokenizer)},
+    "config": json.loads(config.to_json_best_effort()),
+    "tokenizer": {"source": source, "saved_dir": run_lib.TOKENIZER_DIR,
+                  "vocab_size": tok_lib.vocab_size(tokenizer)},
   }
