@@ -45,6 +45,26 @@ def test_head_output_shapes(task, shape):
   assert out.shape == shape and out.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("family,head_dropouts", [("bert-base", 1), ("roberta-base", 2)])
+def test_classification_head_drops_out_where_hf_does(family, head_dropouts):
+  """BertForSequenceClassification: dropout(pooler(h)); RobertaClassificationHead:
+  dropout(tanh(dense(dropout(h))))."""
+  cfg = preset(family, **TINY, head="seq_cls", num_labels=3, dropout=0.1)
+  model = EncoderModel(cfg)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((2, T), jnp.int32))["params"])
+  shapes = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.Dropout):
+      shapes.append(args[0].shape)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    model.apply({"params": params}, jnp.ones((2, T), jnp.int32), deterministic=False,
+                rngs={"dropout": jax.random.PRNGKey(1)})
+  assert shapes.count((2, TINY["embed_dim"])) == head_dropouts
+
+
 def test_mlm_decoder_is_tied_to_the_token_embedding():
   model, params = _init("mlm")
   assert "decoder" not in params["mlm_head"]

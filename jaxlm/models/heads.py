@@ -99,7 +99,10 @@ class EncoderModel(nn.Module):
       embedding_VD = nn.unbox(backbone.variables["params"]["embed"]["embedding"])
       return _fp32(MlmHead(cfg, name="mlm_head")(x_BTD, embedding_VD))
     if cfg.head == "seq_cls":
-      pooled_BD = drop(Pooler(cfg, name="pooler")(first_tokens(x_BTD, cls_index_N)))
+      first_BD = first_tokens(x_BTD, cls_index_N)
+      if cfg.position_offset:  # RoBERTa's classification head drops out its input as well
+        first_BD = drop(first_BD)
+      pooled_BD = drop(Pooler(cfg, name="pooler")(first_BD))
       return _fp32(_dense(cfg, cfg.num_labels, "classifier")(pooled_BD))
     if cfg.head == "token_cls":
       return _fp32(_dense(cfg, cfg.num_labels, "classifier")(drop(x_BTD)))
