@@ -9,6 +9,7 @@ strings) and can stop rows.
 
 import dataclasses
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -76,19 +77,26 @@ def _init_cache(model, batch: int, length: int):
   return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract["cache"])
 
 
-def _emit(on_step, step, tokens_B):
+# the callbacks of the generate calls in flight, by id: the compiled program takes the id as
+# an argument, so each new callback (a TextStream per call) reuses the program
+_CALLBACKS: dict[int, StepCallback] = {}
+_next_id = itertools.count()
+
+
+def _host_step(callback_id, step, tokens_B):
+  stop_B = _CALLBACKS[int(callback_id)](int(step), np.asarray(tokens_B))
+  return np.zeros(tokens_B.shape, bool) if stop_B is None else np.asarray(stop_B, bool)
+
+
+def _emit(callback_id, step, tokens_B):
   """Hands a step's tokens to the host callback; its answer (rows to stop) comes back."""
-  def host(step, tokens_B):
-    stop_B = on_step(int(step), np.asarray(tokens_B))
-    return np.zeros(tokens_B.shape, bool) if stop_B is None else np.asarray(stop_B, bool)
-
   shape = jax.ShapeDtypeStruct(tokens_B.shape, jnp.bool_)
-  return io_callback(host, shape, step, tokens_B, ordered=True)
+  return io_callback(_host_step, shape, callback_id, step, tokens_B, ordered=True)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampler", "on_step"))
-def _generate(params, tokens_BP, lengths_B, rng, eos_E, pad_id, *, model, max_new_tokens,
-              sampler, on_step):
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampler", "stream"))
+def _generate(params, tokens_BP, lengths_B, rng, eos_E, pad_id, callback_id, *, model,
+              max_new_tokens, sampler, stream):
   """Prefill + cached decode loop. Returns (new tokens [B, N], number generated per row [B])."""
   B, P = tokens_BP.shape
   N = max_new_tokens
@@ -108,8 +116,8 @@ def _generate(params, tokens_BP, lengths_B, rng, eos_E, pad_id, *, model, max_ne
     rng, key = jax.random.split(rng)
     token_B = jnp.where(done_B, pad_id, sample(logits_BV, key))
     stop_B = jnp.isin(token_B, eos_E)
-    if on_step is not None:
-      stop_B |= _emit(on_step, i, token_B)
+    if stream:
+      stop_B |= _emit(callback_id, i, token_B)
     count_B = jnp.where(done_B, 0, 1)
     return rng, done_B | stop_B, out_BN.at[:, i].set(token_B), count_B
 
@@ -166,10 +174,15 @@ def generate(model, params, prompts: Sequence[Sequence[int]], rng=None, *,
   sampler = Sampler() if sampler is None else sampler
   eos_E = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   model = model.clone(cfg=model.cfg.replace(remat="none", dropout=0.0))
-  out_BN, count_B = _generate(params, tokens_BP, lengths_B, rng, eos_E, jnp.int32(pad_id),
-                              model=model, max_new_tokens=max_new_tokens, sampler=sampler,
-                              on_step=on_step)
-  out_BN, count_B = jax.device_get((out_BN, count_B))
+  callback_id = next(_next_id)
+  if on_step is not None:
+    _CALLBACKS[callback_id] = on_step
+  try:
+    out_BN, count_B = jax.device_get(_generate(
+      params, tokens_BP, lengths_B, rng, eos_E, jnp.int32(pad_id), jnp.int32(callback_id),
+      model=model, max_new_tokens=max_new_tokens, sampler=sampler, stream=on_step is not None))
+  finally:
+    _CALLBACKS.pop(callback_id, None)
   return [row[:n].tolist() for row, n in zip(out_BN, count_B)]
 
 

@@ -126,6 +126,22 @@ def test_step_callback_sees_tokens_in_order_and_can_stop_rows():
   assert len(out[0]) == 4 and len(out[1]) == N
 
 
+def test_a_new_callback_reuses_the_compiled_program():
+  """Each call's callback (a TextStream per call in jaxlm.textgen) is not part of the compiled
+  program, so streaming calls after the first compile nothing."""
+  model, params = _model("gpt2")
+  streams = [[], []]
+  outs = []
+  for seen in streams:
+    outs.append(gen.generate(model, params, PROMPTS, max_new_tokens=N,
+                             on_step=lambda step, tokens_B, seen=seen: seen.append(step)))
+    if len(outs) == 1:
+      compiled = gen._generate._cache_size()
+  assert gen._generate._cache_size() == compiled
+  assert streams[0] == streams[1] == list(range(N)) and outs[0] == outs[1]
+  assert not gen._CALLBACKS  # finished calls leave no callback behind
+
+
 def test_too_long_and_empty_prompts_fail_clearly():
   model, params = _model("gpt2")
   with pytest.raises(ValueError, match="exceeds the model's max_seq_len=24"):
