@@ -63,6 +63,12 @@ def test_convert_generate_and_export(hf_src, tmp_path):
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["0"]
   saved = _saved_model(workdir)
   assert (saved["num_kv_heads"], saved["mlp_dim"], saved["tie_embeddings"]) == (2, 48, False)
+  from jaxlm import checkpoint
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), use_async=False)
+  meta = ckpt.restore_meta(0)  # like a trained run's: what check_same_model compares on resume
+  ckpt.close()
+  assert meta["config"]["model"]["mlp_dim"] == 48 and meta["tokenizer"]["source"] == src
 
   prompt = "the quick "
   ids = tokenizer.encode(prompt, add_special_tokens=False)

@@ -72,6 +72,7 @@ def convert_from_hf(src: str, workdir: str, seq_len: int = 256) -> str:
 
   from jaxlm import checkpoint
   from jaxlm import config as config_lib
+  from jaxlm.train import resume
   from jaxlm.train import run as run_lib
 
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
@@ -86,7 +87,7 @@ def convert_from_hf(src: str, workdir: str, seq_len: int = 256) -> str:
   run = run_lib.build(config, workdir)
   state, _ = run.init_state()
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), use_async=False)
-  ckpt.save(0, state)
+  ckpt.save(0, state, meta=resume.checkpoint_meta(run.config, run.tokenizer, src))
   ckpt.wait()
   ckpt.close()
   return workdir
