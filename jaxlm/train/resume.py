@@ -55,7 +55,8 @@ def restore_or_init(run, ckpt, step: int | None, writer):
   if step is None:
     return (*run.init_state(), None)
   abstract, shardings = run.abstract_state()
-  return (*restore(ckpt, step, run.config, abstract, writer), shardings)
+  state, data_state = restore(ckpt, step, run.config, abstract, writer)
+  return state, shardings, data_state
 
 
 def restore(ckpt, step: int, config, abstract, writer) -> tuple:
