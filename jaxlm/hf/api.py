@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from jaxlm.hf import convert, families, io
 
 
-def load_hf_checkpoint(src: str, gguf_file: str | None = None):
-  """(family, HF config, numpy tensors, local directory, gguf file) of a checkpoint.
+def read_hf_config(src: str, gguf_file: str | None = None):
+  """(family, HF config, local directory, gguf file) of a checkpoint; no weights are read.
 
   Args:
     src: a local HF model directory, a .gguf file, or a hub id.
@@ -21,7 +21,13 @@ def load_hf_checkpoint(src: str, gguf_file: str | None = None):
   """
   directory, gguf_file = io.resolve_source(src, gguf_file)
   hf_config = io.read_config(directory, gguf_file)
-  family = families.family_for_hf_config(hf_config)
+  return families.family_for_hf_config(hf_config), hf_config, directory, gguf_file
+
+
+def load_hf_checkpoint(src: str, gguf_file: str | None = None):
+  """(family, HF config, numpy tensors, local directory, gguf file) of a checkpoint (arguments
+  as in read_hf_config)."""
+  family, hf_config, directory, gguf_file = read_hf_config(src, gguf_file)
   tensors = io.read_tensors(directory, hf_config, gguf_file)
   return family, hf_config, tensors, directory, gguf_file
 
@@ -36,10 +42,8 @@ def model_config_from_hf(family, hf_config, dtype: str = "float32", **overrides)
 def config_from_hf(src: str, dtype: str = "float32", gguf_file: str | None = None, **overrides):
   """The ModelConfig that `from_hf(src, dtype, gguf_file, **overrides)` would build, read from
   the checkpoint's config alone (no weights loaded)."""
-  directory, gguf_file = io.resolve_source(src, gguf_file)
-  hf_config = io.read_config(directory, gguf_file)
-  return model_config_from_hf(families.family_for_hf_config(hf_config), hf_config, dtype,
-                              **overrides)
+  family, hf_config, _, _ = read_hf_config(src, gguf_file)
+  return model_config_from_hf(family, hf_config, dtype, **overrides)
 
 
 def from_hf(src: str, dtype: str = "float32", gguf_file: str | None = None, **overrides):

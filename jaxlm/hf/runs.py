@@ -7,7 +7,7 @@ two directions of `jaxlm convert`.
 import json
 import os
 
-from jaxlm.hf import api, convert, io
+from jaxlm.hf import api, convert
 from jaxlm.train.run import CONFIG_FILE, TOKENIZER_DIR
 
 # Model fields a run may set on top of an imported checkpoint; all others come from it.
@@ -29,9 +29,7 @@ def model_config_for_init(src: str, run_values: dict):
       saved = dict(json.load(f)["model"])
     saved.pop("init_from", None)
     return ModelConfig.from_dict({**saved, **overrides})
-  directory, gguf_file = io.resolve_source(src)
-  hf_config = io.read_config(directory, gguf_file)
-  family = api.families.family_for_hf_config(hf_config)
+  family, hf_config, _, _ = api.read_hf_config(src)
   return family.config_from_hf(hf_config).replace(**overrides)
 
 

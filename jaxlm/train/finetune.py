@@ -143,12 +143,8 @@ def train(config, workdir: str) -> dict:
     preemption.Preempted: after SIGTERM/SIGINT, once the checkpoint of the current step is saved.
   """
   os.makedirs(workdir, exist_ok=True)
-  is_main = jax.process_index() == 0
-  ckpt = resume.open_checkpoints(config, workdir, print if is_main else (lambda _: None))
+  ckpt, step0 = resume.start(config, workdir)
   try:
-    step0 = resume.resume_step(ckpt, config.checkpoint)
-    if is_main:
-      metrics_lib.drop_records_after(workdir, step0 or 0)
     job, state = _prepare(config, workdir, ckpt, step0)
     try:
       with preemption.PreemptionGuard() as guard:
@@ -262,10 +258,7 @@ def _loop(job: _Job, state, ckpt, guard) -> tuple[TrainState, dict, float]:
         if stop or step % every == 0:
           ckpt.save(step, state, meta=job.meta)
         if stop:
-          ckpt.wait()
-          raise preemption.Preempted(
-            f"preempted by {guard.signal_name} at step {step}: checkpoint saved to "
-            f"{os.path.join(ckpt.directory, str(step))}", guard.exit_code)
+          guard.stop(ckpt, step)
         if step == job.total:
           break
       scores = job.evaluate(state.params, step)

@@ -2,7 +2,6 @@
 
 import contextlib
 import math
-import os
 import time
 
 import jax
@@ -47,12 +46,8 @@ def train(config, workdir: str) -> dict:
   docs = run_lib.raw_documents(config)
   run = run_lib.build(config, workdir, docs)
   cfg_t = config.train
-  is_main = jax.process_index() == 0
-  ckpt = resume.open_checkpoints(config, workdir, print if is_main else (lambda _: None))
-  step0 = resume.resume_step(ckpt, config.checkpoint)
-  if is_main:
-    metrics_lib.drop_records_after(workdir, step0 or 0)
-  writer = metrics_lib.MetricsWriter(workdir, cfg_t.steps, enabled=is_main)
+  ckpt, step0 = resume.start(config, workdir)
+  writer = metrics_lib.MetricsWriter(workdir, cfg_t.steps, enabled=jax.process_index() == 0)
   try:
     with preemption.PreemptionGuard() as guard:
       return _train_loop(run, docs, ckpt, writer, guard, step0)
@@ -115,10 +110,7 @@ def _train_loop(run, docs, ckpt, writer, guard, step0) -> dict:
         pending = None
         ckpt.save(step, state, train_batches.get_state(), meta, evaluated)
       if stop:
-        ckpt.wait()
-        raise preemption.Preempted(
-          f"preempted by {guard.signal_name} at step {step}: checkpoint saved to "
-          f"{os.path.join(ckpt.directory, str(step))}", guard.exit_code)
+        guard.stop(ckpt, step)
     if pending is not None:
       report(*pending)
   ckpt.wait()

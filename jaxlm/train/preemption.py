@@ -4,6 +4,7 @@ On a multi-process run the notice is agreed through JAX's preemption sync point,
 stops (and saves) at the same step.
 """
 
+import os
 import signal
 
 import jax
@@ -63,3 +64,10 @@ class PreemptionGuard:
   @property
   def signal_name(self) -> str:
     return signal.Signals(self.signum).name if self.signum else "preemption notice"
+
+  def stop(self, ckpt, step: int):
+    """Waits until checkpoint `step` (already saved by the loop) is on disk, then raises
+    Preempted naming it."""
+    ckpt.wait()
+    raise Preempted(f"preempted by {self.signal_name} at step {step}: checkpoint saved to "
+                    f"{os.path.join(ckpt.directory, str(step))}", self.exit_code)

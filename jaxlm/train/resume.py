@@ -9,6 +9,7 @@ import jax
 
 from jaxlm import checkpoint
 from jaxlm.data import tokenizers as tok_lib
+from jaxlm.train import metrics as metrics_lib
 from jaxlm.train import run as run_lib
 
 BEST_METRICS = ("eval_loss", "eval_ppl")
@@ -30,6 +31,21 @@ def open_checkpoints(config, workdir: str, writer) -> checkpoint.Checkpointer:
         os.replace(old, aside)
         writer(f"checkpoint.fresh: moved {old} to {aside}")
   return checkpoint.Checkpointer.from_config(cfg, directory)
+
+
+def start(config, workdir: str) -> tuple[checkpoint.Checkpointer, int | None]:
+  """(the run's Checkpointer, the step to resume from or None), with the metrics.jsonl records
+  after that step dropped (the resumed run writes them again)."""
+  is_main = jax.process_index() == 0
+  ckpt = open_checkpoints(config, workdir, print if is_main else (lambda _: None))
+  try:
+    step = resume_step(ckpt, config.checkpoint)
+  except BaseException:
+    ckpt.close()
+    raise
+  if is_main:
+    metrics_lib.drop_records_after(workdir, step or 0)
+  return ckpt, step
 
 
 def resume_step(ckpt, cfg) -> int | None:
