@@ -1,0 +1,347 @@
+"""Tests jaxlm/models/layers.py: RoPE (norms, relative positions, the rotate-half convention,
+Llama-3 frequency scaling), the training and encoder masks, the decode-time mask over the KV
+cache, grouped-query attention against a naive reference, and the KV cache itself."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm.models.layers import (
+  DecodeMask,
+  KVCache,
+  apply_rope,
+  attend,
+  attention_mask,
+  bidirectional_mask,
+  rope_frequencies,
+)
+
+# Llama 3.1's published settings: (factor, low_freq_factor, high_freq_factor, original_max_len)
+LLAMA31_SCALING = (8.0, 1.0, 4.0, 8192)
+LLAMA31_THETA = 500000.0
+
+# jitted once each: one compile per shape instead of one per eager op keeps every test quick
+rope = jax.jit(apply_rope, static_argnums=(2, 3))
+attend_jit = jax.jit(attend)
+
+
+def _normal(seed, shape):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _rope_reference(x_BTNE, positions_BT, inv_freq_F):
+  """Rotate-half RoPE in float64: the pair (i, i + E/2) is rotated by position * inv_freq[i]."""
+  x = np.asarray(x_BTNE, np.float64)
+  half = x.shape[-1] // 2
+  angles_BTF = np.asarray(positions_BT, np.float64)[..., None] * np.asarray(inv_freq_F, np.float64)
+  cos, sin = np.cos(angles_BTF)[:, :, None, :], np.sin(angles_BTF)[:, :, None, :]
+  x1, x2 = x[..., :half], x[..., half:]
+  return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _llama3_reference(inv_freq_F, factor, low, high, original_len):
+  """Meta's published Llama 3.1 `apply_scaling`, written piecewise over wavelengths."""
+  low_freq_wavelen = original_len / low
+  high_freq_wavelen = original_len / high
+  out = []
+  for freq in np.asarray(inv_freq_F, np.float64):
+    wavelen = 2 * np.pi / freq
+    if wavelen < high_freq_wavelen:
+      out.append(freq)
+    elif wavelen > low_freq_wavelen:
+      out.append(freq / factor)
+    else:
+      smooth = (original_len / wavelen - low) / (high - low)
+      out.append((1 - smooth) * freq / factor + smooth * freq)
+  return np.array(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE
+
+
+def test_rope_rotation_preserves_norms():
+  x = _normal(0, (2, 6, 3, 16))
+  positions = np.array([[0, 1, 2, 3, 4, 5], [7, 100, 3, 999, 12, 40]])
+  out = np.asarray(rope(jnp.asarray(x), jnp.asarray(positions), 10000.0))
+  assert out.shape == x.shape
+  np.testing.assert_allclose(np.linalg.norm(out, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+  assert not np.allclose(out[:, 1:], x[:, 1:], atol=1e-3), "rope left nonzero positions unrotated"
+
+
+def test_rope_at_position_zero_is_identity():
+  x = _normal(1, (1, 3, 2, 8))
+  out = rope(jnp.asarray(x), jnp.zeros((1, 3), jnp.int32), 10000.0)
+  np.testing.assert_allclose(out, x, atol=1e-6)
+
+
+def test_rope_dot_product_depends_only_on_relative_position():
+  """<rope(q, m), rope(k, n)> is a function of m - n."""
+  E = 16
+  q = jnp.asarray(_normal(2, (1, 1, 1, E)))
+  k = jnp.asarray(_normal(3, (1, 1, 1, E)))
+
+  def dot(m, n):
+    rq = rope(q, jnp.full((1, 1), m), 10000.0)
+    rk = rope(k, jnp.full((1, 1), n), 10000.0)
+    return float(jnp.sum(rq * rk))
+
+  for offset in (0, 1, 5):
+    values = [dot(n + offset, n) for n in (0, 3, 17, 250)]
+    np.testing.assert_allclose(values, values[0], atol=1e-4, err_msg=f"offset {offset}")
+  # and the offset matters, so the equalities above are not trivially true
+  assert abs(dot(5, 0) - dot(0, 0)) > 1e-2
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_rope_matches_rotate_half_numpy_reference(scaled):
+  E = 8
+  x = _normal(4, (2, 5, 3, E))
+  positions = np.array([[0, 1, 2, 3, 4], [9, 2, 31, 6, 120]])
+  scaling = LLAMA31_SCALING if scaled else None
+  inv_freq = 1.0 / (LLAMA31_THETA ** (np.arange(0, E, 2, dtype=np.float64) / E))
+  if scaled:
+    inv_freq = _llama3_reference(inv_freq, *LLAMA31_SCALING)
+  out = rope(jnp.asarray(x), jnp.asarray(positions), LLAMA31_THETA, scaling)
+  np.testing.assert_allclose(out, _rope_reference(x, positions, inv_freq), atol=1e-5)
+
+  # the interleaved (GPT-J / Meta checkpoint) convention pairs (2i, 2i + 1) instead: the
+  # reference above must be telling the two apart on this input
+  perm = np.concatenate([np.arange(0, E, 2), np.arange(1, E, 2)])
+  interleaved = np.empty_like(x)
+  interleaved[..., perm] = _rope_reference(x[..., perm], positions, inv_freq)
+  assert not np.allclose(out, interleaved, atol=1e-3)
+
+
+def test_rope_frequencies_without_scaling_are_the_standard_geometric_series():
+  E, theta = 16, 10000.0
+  expected = theta ** (-np.arange(0, E, 2, dtype=np.float64) / E)
+  np.testing.assert_allclose(rope_frequencies(E, theta), expected, rtol=1e-6)
+
+
+def test_llama3_scaling_divides_long_wavelengths_and_keeps_short_ones():
+  E = 128
+  factor, low, high, original_len = LLAMA31_SCALING
+  plain = np.asarray(rope_frequencies(E, LLAMA31_THETA), np.float64)
+  scaled = np.asarray(rope_frequencies(E, LLAMA31_THETA, LLAMA31_SCALING), np.float64)
+  wavelen = 2 * np.pi / plain
+  short = wavelen < original_len / high
+  long = wavelen > original_len / low
+  between = ~short & ~long
+  assert short.sum() and long.sum() and between.sum(), "the test should cover all three bands"
+
+  np.testing.assert_allclose(scaled[short], plain[short], rtol=1e-6)
+  np.testing.assert_allclose(scaled[long], plain[long] / factor, rtol=1e-6)
+  # the band between is interpolated: strictly inside (freq / factor, freq)
+  assert np.all(scaled[between] < plain[between])
+  assert np.all(scaled[between] > plain[between] / factor)
+  np.testing.assert_allclose(scaled, _llama3_reference(plain, *LLAMA31_SCALING), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks used in training and in the encoder
+
+
+def test_attention_mask_is_none_without_segment_ids():
+  assert attention_mask(None, causal=True) is None
+  assert attention_mask(None, causal=False) is None
+
+
+def test_attention_mask_is_causal_within_segments_and_padding_is_its_own_segment():
+  # two packed documents then right padding (segment 0)
+  seg = jnp.asarray([[1, 1, 2, 2, 2, 0, 0]])
+  mask = np.asarray(attention_mask(seg, causal=True))
+  expected = np.array([
+    [1, 0, 0, 0, 0, 0, 0],
+    [1, 1, 0, 0, 0, 0, 0],
+    [0, 0, 1, 0, 0, 0, 0],
+    [0, 0, 1, 1, 0, 0, 0],
+    [0, 0, 1, 1, 1, 0, 0],
+    [0, 0, 0, 0, 0, 1, 0],  # padding attends (causally) to padding only
+    [0, 0, 0, 0, 0, 1, 1],
+  ], bool)
+  assert mask.shape == (1, 1, 7, 7) and mask.dtype == bool
+  np.testing.assert_array_equal(mask[0, 0], expected)
+
+
+def test_attention_mask_left_padding_is_never_attended_by_real_tokens():
+  seg = jnp.asarray([[0, 0, 1, 1], [1, 1, 1, 1]])
+  mask = np.asarray(attention_mask(seg, causal=True))
+  np.testing.assert_array_equal(mask[0, 0], np.array([
+    [1, 0, 0, 0],
+    [1, 1, 0, 0],
+    [0, 0, 1, 0],
+    [0, 0, 1, 1],
+  ], bool))
+  np.testing.assert_array_equal(mask[1, 0], np.tril(np.ones((4, 4), bool)))
+
+
+def test_attention_mask_without_causality_is_same_segment_only():
+  seg = jnp.asarray([[1, 1, 2, 0]])
+  mask = np.asarray(attention_mask(seg, causal=False))
+  np.testing.assert_array_equal(mask[0, 0], np.array([
+    [1, 1, 0, 0],
+    [1, 1, 0, 0],
+    [0, 0, 1, 0],
+    [0, 0, 0, 1],
+  ], bool))
+
+
+def test_bidirectional_mask_hides_padding_keys_from_every_query():
+  padding = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+  mask = np.asarray(bidirectional_mask(padding, None, 2, 5))
+  assert mask.shape == (2, 1, 1, 5)
+  np.testing.assert_array_equal(mask[:, 0, 0], np.asarray(padding, bool))
+  full = np.asarray(bidirectional_mask(None, None, 3, 4))
+  assert full.shape == (3, 1, 1, 4) and full.all()
+
+
+def test_bidirectional_mask_keeps_segments_apart_and_padding_unattended():
+  padding = jnp.asarray([[1, 1, 1, 1, 0, 0]])
+  seg = jnp.asarray([[1, 1, 2, 2, 0, 0]])
+  mask = np.asarray(bidirectional_mask(padding, seg, 1, 6))
+  assert mask.shape == (1, 1, 6, 6)
+  np.testing.assert_array_equal(mask[0, 0], np.array([
+    [1, 1, 0, 0, 0, 0],
+    [1, 1, 0, 0, 0, 0],
+    [0, 0, 1, 1, 0, 0],
+    [0, 0, 1, 1, 0, 0],
+    [0, 0, 0, 0, 0, 0],  # padding queries see nothing (their rows are fully masked)
+    [0, 0, 0, 0, 0, 0],
+  ], bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding: the mask over the KV cache, and the cache
+
+
+def _decode_steps(segment_rows, cache_len):
+  """Runs DecodeMask as generate.py does: init over the whole cache, a prefill, then one-token
+  steps. Returns the mask of every call, [B, T, S] each."""
+  module = DecodeMask()
+  B = len(segment_rows[0])
+  cache = module.init(jax.random.PRNGKey(0), jnp.zeros((B, cache_len), jnp.int32))["cache"]
+  apply = jax.jit(functools.partial(module.apply, mutable=["cache"]))
+  masks = []
+  for seg in segment_rows:
+    mask, variables = apply({"cache": cache}, jnp.asarray(seg, jnp.int32))
+    cache = variables["cache"]
+    masks.append(np.asarray(mask)[:, 0])
+  return masks, cache
+
+
+def test_decode_mask_left_padded_row_never_attends_its_padding():
+  # row 0: two pad slots then a 2-token prompt; row 1: a 4-token prompt. 3 decode steps.
+  prefill = [[0, 0, 1, 1], [1, 1, 1, 1]]  # generate.py passes valid_BP (1 real, 0 padding)
+  steps = [[[1], [1]]] * 3
+  S = 4 + 3
+  masks, cache = _decode_steps([prefill, *steps], S)
+  assert masks[0].shape == (2, 4, S) and all(m.shape == (2, 1, S) for m in masks[1:])
+  assert int(cache["index"]) == 4 + 3
+
+  # prefill: causal, real tokens see the real prompt only, no slot past the prompt
+  np.testing.assert_array_equal(masks[0][0], np.array([
+    [1, 0, 0, 0, 0, 0, 0],
+    [1, 1, 0, 0, 0, 0, 0],
+    [0, 0, 1, 0, 0, 0, 0],
+    [0, 0, 1, 1, 0, 0, 0],
+  ], bool))
+  np.testing.assert_array_equal(masks[0][1], np.tril(np.ones((4, S), bool)))
+
+  # each new token (in slot 4 + i) sees every earlier real slot and itself, nothing later
+  for i, mask in enumerate(masks[1:]):
+    slot = 4 + i
+    row0 = np.zeros(S, bool)
+    row0[2:slot + 1] = True
+    row1 = np.zeros(S, bool)
+    row1[:slot + 1] = True
+    np.testing.assert_array_equal(mask[0, 0], row0, err_msg=f"step {i}, left-padded row")
+    np.testing.assert_array_equal(mask[1, 0], row1, err_msg=f"step {i}, unpadded row")
+
+
+def test_decode_mask_first_call_is_the_training_mask():
+  seg = jnp.asarray([[0, 1, 1, 1]])
+  mask = DecodeMask().init_with_output(jax.random.PRNGKey(0), seg)[0]
+  np.testing.assert_array_equal(mask, attention_mask(seg, causal=True))
+
+
+def test_kv_cache_writes_at_the_index_and_keeps_earlier_entries():
+  B, S, K, E = 2, 6, 2, 4
+  module = KVCache()
+  cache = module.init(jax.random.PRNGKey(0), jnp.zeros((B, S, K, E)), jnp.zeros((B, S, K, E)))
+  cache = cache["cache"]
+  k1, v1 = _normal(5, (B, 3, K, E)), _normal(6, (B, 3, K, E))
+  (k, v), variables = module.apply({"cache": cache}, jnp.asarray(k1), jnp.asarray(v1),
+                                   mutable=["cache"])
+  assert k.shape == (B, S, K, E) and int(variables["cache"]["index"]) == 3
+  np.testing.assert_array_equal(k[:, :3], k1)
+  np.testing.assert_array_equal(v[:, :3], v1)
+  assert not np.any(k[:, 3:]) and not np.any(v[:, 3:])
+
+  k2, v2 = _normal(7, (B, 1, K, E)), _normal(8, (B, 1, K, E))
+  (k, v), variables = module.apply(variables, jnp.asarray(k2), jnp.asarray(v2), mutable=["cache"])
+  assert int(variables["cache"]["index"]) == 4
+  np.testing.assert_array_equal(k[:, :3], k1)
+  np.testing.assert_array_equal(k[:, 3:4], k2)
+  np.testing.assert_array_equal(v[:, 3:4], v2)
+  assert not np.any(k[:, 4:])
+
+
+# ---------------------------------------------------------------------------------------------
+# attend
+
+
+def _attend_reference(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
+  """Naive softmax(q k^T / sqrt(E)) v in float64; query head h reads kv head h // (H / K)."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q_BTHE, k_BSKE, v_BSKE))
+  B, T, H, E = q.shape
+  G = H // k.shape[2]
+  out = np.zeros((B, T, H, E))
+  for b in range(B):
+    for h in range(H):
+      logits = q[b, :, h] @ k[b, :, h // G].T / np.sqrt(E)
+      logits = np.where(mask_BTS[b], logits, -np.inf)
+      with np.errstate(invalid="ignore"):  # a fully masked row comes out NaN here
+        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+      out[b, :, h] = probs @ v[b, :, h // G]
+  return out
+
+
+@pytest.mark.parametrize("H,K", [(4, 4), (4, 2), (6, 1)])
+def test_attend_matches_naive_reference_with_default_causal_mask(H, K):
+  B, T, E = 2, 5, 8
+  q, k, v = _normal(10, (B, T, H, E)), _normal(11, (B, T, K, E)), _normal(12, (B, T, K, E))
+  out = attend_jit(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+  causal = np.broadcast_to(np.tril(np.ones((T, T), bool)), (B, T, T))
+  np.testing.assert_allclose(out, _attend_reference(q, k, v, causal), atol=1e-5)
+
+
+def test_attend_matches_naive_reference_with_explicit_mask_and_gqa():
+  """A decode-shaped call: T=2 queries over S=6 cache slots, a ragged mask, 4 q heads on 2 kv."""
+  B, T, S, H, K, E = 2, 2, 6, 4, 2, 8
+  q, k, v = _normal(13, (B, T, H, E)), _normal(14, (B, S, K, E)), _normal(15, (B, S, K, E))
+  mask_BTS = np.array([
+    [[0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0]],
+    [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]],
+  ], bool)
+  out = attend_jit(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask_BTS)[:, None])
+  np.testing.assert_allclose(out, _attend_reference(q, k, v, mask_BTS), atol=1e-5)
+
+
+def test_attend_fully_masked_rows_stay_finite_and_leave_other_rows_alone():
+  """An encoder's padding queries (see bidirectional_mask) have no key to attend: their rows
+  must come out finite, in value and gradient, without disturbing the real rows."""
+  B, T, H, E = 1, 4, 2, 8
+  q, k, v = _normal(16, (B, T, H, E)), _normal(17, (B, T, H, E)), _normal(18, (B, T, H, E))
+  mask_BTS = np.array([[[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]], bool)
+  mask = jnp.asarray(mask_BTS)[:, None]
+  out = np.asarray(attend_jit(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask))
+  assert np.all(np.isfinite(out))
+  np.testing.assert_allclose(out[:, :2], _attend_reference(q, k, v, mask_BTS)[:, :2], atol=1e-5)
+  loss = lambda q, k, v: attend(q, k, v, mask).sum()
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+  assert all(np.all(np.isfinite(g)) for g in grads)
