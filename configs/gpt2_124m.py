@@ -4,11 +4,12 @@
 
 Defaults to WikiText-103 from the hub; point data.hf_dataset / data.tokenizer at local copies
 (e.g. --config.data.tokenizer=../shared/data/tokenizers/gpt2) when offline. bf16 compute with fp32
-params; 0.5M tokens per step (batch 512 x 1024) as in GPT-2, split over the mesh.
-
-Data: documents tokenized once into the cache (`python tools/prepare_data.py --config
-configs/gpt2_124m.py` does it ahead of time), concatenated and cut into 1024-token rows that
-attend within their documents, shuffled globally, each host reading its own shard.
+params; 0.5M tokens per step (batch 512 x 1024) as in GPT-2, split over the mesh. Documents are
+tokenized once into the cache (`python tools/prepare_data.py --config configs/gpt2_124m.py` does
+it ahead of time), cut into 1024-token rows that attend within their documents, shuffled globally.
+Cost: not a CPU config. Estimate, not timed: ~4.5e14 FLOP a step, over an hour a step on 2 CPU
+cores (fp32 GEMMs there reach ~100 GFLOP/s), years for 20,000 steps. No GPU/TPU figure measured yet.
+Expected: not measured.
 """
 
 from jaxlm.config import base_config, model

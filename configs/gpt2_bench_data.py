@@ -1,10 +1,13 @@
 """benchmarks/train_throughput.py's GPT-2-style model (6 layers, 384 dims, 6 heads, sequence
 256, batch 8, fp32) trained through the document pipeline on local WikiText-2 + Tiny Shakespeare,
-to check that input never stalls the step: read data_wait_frac in metrics.jsonl (goal < 0.02).
+to check that input never stalls the step. Vocabulary: the GPT-2 tokenizer's 50,257 (the
+throughput benchmark uses 8,192 random ids).
 
   jaxlm train --config configs/gpt2_bench_data.py --workdir runs/gpt2_bench_data
 
-Vocabulary: the GPT-2 tokenizer's 50,257 (the throughput benchmark uses 8,192 random ids).
+Cost: about 16 s a step measured on the CPU, so ~11 minutes for the 40 steps (estimate).
+Expected: data_wait_frac in metrics.jsonl below the goal of 0.02; measured 0.0013, 0.00064 and
+0.00064 at steps 10, 20 and 30.
 """
 
 from jaxlm.config import base_config, model

@@ -1,9 +1,14 @@
-"""nanoGPT's CPU recipe: a 0.8M-parameter character-level GPT on Tiny Shakespeare.
+r"""nanoGPT's CPU recipe: a 0.8M-parameter character-level GPT on Tiny Shakespeare.
 
   jaxlm train --config configs/shakespeare_char.py --workdir runs/shakespeare_char \
     --config.data.path=../shared/data/tinyshakespeare/input.txt
 
-First 90% of the text trains, the last 10% validates; nanoGPT reports val loss 1.88 at 2000.
+First 90% of the text trains, the last 10% validates.
+Cost: 2 to 3.5 minutes on 2 CPU cores (whole runs measured at 119 s, 197 s and 208 s; about
+85 ms a step).
+Expected: eval_loss about 1.90 at step 2000 (seeds 0-6: 1.883 to 1.912, mean 1.900; it is a
+20-batch estimate); on the whole val split 1.900 (seed 0) and 1.903 (seed 1). nanoGPT's own
+train.py, same recipe and data: 1.886 (20 batches), 1.898 (whole split); its README says 1.88.
 """
 
 from jaxlm.config import base_config, model

