@@ -42,7 +42,7 @@ def run_jaxlm(model_dir: str, data_dir: str, n_train: int, n_eval: int) -> dict:
   sys.path.insert(0, REPO)
   from jaxlm import runtime
   from jaxlm.tasks import glue
-  from jaxlm.tasks.registry import finetune_config
+  from jaxlm.config import finetune_config
 
   total = n_train or len(glue.load_split(glue.get_task("sst2"), "train", data_dir)["label"])
   c = finetune_config("sst2", data_dir, MAX_LEN, epochs=1, lr=LR, batch_size=BATCH,

@@ -37,7 +37,7 @@ def run_jaxlm(data, warmup):
   from jaxlm.config import base_config
   from jaxlm.models.config import preset
   from jaxlm.models.transformer import Transformer
-  from jaxlm.train import optim, step as step_lib
+  from jaxlm.train import objectives, optim, step as step_lib
 
   model = Transformer(preset("gpt2", vocab_size=VOCAB, num_layers=LAYERS, embed_dim=DIM,
                              num_heads=HEADS, max_seq_len=SEQ))
@@ -45,13 +45,12 @@ def run_jaxlm(data, warmup):
   ocfg.update(dict(lr=LR, min_lr=LR, warmup_steps=0, weight_decay=WD, b2=0.999, clip=0.0))
   tx, _ = optim.make_optimizer(ocfg, 10_000)
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
-  state, shardings = step_lib.sharded_init(model, tx, jax.random.PRNGKey(0),
-                                           np.zeros((1, SEQ), np.int32), mesh)
-  fn = step_lib.jit_train_step(shardings, mesh)
+  state, shardings = step_lib.sharded_init(model, tx, jax.random.PRNGKey(0), mesh)
+  fn = step_lib.jit_train_step(shardings, objectives.for_head("lm"))
   times = []
   with sharding.mesh_rules(mesh):
     for i, chunk in enumerate(data):
-      batch = {"inputs": chunk[:, :-1], "targets": chunk[:, 1:]}
+      batch = sharding.global_batch({"inputs": chunk[:, :-1], "targets": chunk[:, 1:]}, mesh)
       t0 = time.perf_counter()
       state, metrics = fn(state, batch)
       loss = float(metrics["loss"])

@@ -14,8 +14,6 @@ Expected: not measured (the loss starts at ln(30,522) = 10.3).
 import importlib.util
 import os
 
-import ml_collections
-
 from jaxlm.config import base_config, model
 
 
@@ -29,10 +27,8 @@ def _bert_tokenizer() -> str:
 def get_config():
   c = base_config()
   c.model = model("bert-mini", head="mlm", vocab_size=0, dropout=0.1)
-  c.mlm = ml_collections.ConfigDict(dict(
-    prob=0.15,  # chance a token (or a whole word) is chosen
-    whole_word=False,  # choose whole words: every sub-word of a chosen word
-  ))
+  c.kind = "mlm"
+  c.mlm.prob = 0.15  # chance a token (or a whole word) is chosen
   c.data.source = "file"
   c.data.path = "../shared/data/wikitext2/test.txt"
   c.data.tokenizer = _bert_tokenizer()

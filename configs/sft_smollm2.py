@@ -19,12 +19,12 @@ from jaxlm.config import base_config
 
 def get_config():
   c = base_config()
+  c.kind = "sft"
   c.model.init_from = "HuggingFaceTB/SmolLM2-135M-Instruct"  # HF checkpoint: hub id or directory
   c.model.max_seq_len = 2048
   c.data.source = "file"
   c.data.path = "data/chats.jsonl"
   c.data.tokenizer = "HuggingFaceTB/SmolLM2-135M-Instruct"
-  c.data.task = "sft"
   c.data.packing = "best_fit"
   c.data.seq_len = 1024
   c.data.truncate = True  # cut the rare example longer than a row instead of failing

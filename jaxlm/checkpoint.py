@@ -8,6 +8,7 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 BEST_MODES = ("min", "max")
@@ -44,14 +45,18 @@ class Checkpointer:
   or SIGKILL at any moment leaves the last finished checkpoint usable and the partial one unlisted.
   """
 
-  def __init__(self, directory: str, keep: int = 0, use_async: bool = True, *, keep_best: int = 0,
-               best_metric: str = "", best_mode: str = "min", keep_period: int = 0):
+  def __init__(self, directory, keep: int = 0, use_async: bool = True, *, keep_best: int = 0,
+               best_metric: str = "", best_mode: str = "min", keep_period: int = 0,
+               read_only: bool = False):
+    """`directory`: a local path or any etils.epath (gs://...). `read_only`: never create or
+    write anything there (for reading a run: generate, export, evaluation)."""
     options = ocp.CheckpointManagerOptions(
       enable_async_checkpointing=use_async,
-      create=True,
+      create=not read_only,
+      read_only=read_only,
       preservation_policy=_preservation(keep, keep_best, best_metric, best_mode, keep_period),
     )
-    self.directory = os.path.abspath(directory)
+    self.directory = _absolute(directory)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._saving = None
 
@@ -72,10 +77,10 @@ class Checkpointer:
     an older step can write those steps again. Returns the steps moved."""
     newer = [s for s in self.all_steps() if s > step]
     if newer and jax.process_index() == 0:
-      aside = f"{self.directory}.after-{step}"
-      os.makedirs(aside, exist_ok=True)
+      aside = self.directory.parent / f"{self.directory.name}.after-{step}"
+      aside.mkdir(parents=True, exist_ok=True)
       for s in newer:
-        os.replace(os.path.join(self.directory, str(s)), os.path.join(aside, str(s)))
+        (self.directory / str(s)).rename(aside / str(s))
     self.manager.reload()
     return newer
 
@@ -156,7 +161,7 @@ class Checkpointer:
     try:
       return manager.restore(step, args=args)
     except Exception as e:  # orbax / tensorstore errors of many types: name the broken step
-      path = os.path.join(self.directory, str(step))
+      path = self.directory / str(step)
       others = [s for s in steps if s != step]
       offer = (f"restore another with --config.checkpoint.restore_step=N (N in {others})"
                if others else "start over with --config.checkpoint.fresh=True")
@@ -170,6 +175,12 @@ class Checkpointer:
       self.wait()
     finally:
       self.manager.close()
+
+
+def _absolute(directory) -> epath.Path:
+  """An epath for `directory`; local paths made absolute (Orbax wants absolute paths)."""
+  text = os.fspath(directory)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 def _first_line(err: BaseException, limit: int = 300) -> str:

@@ -66,37 +66,43 @@ def _train():
   config = _CONFIG.value
   runtime.configure_cpu_devices(config.runtime.cpu_devices, config.train.batch_size)
   runtime.init_distributed()
-  if "task" in config:  # fine-tuning an encoder on a task (configs/finetune/*.py)
-    from jaxlm.train import finetune
+  from jaxlm.train import trainer
 
-    print(finetune.train(config, FLAGS.workdir))
-    return
-  from jaxlm.train import loop
-
-  loop.train(config, FLAGS.workdir)
+  result = trainer.train(config, FLAGS.workdir)
+  print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                 for k, v in result.items()), file=sys.stderr)
 
 
 def _eval():
-  from jaxlm import runtime
-  from jaxlm.train import run
+  from jaxlm import rundir, runtime
 
-  config = run.load_config(FLAGS.workdir)
+  config = rundir.read_config(FLAGS.workdir)
   runtime.configure_cpu_devices(config.runtime.cpu_devices, config.train.batch_size)
   runtime.init_distributed()
-  from jaxlm.train import finetune
+  from jaxlm.train import trainer
 
-  scores = finetune.evaluate_run(FLAGS.workdir, FLAGS.split)
-  print(" ".join(f"{FLAGS.split}_{k}={v:.2f}" for k, v in scores.items()))
+  scores = trainer.evaluate_run(FLAGS.workdir, FLAGS.split)
+  prefix = f"{FLAGS.split}_" if config.kind == "finetune" else ""
+  print(" ".join(f"{prefix}{k}={v:.4f}" for k, v in scores.items()))
 
 
 def _generate():
-  from jaxlm import sample
+  from jaxlm import generate, textgen
 
-  sample.sample_from_run(
-    FLAGS.workdir, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
-    temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
-    stop=FLAGS.stop or (), out=sys.stdout, hf=FLAGS.hf,
-  )
+  if FLAGS.hf:
+    from jaxlm.hf import api
+
+    model, params = api.from_hf(FLAGS.hf)
+    tokenizer = api.load_tokenizer(FLAGS.hf)
+  else:
+    from jaxlm import rundir
+
+    saved, params = rundir.load_run(FLAGS.workdir)
+    model, tokenizer = saved.model, saved.tokenizer
+  sampler = generate.Sampler(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+  textgen.print_completion(model, params, tokenizer, FLAGS.prompt, sys.stdout,
+                           max_new_tokens=FLAGS.max_new_tokens, sampler=sampler, seed=FLAGS.seed,
+                           stop=FLAGS.stop or ())
 
 
 def _plot():
@@ -106,15 +112,19 @@ def _plot():
 
 
 def _convert():
-  from jaxlm.hf import runs as hf_runs
-
   src, out = FLAGS["from-hf"].value, FLAGS["to-hf"].value
   if bool(src) == bool(out):
     raise UsageError("convert needs exactly one of --from-hf=SRC or --to-hf=OUT")
   if src:
-    print(f"converted {src} into the run directory {hf_runs.convert_from_hf(src, FLAGS.workdir)}")
-  else:
-    print(f"wrote {hf_runs.convert_to_hf(FLAGS.workdir, out, FLAGS.step)}")
+    from jaxlm.train import trainer
+
+    print(f"converted {src} into the run directory {trainer.convert_from_hf(src, FLAGS.workdir)}")
+    return
+  from jaxlm import rundir
+  from jaxlm.hf import api
+
+  saved, params = rundir.load_run(FLAGS.workdir, FLAGS.step)
+  print(f"wrote {api.to_hf(saved.model, params, out, tokenizer=saved.tokenizer)}")
 
 
 def _main(argv):

@@ -1,12 +1,23 @@
 """The default run config, nested by component; `configs/*.py` start from it and change fields.
 
-Each section is validated where it is consumed (ModelConfig, optim, data), not by one giant
+`kind` says what the run trains (no mode is inferred from which sections a config has). Each
+section is validated where it is consumed (ModelConfig, optim, data, task), not by one giant
 checker. Configs are locked: an unknown key or a wrong type fails at once.
 """
 
 import ml_collections
 
 from jaxlm.models import config as model_config
+from jaxlm.tasks import registry
+
+# What a run trains: each kind is an objective, an evaluator and a data transform over the one
+# trainer (jaxlm.train.trainer).
+KINDS = {
+  "lm": "next-token pretraining or fine-tuning of a decoder on text",
+  "sft": "chat/instruction fine-tuning of a decoder: the chat template, loss on responses only",
+  "mlm": "masked-LM pretraining of an encoder (BERT, RoBERTa)",
+  "finetune": "an encoder task head (GLUE, CoNLL-2003, SQuAD): `task` names the task",
+}
 
 
 def model(preset: str | None = None, **overrides) -> ml_collections.ConfigDict:
@@ -20,6 +31,7 @@ def model(preset: str | None = None, **overrides) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
   """Every key a training run reads, with its default."""
   c = ml_collections.ConfigDict()
+  c.kind = "lm"  # lm | sft | mlm | finetune (see KINDS)
   c.model = model()
   c.data = ml_collections.ConfigDict(dict(
     source="file",  # file | hf | pydoc (Python's reference docs, no download)
@@ -37,7 +49,6 @@ def base_config() -> ml_collections.ConfigDict:
     format="",  # text | json | jsonl | csv | tsv | parquet; "" = from the file extension
     sample_by="line",  # text files: a document per line | paragraph | document (whole file)
     streaming=False,  # stream hub datasets instead of downloading them first
-    task="lm",  # lm: text documents | sft: chat/instruction examples, loss on responses only
     messages_column="messages",  # sft: a list of {role, content}; else prompt/response columns
     prompt_column="prompt",
     response_column="response",
@@ -49,13 +60,19 @@ def base_config() -> ml_collections.ConfigDict:
     prefetch=4,  # batches prepared ahead in background threads
     read_threads=4,  # threads reading and packing rows
   ))
+  c.mlm = ml_collections.ConfigDict(dict(  # kind=mlm
+    prob=0.15,  # chance a token (or a whole word) is chosen: 80% [MASK], 10% random, 10% kept
+    whole_word=False,  # choose whole words: every sub-word of a chosen word
+  ))
+  c.task = task()  # kind=finetune
   c.train = ml_collections.ConfigDict(dict(
-    steps=1000,
+    steps=1000,  # finetune: 0 = train.epochs passes over the training examples
+    epochs=0,  # finetune, when train.steps is 0
     batch_size=16,  # global, over all devices and processes
     grad_accum=1,  # micro-batches per step (batch_size must divide evenly)
     seed=0,
     log_every=10,  # steps between metrics.jsonl records
-    eval_every=250,
+    eval_every=250,  # steps between evaluations (and a checkpoint after each); finetune: 0 = epochs
     eval_batches=20,
     skip_nonfinite=0,  # 0: stop at a NaN/Inf loss; N: skip such updates, up to N in a row
   ))
@@ -90,4 +107,46 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict(dict(
     prompt="\n", max_new_tokens=200, temperature=0.8, top_k=0, top_p=1.0, seed=0,
   ))
+  return c
+
+
+def task(name: str = "", data_dir: str = "", max_len: int = 128, **overrides):
+  """The `task` section: which fine-tuning task, where its data is, how examples are batched."""
+  return ml_collections.ConfigDict({
+    "name": name,  # sst2 | cola | mrpc | rte | stsb | conll2003 | squad
+    "data_dir": data_dir,  # local files; "" reads the hub dataset (hub_dataset)
+    "hub_dataset": "",  # hub id or local dataset dir; "" = glue / conll2003 / squad
+    "max_len": max_len,  # tokens per example (window for squad)
+    "buckets": (),  # padded lengths; () = powers of two up to max_len
+    "pack": True,  # train on each step's examples packed into rows of max_len (not squad)
+    "pack_row_multiple": 4,  # packed row counts are multiples of this: fewer shapes compile
+    "doc_stride": 128,  # squad: tokens shared by consecutive windows
+    "eval_split": "dev",
+    "max_train_examples": 0,  # 0 = all
+    "max_eval_examples": 0,
+    **overrides,
+  })
+
+
+def finetune_config(name: str, data_dir: str, max_len: int, *, epochs: int = 3, lr: float = 2e-5,
+                    batch_size: int = 32, warmup_steps: int = 0, **task_overrides):
+  """A whole fine-tuning run config: BERT-style AdamW with linear decay, an encoder imported from
+  model.init_from (an HF directory or hub id) with the task's new head."""
+  c = base_config()
+  c.kind = "finetune"
+  head, num_labels = registry.head_of(name)
+  c.model = model("bert-base", head=head, num_labels=num_labels, dropout=0.1)
+  c.model.init_from = "google-bert/bert-base-uncased"  # HF encoder dir or hub id; sizes from it
+  c.task = task(name, data_dir, max_len, **task_overrides)
+  c.train.epochs = epochs
+  c.train.steps = 0  # 0: epochs x full batches per epoch
+  c.train.eval_every = 0  # 0: after each epoch
+  c.train.batch_size = batch_size
+  c.train.log_every = 50
+  c.optim.update(dict(lr=lr, min_lr=0.0, schedule="linear", warmup_steps=warmup_steps, b1=0.9,
+                      b2=0.999, eps=1e-8, weight_decay=0.01, clip=1.0))
+  c.sample.max_new_tokens = 0
+  # on a CPU, one device: splitting the cores data-parallel would replicate the AdamW update and
+  # all-reduce every gradient of a 20M+ parameter model each step, costing more than it saves
+  c.runtime.cpu_devices = 1
   return c

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from jaxlm.hf.convert import unstack_layers
+from jaxlm.models.transformer import unstack_layers
 
 # on_step(step, tokens_B) -> bool [B] (rows to stop) or None; called on the host, in order
 StepCallback = Callable[[int, np.ndarray], np.ndarray | None]

@@ -1,4 +1,5 @@
-"""Device mesh (data, fsdp, tensor) and the one table of logical-axis rules.
+"""Device mesh (data, fsdp, tensor), the one table of logical-axis rules, and the one function
+that turns each process's rows into a global batch on the mesh.
 
 Parameters and activations name logical axes (embed, mlp, heads, ...); LOGICAL_RULES maps them
 to mesh axes, so going from one device to a pod is a change of `mesh` config, not of code.
@@ -11,6 +12,8 @@ import jax
 import numpy as np
 import flax.linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxlm.data import batch as batch_lib
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -74,6 +77,17 @@ def logical_sharding(abstract_tree, mesh: Mesh):
   )
 
 
+def abstract_tree(init_fn, mesh: Mesh, *args):
+  """(ShapeDtypeStructs with shardings, the shardings) of what `init_fn(rng, *args)` returns,
+  its leaves boxed with logical axis names: nothing is allocated. The first is a restore target."""
+  with mesh_rules(mesh):
+    boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0), *args)
+    shardings = logical_sharding(boxed, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          strip_boxes(boxed), shardings)
+  return abstract, shardings
+
+
 def strip_boxes(tree):
   """The values of logically-partitioned boxes, with no sharding constraint applied."""
   is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
@@ -83,6 +97,14 @@ def strip_boxes(tree):
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Batch arrays are split over (data, fsdp) on their leading axis."""
   return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def global_batch(local: dict, mesh: Mesh) -> batch_lib.Batch:
+  """This process's rows (a dict of numpy arrays, Batch field names) assembled with every other
+  process's into a Batch of global arrays, split over (data, fsdp) on the leading axis."""
+  return batch_lib.from_dict({
+    k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+    for k, v in local.items()})
 
 
 def batch_divisor(mesh: Mesh) -> int:

@@ -110,6 +110,7 @@ def test_packed_examples_score_as_if_alone(family, task):
   """Examples packed several to a row give the outputs and the loss they give padded one per
   row: segment ids keep them apart, positions (RoBERTa's offset too) restart, [CLS] is found."""
   from jaxlm.data import buckets
+  from jaxlm.data.batch import Batch
   from jaxlm.train import objectives
 
   model, params = _init(task, family)
@@ -120,8 +121,8 @@ def test_packed_examples_score_as_if_alone(family, task):
   padded = buckets.pad_batch(feats, 8, (T,), 0, task == "token_cls")
   assert len(packed["inputs"]) % 2 == 0 and len(packed["inputs"]) < 7
   def apply(batch):
-    return np.asarray(objectives.encoder_outputs(model.apply, params,
-                                                 jax.tree.map(jnp.asarray, batch)))
+    return np.asarray(objectives.model_outputs(model.apply, params,
+                                               Batch(**jax.tree.map(jnp.asarray, batch))))
 
   out_packed, out_padded = apply(packed), apply(padded)
   if task == "seq_cls":
@@ -133,7 +134,8 @@ def test_packed_examples_score_as_if_alone(family, task):
       n = len(f["inputs"])
       np.testing.assert_allclose(flat[starts[i]:starts[i] + n], out_padded[i, :n], atol=1e-5)
   def loss(batch, out):
-    sums = objectives.task_loss_sums(task, jnp.asarray(out), jax.tree.map(jnp.asarray, batch))
+    sums = objectives.task_loss_sums(task, jnp.asarray(out),
+                                     Batch(**jax.tree.map(jnp.asarray, batch)))
     return [float(x) for x in sums]
 
   np.testing.assert_allclose(loss(packed, out_packed), loss(padded, out_padded), rtol=1e-5)

@@ -19,11 +19,10 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from jaxlm import checkpoint, sample, sharding
+from jaxlm import checkpoint, rundir, sharding
 from jaxlm.config import base_config
-from jaxlm.data import text
-from jaxlm.train import loop
-from jaxlm.train import run as run_lib
+from jaxlm.data import pipeline
+from jaxlm.train import objectives, trainer
 from jaxlm.train import step as step_lib
 
 _spec = importlib.util.spec_from_file_location(
@@ -115,7 +114,7 @@ def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint(tmp_path):
   assert steps and all(str(s) not in partial.split(".")[0] or str(s) != partial.split(".")[0]
                        for s in steps), (partial, steps)
   assert leftover, "the partial save should still be on disk, unlisted"
-  _, params = sample.load_run(str(workdir))  # the newest complete step restores
+  _, params = rundir.load_run(str(workdir))  # the newest complete step restores
   assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
 
 
@@ -155,46 +154,44 @@ def _on_mesh(run, data, fsdp, devices):
   return dataclasses.replace(run, mesh=sharding.make_mesh(mesh_cfg, devices))
 
 
-def _one_step(run, state, shardings, stream):
-  train_fn = step_lib.jit_train_step(shardings, run.mesh)
-  batch = loop._device_batch(stream.train_batch(0, run.config.train.batch_size), run.mesh)
+def _one_step(run, state, shardings, batch):
+  train_fn = step_lib.jit_train_step(shardings, objectives.for_head("lm"))
   with sharding.mesh_rules(run.mesh):
-    return train_fn(state, batch)
+    return train_fn(state, sharding.global_batch(batch, run.mesh))
 
 
-def _next_loss(run, params, stream) -> float:
-  """The loss the next train step reports: the forward loss of batch 1 (no dropout)."""
+def _next_loss(run, params, batch) -> float:
+  """The loss the next train step reports: the forward loss of `batch` (no dropout)."""
   eval_fn = step_lib.jit_eval_step(run.model.apply, jax.tree.map(lambda x: x.sharding, params),
-                                   run.mesh)
-  batch = loop._device_batch(stream.train_batch(1, run.config.train.batch_size), run.mesh)
+                                   objectives.for_head("lm"))
   with sharding.mesh_rules(run.mesh):
-    sums = jax.device_get(eval_fn(params, batch))
+    sums = jax.device_get(eval_fn(params, sharding.global_batch(batch, run.mesh)))
   return float(sums["loss_sum"] / sums["weight"])
 
 
 def test_a_checkpoint_from_a_2x4_mesh_restores_on_4x2_and_on_one_device(tmp_path, text_file):
   config = tiny_config(text_file)
   workdir = str(tmp_path)
-  docs = text.load_documents(config.data)
-  base = run_lib.build(config, workdir, docs)
-  stream = run_lib.load_stream(config, base.tokenizer, docs)
+  base = trainer.setup(config, workdir)
+  batches = [next(base.mode.batches) for _ in range(2)]
   run = _on_mesh(base, 2, 4, jax.devices())
-  state, shardings = run.init_state()
-  state, _ = _one_step(run, state, shardings, stream)
+  state, shardings = step_lib.sharded_init(run.model, run.tx, jax.random.PRNGKey(0), run.mesh)
+  state, _ = _one_step(run, state, shardings, batches[0])
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), use_async=True)
   ckpt.save(1, state, {"step": 1}, {})
   ckpt.wait()
   saved = jax.tree.map(np.asarray, state)
-  ref_loss = _next_loss(run, state.params, stream)
+  ref_loss = _next_loss(run, state.params, batches[1])
   for data, fsdp, devices in ((4, 2, jax.devices()), (1, 1, jax.devices()[:1])):
     other = _on_mesh(base, data, fsdp, devices)
-    abstract, _ = other.abstract_state()
+    abstract, _ = step_lib.abstract_state(other.model, other.tx, other.mesh)
     restored, data_state, _ = ckpt.restore(1, abstract)
     assert data_state == {"step": 1}
     assert jax.tree.leaves(restored.params)[0].sharding.mesh.shape["data"] == data
     for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(restored)):
       np.testing.assert_array_equal(a, np.asarray(b))
-    np.testing.assert_allclose(_next_loss(other, restored.params, stream), ref_loss, rtol=1e-6)
+    np.testing.assert_allclose(_next_loss(other, restored.params, batches[1]), ref_loss,
+                               rtol=1e-6)
   params = ckpt.restore_params(1, abstract.params)  # params only, on the 1-device mesh
   for a, b in zip(jax.tree.leaves(saved.params), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, np.asarray(b))
@@ -203,38 +200,62 @@ def test_a_checkpoint_from_a_2x4_mesh_restores_on_4x2_and_on_one_device(tmp_path
 
 # --- guards --------------------------------------------------------------------------------------
 
-class _PoisonedIterator(text.WindowIterator):
-  """Adds loss weights to every batch; the 4th batch (step 4) gets NaN weights."""
+class _Poisoned:
+  """A train iterator that adds loss weights to every batch; the 4th batch (step 4) gets NaN
+  weights."""
+
+  def __init__(self, inner):
+    self.inner, self.step = inner, 0
+
+  def __iter__(self):
+    return self
 
   def __next__(self):
-    step = self.step
-    batch = super().__next__()
-    weights = np.full(batch["targets"].shape, np.nan if step == 3 else 1.0, np.float32)
+    batch = next(self.inner)
+    weights = np.full(batch["targets"].shape, np.nan if self.step == 3 else 1.0, np.float32)
+    self.step += 1
     return {**batch, "weights": weights}
+
+  def get_state(self):
+    return {"inner": self.inner.get_state(), "step": self.step}
+
+  def set_state(self, state):
+    self.inner.set_state(state["inner"])
+    self.step = state["step"]
+
+
+def _poison(monkeypatch):
+  real = pipeline.build
+
+  def build(*args, **kwargs):
+    data = real(*args, **kwargs)
+    return dataclasses.replace(data, train=_Poisoned(data.train))
+
+  monkeypatch.setattr(pipeline, "build", build)
 
 
 def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     tmp_path, text_file, monkeypatch):
-  monkeypatch.setattr(text, "WindowIterator", _PoisonedIterator)
+  _poison(monkeypatch)
   config = tiny_config(text_file, **{"train.steps": 5, "checkpoint.every": 3})
   with pytest.raises(FloatingPointError, match="at step 4; stopping. The last good checkpoint "
                      "is step 3"):
-    loop.train(config, str(tmp_path))
+    trainer.train(config, str(tmp_path))
   assert steps_on_disk(tmp_path) == [3]
-  _, params = sample.load_run(str(tmp_path))
+  _, params = rundir.load_run(str(tmp_path))
   assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
 
 
 def test_skip_nonfinite_skips_and_counts_the_bad_batch(tmp_path, text_file, monkeypatch):
-  monkeypatch.setattr(text, "WindowIterator", _PoisonedIterator)
+  _poison(monkeypatch)
   config = tiny_config(text_file, **{"train.skip_nonfinite": 2, "train.steps": 5,
                                      "checkpoint.every": 5})
-  loop.train(config, str(tmp_path))
+  trainer.train(config, str(tmp_path))
   logged = [r for r in records(tmp_path) if "loss" in r]
   assert [r["skipped_nonfinite"] for r in logged] == [0, 0, 0, 1, 1]
   assert np.isnan(logged[3]["loss"]) and np.isfinite(logged[4]["loss"])
   assert steps_on_disk(tmp_path) == [5]
-  _, params = sample.load_run(str(tmp_path))
+  _, params = rundir.load_run(str(tmp_path))
   assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
 
 
@@ -248,20 +269,20 @@ def _truncate_arrays(step_dir):
 
 
 def test_a_truncated_checkpoint_is_named_and_an_older_step_offered(tmp_path, text_file):
-  loop.train(tiny_config(text_file, **{"train.steps": 4, "checkpoint.every": 2}), str(tmp_path))
+  trainer.train(tiny_config(text_file, **{"train.steps": 4, "checkpoint.every": 2}), str(tmp_path))
   with pytest.raises(ValueError, match="model.embed_dim=32 there but 64 now"):
-    loop.train(tiny_config(text_file, **{"model.embed_dim": 64}), str(tmp_path))
+    trainer.train(tiny_config(text_file, **{"model.embed_dim": 64}), str(tmp_path))
   _truncate_arrays(tmp_path / "checkpoints" / "4")
   config = tiny_config(text_file, **{"train.steps": 6, "checkpoint.every": 2})
   with pytest.raises(ValueError) as err:
-    loop.train(config, str(tmp_path))
+    trainer.train(config, str(tmp_path))
   message = str(err.value)
   assert f"checkpoint {tmp_path}/checkpoints/4 is corrupt or incomplete" in message
   assert "--config.checkpoint.restore_step=N (N in [2])" in message
   with open(tmp_path / "metrics.jsonl", "a") as f:  # and a record cut short by a kill
     f.write('{"step": 5, "lo')
   config.checkpoint.restore_step = 2  # the offered way out
-  out = loop.train(config, str(tmp_path))
+  out = trainer.train(config, str(tmp_path))
   assert out["step"] == 6 and steps_on_disk(tmp_path) == [2, 4, 6]
   logged = [r["step"] for r in records(tmp_path) if "loss" in r]
   assert logged == [1, 2, 3, 4, 5, 6], "records after the restored step must be replaced"
@@ -341,7 +362,7 @@ def test_retention_keeps_the_newest_the_best_and_every_kth(tmp_path):
 ])
 def test_bad_input_gets_a_clear_message(tmp_path, text_file, overrides, error, message):
   with pytest.raises(error) as err:
-    loop.train(tiny_config(text_file, **overrides), str(tmp_path / "w"))
+    trainer.train(tiny_config(text_file, **overrides), str(tmp_path / "w"))
   assert message in str(err.value)
   assert "\n" not in str(err.value)
 
@@ -350,7 +371,7 @@ def test_an_empty_data_file_is_named(tmp_path):
   empty = tmp_path / "empty.txt"
   empty.write_text("")
   with pytest.raises(ValueError, match="is empty"):
-    loop.train(tiny_config(str(empty)), str(tmp_path / "w"))
+    trainer.train(tiny_config(str(empty)), str(tmp_path / "w"))
 
 
 def test_a_checkpoint_without_an_iterator_state_restores_none(tmp_path):

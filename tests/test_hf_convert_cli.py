@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from jaxlm import config as config_lib
 from jaxlm.data import tokenizers as tok_lib
-from jaxlm.train import loop
+from jaxlm.train import trainer
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 
@@ -106,13 +106,12 @@ def test_training_starts_from_the_imported_weights(hf_src, tmp_path):
   c.optim.update(lr=0.0, min_lr=0.0, warmup_steps=0)  # params stay exactly the imported ones
   c.sample.max_new_tokens = 0
   workdir = str(tmp_path / "ft")
-  final = loop.train(c, workdir)
+  final = trainer.train(c, workdir)
   saved = _saved_model(workdir)
   assert saved["num_kv_heads"] == 2 and saved["init_from"] == src
 
-  from jaxlm.hf import runs as hf_runs
-
-  out = hf_runs.convert_to_hf(workdir, str(tmp_path / "out"))
+  out = str(tmp_path / "out")
+  assert jaxlm("convert", "--workdir", workdir, "--to-hf", out).returncode == 0
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   ids = tokenizer.encode("lazy dog", add_special_tokens=False)
   assert np.abs(_logits(reloaded, ids) - _logits(hf_model, ids)).max() <= 1e-5

@@ -82,12 +82,12 @@ def test_config_fields_map_both_ways():
                                  _configs()["llama3-gqa-scaled"])
   assert (cfg.num_kv_heads, cfg.rope_theta, cfg.rope_scaling_factor) == (2, 500000.0, 8.0)
   assert (cfg.rope_original_max_len, cfg.tie_embeddings, cfg.max_seq_len) == (16, False, 64)
-  back = cfg.to_hf_config()
+  back = api.families.family_for(cfg).config_to_hf(cfg)
   assert back.rope_parameters["rope_type"] == "llama3"
   assert back.rope_parameters["original_max_position_embeddings"] == 16
   assert (back.num_key_value_heads, back.tie_word_embeddings) == (2, False)
   qwen = api.model_config_from_hf(api.families.family_named("qwen2"), _configs()["qwen2-qkv-bias"])
-  assert qwen.qkv_bias and not qwen.use_bias and qwen.to_hf_config().model_type == "qwen2"
+  assert qwen.qkv_bias and not qwen.use_bias and api.families.family_for(qwen).config_to_hf(qwen).model_type == "qwen2"
 
 
 def test_scanned_layers_and_bf16_import(tmp_path):

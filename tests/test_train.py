@@ -11,7 +11,7 @@ from jaxlm import sharding
 from jaxlm.config import base_config
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.transformer import Transformer
-from jaxlm.train import optim, step as step_lib
+from jaxlm.train import objectives, optim, step as step_lib
 
 FAMILIES = {
   "gpt2": dict(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, max_seq_len=16),
@@ -39,13 +39,12 @@ def _batches(n, B=8, T=16, V=64):
 def _train(model_cfg, mesh, batches, grad_accum=1, optim_cfg=None):
   model = Transformer(ModelConfig(**model_cfg))
   tx, _ = optim.make_optimizer(optim_cfg or base_config().optim, 1000)
-  state, shardings = step_lib.sharded_init(model, tx, jax.random.PRNGKey(0),
-                                           np.zeros((1, 16), np.int32), mesh)
-  fn = step_lib.jit_train_step(shardings, mesh, grad_accum=grad_accum)
+  state, shardings = step_lib.sharded_init(model, tx, jax.random.PRNGKey(0), mesh)
+  fn = step_lib.jit_train_step(shardings, objectives.for_head("lm"), grad_accum=grad_accum)
   losses = []
   with sharding.mesh_rules(mesh):
     for b in batches:
-      state, metrics = fn(state, b)
+      state, metrics = fn(state, sharding.global_batch(b, mesh))
       losses.append(float(metrics["loss"]))
   return state, losses
 

@@ -91,9 +91,9 @@ def final_params(workdir: str) -> dict:
   import jax
   import numpy as np
 
-  from jaxlm import sample
+  from jaxlm import rundir
 
-  _, params = sample.load_run(workdir)
+  _, params = rundir.load_run(workdir)
   return {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_leaves_with_path(params)}
 

@@ -16,7 +16,7 @@ Expected: dev (eng.testa) entity F1 86.53, 88.97, 89.65 after epochs 1-3; test (
 F1 85.23 (precision 84.17, recall 86.31).
 """
 
-from jaxlm.tasks.registry import finetune_config
+from jaxlm.config import finetune_config
 
 
 def get_config():

@@ -16,7 +16,7 @@ Expected (256-token windows): dev-v1.1.json exact match 41.79, F1 55.41 after 2 
 46.93 after 1); MiniLM saw 5,609 questions, 6% of SQuAD's training set.
 """
 
-from jaxlm.tasks.registry import finetune_config
+from jaxlm.config import finetune_config
 
 
 def get_config():

@@ -14,7 +14,7 @@ Expected: that one epoch reached dev accuracy 89.56 (HF Trainer: 88.76); this co
 recipe (3 epochs, lr 2e-5, 600 warmup steps) has not been measured.
 """
 
-from jaxlm.tasks.registry import finetune_config
+from jaxlm.config import finetune_config
 
 
 def get_config():

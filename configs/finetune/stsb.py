@@ -14,7 +14,7 @@ at the ~0.9 ms a token SST-2 measured, plus the dev scoring and start-up).
 Expected: not measured yet.
 """
 
-from jaxlm.tasks.registry import finetune_config
+from jaxlm.config import finetune_config
 
 
 def get_config():

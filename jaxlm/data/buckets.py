@@ -1,12 +1,15 @@
-"""Batches of variable-length examples padded to a few bucket lengths, so that only a handful of
-shapes compile; the last batch is filled with weight-0 rows to keep the batch size fixed.
-Training batches can instead pack each step's examples into fewer rows (segment ids keep them
-apart), which skips most of the padding that short examples such as SST-2 sentences carry.
+"""Fine-tuning batches: variable-length task examples padded to a few bucket lengths, so that
+only a handful of shapes compile (the last batch filled with weight-0 rows to keep its size), or
+each step's examples packed into fewer rows (segment ids keep them apart, as in pretraining's
+packed rows), which skips most of the padding that short examples such as SST-2 sentences carry.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
+
+from jaxlm.data.batch import process_rows
+from jaxlm.data.packing import fill_segments
 
 IGNORE = -100  # label of padded tokens in per-token tasks
 
@@ -82,15 +85,16 @@ def pack_batch(features: list[dict], batch_size: int, row_len: int, pad_id: int,
   the flat index (row * row_len + column) of each example's first token, and `weights` (0 for the
   rows that fill a short last batch); per-token labels come as [rows, row_len].
   """
-  used, starts = pack_starts([len(f["inputs"]) for f in features], row_len)
+  lengths = [len(f["inputs"]) for f in features]
+  used, starts = pack_starts(lengths, row_len)
   R, L = -(-max(used, 1) // row_multiple) * row_multiple, row_len
-  inputs, types, segments = (np.full(R * L, fill, np.int32) for fill in (pad_id, 0, 0))
-  positions = np.full(R * L, max(position_offset - 1, 0), np.int32)  # padding at padding_idx
+  # the same segment/position layout as pretraining's packed rows; padding at padding_idx
+  segments, positions = fill_segments(lengths, starts, R * L, position_offset,
+                                      pad_position=max(position_offset - 1, 0))
+  inputs, types = np.full(R * L, pad_id, np.int32), np.zeros(R * L, np.int32)
   labels = np.full(R * L, IGNORE, np.int32) if token_labels else None
-  for i, (f, s) in enumerate(zip(features, starts)):
-    n = len(f["inputs"])
-    inputs[s:s + n], segments[s:s + n] = f["inputs"], i + 1
-    positions[s:s + n] = position_offset + np.arange(n)
+  for f, s, n in zip(features, starts, lengths):
+    inputs[s:s + n] = f["inputs"]
     types[s:s + n] = f.get("token_types", 0)
     if token_labels:
       labels[s:s + n] = f["label"]
@@ -108,20 +112,43 @@ def pack_batch(features: list[dict], batch_size: int, row_len: int, pad_id: int,
   return {**batch, "labels": labels, "weights": weights, "cls_index": cls_index}
 
 
-def train_batches(features: list[dict], batch_size: int, buckets: Sequence[int], pad_id: int,
-                  token_labels: bool, seed: int, epoch: int, pack: dict | None = None,
-                  skip: int = 0) -> Iterator[dict]:
-  """One epoch of full batches in a shuffled order fixed by (seed, epoch), from batch `skip` on
-  (a resumed run's place); the remainder (fewer than batch_size examples) is left out. With
-  `pack` (pack_batch's row_len, row_multiple, position_offset), each step's examples are packed
-  into rows instead of padded."""
-  order = np.random.default_rng((seed, epoch)).permutation(len(features))
-  for start in range(skip * batch_size, len(order) - batch_size + 1, batch_size):
-    chunk = [features[i] for i in order[start:start + batch_size]]
-    if pack:
-      yield pack_batch(chunk, batch_size, pad_id=pad_id, token_labels=token_labels, **pack)
-    else:
-      yield pad_batch(chunk, batch_size, buckets, pad_id, token_labels)
+class TaskBatches:
+  """Epochs of a task's training batches, each epoch in a shuffled order fixed by (seed, epoch)
+  (the remainder of fewer than batch_size examples left out). The batch of step s is a function
+  of s alone, so the iterator's state is the step; each process gets its rows of the batch.
+
+  `make_batch(features) -> dict` pads (pad_batch) or packs (pack_batch) one step's examples.
+  """
+
+  def __init__(self, features: list[dict], batch_size: int, make_batch: Callable, seed: int,
+               process_index: int = 0, process_count: int = 1):
+    self.features, self.batch_size, self.make_batch, self.seed = (
+      features, batch_size, make_batch, seed)
+    self.process_index, self.process_count = process_index, process_count
+    self.per_epoch = len(features) // batch_size
+    if not self.per_epoch:
+      raise ValueError(f"{len(features)} training features do not fill one batch of "
+                       f"train.batch_size={batch_size}")
+    self.step, self._order = 0, (None, None)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    epoch, i = divmod(self.step, self.per_epoch)
+    if self._order[0] != epoch:
+      self._order = (epoch, np.random.default_rng((self.seed, epoch)).permutation(
+        len(self.features)))
+    picked = self._order[1][i * self.batch_size:(i + 1) * self.batch_size]
+    self.step += 1
+    batch = self.make_batch([self.features[j] for j in picked])
+    return process_rows(batch, self.process_index, self.process_count)
+
+  def get_state(self) -> dict:
+    return {"step": self.step}
+
+  def set_state(self, state: dict):
+    self.step = int(state["step"])
 
 
 def eval_batches(features: list[dict], batch_size: int, buckets: Sequence[int], pad_id: int,

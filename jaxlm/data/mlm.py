@@ -2,14 +2,13 @@
 tokens and padding never chosen; optionally whole words chosen together.
 
 The same rule as transformers' DataCollatorForLanguageModeling / ...ForWholeWordMask, on numpy
-arrays and a numpy Generator, so batches are deterministic in (seed, step).
+arrays and a numpy Generator; `Masker` applies it to the rows of any data path (random windows or
+packed documents) inside the Grain pipeline, so batches are deterministic and resumable.
 """
 
 import dataclasses
 
 import numpy as np
-
-from jaxlm.data import text
 
 
 def word_start_table(tokenizer) -> np.ndarray:
@@ -66,47 +65,46 @@ def mask_tokens(rng: np.random.Generator, tokens_BT: np.ndarray, *, special_BT: 
 
 
 @dataclasses.dataclass
-class MlmStream:
-  """A TokenStream's windows (seq_len - 2 tokens) wrapped in [CLS] ... [SEP] and masked; the same
-  train_batch / eval_batches interface, so the LM training loop pretrains encoders unchanged."""
+class Masker:
+  """Masked-LM as a transform of any data path's rows: `masker(rows, rng) -> rows` takes each
+  row's `inputs` as the text, chooses and corrupts tokens, and returns {inputs: corrupted,
+  targets: original, weights: 1 at chosen tokens} (segment ids and positions kept, padding never
+  chosen). `wrap` puts [CLS] before and [SEP] after each row (for random windows of a stream,
+  which are 2 tokens shorter); `position_offset` shifts packed rows' positions (RoBERTa).
+  """
 
-  stream: text.TokenStream
   tokenizer: object
   prob: float = 0.15
   whole_word: bool = False
+  wrap: bool = False
+  position_offset: int = 0
 
   def __post_init__(self):
     tok = self.tokenizer
     missing = [n for n in ("cls_token_id", "sep_token_id", "mask_token_id")
                if getattr(tok, n, None) is None]
     if missing:
-      raise ValueError(f"masked-LM pretraining needs a tokenizer with {missing} (a BERT or "
+      raise ValueError(f"masked-LM training needs a tokenizer with {missing} (a BERT or "
                        "RoBERTa tokenizer); set data.tokenizer to one")
+    if not 0.0 < self.prob < 1.0:
+      raise ValueError(f"mlm.prob={self.prob} must be between 0 and 1")
     self.special = special_table(tok)
     self.word_starts = word_start_table(tok) if self.whole_word else None
 
-  @property
-  def train(self):
-    return self.stream.train
-
-  @property
-  def val(self):
-    return self.stream.val
-
-  def _masked(self, windows: dict, key: tuple) -> dict:
-    body_BT = windows["inputs"]
-    B = body_BT.shape[0]
-    tokens_BT = np.concatenate([np.full((B, 1), self.tokenizer.cls_token_id), body_BT,
-                                np.full((B, 1), self.tokenizer.sep_token_id)], axis=1)
+  def __call__(self, rows: dict, rng: np.random.Generator) -> dict:
+    tokens_BT = rows["inputs"]
+    if self.wrap:
+      B = tokens_BT.shape[0]
+      tokens_BT = np.concatenate([np.full((B, 1), self.tokenizer.cls_token_id), tokens_BT,
+                                  np.full((B, 1), self.tokenizer.sep_token_id)], axis=1)
+    special_BT = self.special[tokens_BT]
+    segment_ids_BT = rows.get("segment_ids")
+    if segment_ids_BT is not None:
+      special_BT = special_BT | (segment_ids_BT == 0)
     starts = None if self.word_starts is None else self.word_starts[tokens_BT]
-    rng = np.random.default_rng((self.stream.seed, 2, *key))
-    return mask_tokens(rng, tokens_BT, special_BT=self.special[tokens_BT],
-                       mask_id=self.tokenizer.mask_token_id, vocab_size=len(self.tokenizer),
-                       prob=self.prob, word_starts_BT=starts)
-
-  def train_batch(self, step: int, batch: int, process: int = 0) -> dict:
-    return self._masked(self.stream.train_batch(step, batch, process), (0, step, process))
-
-  def eval_batches(self, split: str, batch: int, num: int, process: int = 0) -> list:
-    return [self._masked(w, (1, i, process))
-            for i, w in enumerate(self.stream.eval_batches(split, batch, num, process))]
+    out = mask_tokens(rng, tokens_BT, special_BT=special_BT, mask_id=self.tokenizer.mask_token_id,
+                      vocab_size=len(self.tokenizer), prob=self.prob, word_starts_BT=starts)
+    if segment_ids_BT is not None:
+      out["segment_ids"] = segment_ids_BT
+      out["positions"] = rows["positions"] + np.int32(self.position_offset)
+    return out

@@ -1,9 +1,11 @@
-"""Packing tokenized documents into fixed-length rows with segment ids and per-segment positions.
+"""Rows of tokens: random windows of one stream, or documents packed into fixed-length rows with
+segment ids and per-segment positions (shared with the fine-tuning packer, jaxlm.data.buckets).
 
+none:     random windows of the token stream (nanoGPT's sampling): rows {inputs, targets}.
 concat:   the documents' token stream cut into rows of seq_len (a random-access source, so rows
           shuffle globally); a document cut at a row boundary continues as a new segment there.
 best_fit: whole documents placed into rows by Grain's best-fit packer; never splits a document.
-Both give rows {inputs, targets, weights, segment_ids, positions}: a token's target is the next
+Packed rows are {inputs, targets, weights, segment_ids, positions}: a token's target is the next
 token of its own document (weight 0 at each document's end, on padding, and where an SFT loss
 mask is 0), segment ids count documents from 1 within a row (0 is padding).
 """
@@ -14,7 +16,36 @@ import numpy as np
 
 from jaxlm.data.tokenize import Documents
 
-MODES = ("concat", "best_fit")
+MODES = ("none", "concat", "best_fit")
+
+
+def fill_segments(lengths, starts, size: int, position_offset: int = 0,
+                  pad_position: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(segment ids, positions) of `size` slots holding pieces of `lengths` at flat `starts`:
+  piece i has segment id i + 1 (0 marks padding) and positions counting from `position_offset`;
+  padding sits at `pad_position`."""
+  segment_ids = np.zeros(size, np.int32)
+  positions = np.full(size, pad_position, np.int32)
+  for i, (start, n) in enumerate(zip(starts, lengths)):
+    segment_ids[start:start + n] = i + 1
+    positions[start:start + n] = position_offset + np.arange(n)
+  return segment_ids, positions
+
+
+class RandomWindows:
+  """Random-access windows of one token stream: row i is the seq_len + 1 tokens from a start
+  drawn from (seed, i) alone, so any process can read any row and a row never changes."""
+
+  def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, num_rows: int = 2**40):
+    self.tokens, self.seq_len, self.seed, self.num_rows = tokens, seq_len, seed, num_rows
+
+  def __len__(self) -> int:
+    return self.num_rows
+
+  def __getitem__(self, row: int) -> dict[str, np.ndarray]:
+    start = np.random.default_rng((self.seed, row)).integers(0, len(self.tokens) - self.seq_len)
+    window = np.asarray(self.tokens[start:start + self.seq_len + 1], np.int32)
+    return {"inputs": window[:-1], "targets": window[1:]}
 ROW_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
 
 
@@ -37,12 +68,13 @@ class ConcatRows:
     weights_T = same_doc_T.astype(np.float32)
     if docs.loss_mask is not None:
       weights_T *= docs.loss_mask[lo + 1 : hi + 1]
-    row_out = {
-      "inputs": docs.tokens[lo:hi], "targets": docs.tokens[lo + 1 : hi + 1], "weights": weights_T,
-      "segment_ids": (doc_T - doc_T[0] + 1).astype(np.int32),
-      "positions": (idx_T - np.maximum(docs.offsets[doc_T], lo)).astype(np.int32),
-    }
-    return {k: _pad(np.asarray(v), L) for k, v in row_out.items()}
+    # the row's pieces: one per document it touches (a document cut at `lo` restarts at 0)
+    bounds = np.unique(np.clip(docs.offsets[doc_T[0]:doc_T[-1] + 2], lo, hi))
+    segment_ids, positions = fill_segments(np.diff(bounds), bounds[:-1] - lo, L)
+    row_out = {"inputs": docs.tokens[lo:hi], "targets": docs.tokens[lo + 1 : hi + 1],
+               "weights": weights_T}
+    return {**{k: _pad(np.asarray(v), L) for k, v in row_out.items()},
+            "segment_ids": segment_ids, "positions": positions}
 
 
 def _pad(x: np.ndarray, length: int) -> np.ndarray:

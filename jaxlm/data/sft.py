@@ -33,7 +33,7 @@ def render(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]
       prefix-consistent (a conversation's rendering must extend its prefixes' renderings).
   """
   if not getattr(tokenizer, "chat_template", None):
-    raise ValueError("data.task='sft' needs a tokenizer with a chat template (tokenizer."
+    raise ValueError("kind='sft' needs a tokenizer with a chat template (tokenizer."
                      "chat_template is empty); use an instruct model's tokenizer")
   text = tokenizer.apply_chat_template(messages, tokenize=False)
   spans = []

@@ -1,5 +1,6 @@
-"""Where documents come from: local files and globs (text, JSON, JSONL, CSV, TSV, Parquet) and
-Hugging Face hub datasets (streamed or not), alone or as a weighted mixture named in the config.
+"""Where documents come from: local files and globs (text, JSON, JSONL, CSV, TSV, Parquet),
+Hugging Face hub datasets (streamed or not), alone or as a weighted mixture named in the config,
+and Python's own reference documentation (`pydoc`, shipped with every CPython: no download).
 
 Each source yields its rows in batches of columns; a fingerprint (files' sizes and mtimes, or the
 dataset's own fingerprint) lets the tokenization cache tell when the data changed.
@@ -8,13 +9,24 @@ dataset's own fingerprint) lets the tokenization cache tell when the data change
 import dataclasses
 import glob
 import os
+import sys
 from collections.abc import Callable, Iterator
+
+import ml_collections
 
 FORMATS = {  # file extension -> Hugging Face `datasets` builder
   "txt": "text", "text": "text", "json": "json", "jsonl": "json", "csv": "csv", "tsv": "csv",
   "parquet": "parquet",
 }
 SAMPLE_BY = ("line", "paragraph", "document")
+SOURCES = ("file", "hf", "pydoc")
+
+
+def pydoc_text() -> str:
+  """The Python language reference topics that ship with CPython (pydoc_data)."""
+  from pydoc_data import topics
+
+  return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +73,9 @@ def sources_from_config(cfg) -> list[Source]:
     if not cfg.path:
       raise ValueError("data.source='file' needs data.path: set --config.data.path=FILE_OR_GLOB")
     return [Source("files", cfg.path)]
-  raise ValueError(
-    f"data.source={cfg.source!r} cannot feed data.packing={cfg.packing!r}; use 'file' or 'hf', "
-    "or set data.mixture"
-  )
+  if cfg.source == "pydoc":
+    return [Source("pydoc", "pydoc")]
+  raise ValueError(f"data.source={cfg.source!r} is not one of {SOURCES}")
 
 
 def resolve_files(pattern: str) -> list[str]:
@@ -78,7 +89,8 @@ def resolve_files(pattern: str) -> list[str]:
   files = sorted(f for f in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(f))
   if not files:
     raise FileNotFoundError(
-      f"no data files match {pattern!r}; set data.path / data.mixture to existing files or a glob"
+      f"data file not found: {pattern!r} matches no file; set data.path / data.mixture to "
+      "existing files or a glob"
     )
   return files
 
@@ -107,7 +119,29 @@ def open_source(source: Source, cfg) -> Opened:
   """Opens `source` lazily: local files are fingerprinted without being read."""
   if source.kind == "files":
     return _open_files(source, cfg)
+  if source.kind == "pydoc":
+    return Opened({"pydoc": sys.version}, lambda columns, size: iter([{columns[0]: [pydoc_text()]}]))
   return _open_hub(source, cfg)
+
+
+def read_texts(cfg) -> list[str]:
+  """The raw text of every source the data config names (each text file whole), e.g. to build a
+  character vocabulary from.
+
+  Raises:
+    ValueError: when the sources hold no text at all.
+  """
+  whole = {**cfg.to_dict(), "sample_by": "document"}
+  texts = []
+  for source in sources_from_config(cfg):
+    opened = open_source(source, ml_collections.ConfigDict(whole))
+    for batch in opened.batches([cfg.text_column], 2048):
+      texts.extend(t for t in batch[cfg.text_column] if t)
+  if not texts:
+    names = ", ".join(s.describe() for s in sources_from_config(cfg))
+    raise ValueError(f"the data source ({cfg.source}: {names}) is empty")
+  return texts
+
 
 
 def _open_files(source: Source, cfg) -> Opened:

@@ -15,7 +15,7 @@ from jaxlm.data import cache
 from jaxlm.data import sources as sources_lib
 from jaxlm.data import tokenizers as tok_lib
 
-FORMAT_VERSION = 1  # bump when the stored layout or the encoding rules change
+FORMAT_VERSION = 2  # bump when the stored layout or the encoding rules change
 BATCH_DOCS = 2048
 
 
@@ -55,11 +55,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
   return hashlib.sha256((body + extra).encode()).hexdigest()[:24]
 
 
-def settings(cfg) -> dict:
+def settings(cfg, sft: bool = False) -> dict:
   """The data settings that change the tokens (part of the cache key)."""
-  out = {"version": FORMAT_VERSION, "task": cfg.task, "add_bos": cfg.add_bos,
+  out = {"version": FORMAT_VERSION, "task": "sft" if sft else "lm", "add_bos": cfg.add_bos,
          "add_eos": cfg.add_eos}
-  if cfg.task == "sft":
+  if sft:
     out.update(messages=cfg.messages_column, prompt=cfg.prompt_column,
                response=cfg.response_column)
   else:
@@ -91,39 +91,40 @@ def encode_texts(tokenizer, texts: list[str], bos: list[int], eos: list[int]):
   return flat, lengths, None
 
 
-def tokenize_source(source, cfg, tokenizer, progress: bool = False) -> tuple[Documents, bool]:
+def tokenize_source(source, cfg, tokenizer, progress: bool = False, *,
+                    sft: bool = False) -> tuple[Documents, bool]:
   """The tokenized documents of `source`, from the cache when there. Returns (docs, cache_hit).
+  `sft`: chat examples rendered with the tokenizer's template, with a loss mask (jaxlm.data.sft).
 
   Raises:
     ValueError: when the source has no documents (or a named column is missing).
   """
   opened = sources_lib.open_source(source, cfg)
-  entry = cache.key(opened.fingerprint, tokenizer_fingerprint(tokenizer), settings(cfg))
+  entry = cache.key(opened.fingerprint, tokenizer_fingerprint(tokenizer), settings(cfg, sft))
   arrays = cache.load(cfg.cache_dir, entry)
   hit = arrays is not None
   if not hit:
-    arrays = _encode_all(opened, cfg, tokenizer, source.describe(), progress)
+    arrays = _encode_all(opened, cfg, tokenizer, source.describe(), progress, sft)
     info = {"source": source.describe(), "fingerprint": opened.fingerprint,
-            "settings": settings(cfg)}
+            "settings": settings(cfg, sft)}
     cache.save(cfg.cache_dir, entry, arrays, info)
   docs = Documents(arrays["tokens"], arrays["offsets"], arrays.get("loss_mask"))
   if len(docs) == 0:
-    raise ValueError(f"the data source {source.describe()} has no (non-empty) documents")
+    raise ValueError(f"the data source {source.describe()} is empty (no non-empty documents)")
   return docs, hit
 
 
-def _encode_all(opened, cfg, tokenizer, name: str, progress: bool) -> dict[str, np.ndarray]:
+def _encode_all(opened, cfg, tokenizer, name: str, progress: bool,
+                sft: bool) -> dict[str, np.ndarray]:
   bos, eos = special_ids(tokenizer, cfg)
-  if cfg.task == "sft":
-    from jaxlm.data import sft
+  if sft:
+    from jaxlm.data import sft as sft_lib
 
-    columns = sft.columns(cfg)
-    encode = lambda batch: sft.encode_examples(tokenizer, batch, cfg, bos, eos)
-  elif cfg.task == "lm":
-    columns = [cfg.text_column]
-    encode = lambda batch: encode_texts(tokenizer, batch[cfg.text_column], bos, eos)
+    columns = sft_lib.columns(cfg)
+    encode = lambda batch: sft_lib.encode_examples(tokenizer, batch, cfg, bos, eos)  # noqa: E731
   else:
-    raise ValueError(f"data.task={cfg.task!r} is not one of ('lm', 'sft')")
+    columns = [cfg.text_column]
+    encode = lambda batch: encode_texts(tokenizer, batch[cfg.text_column], bos, eos)  # noqa: E731
   parts, bar = [], tqdm.tqdm(desc=f"tokenizing {name}", unit="doc", disable=not progress)
   for batch in opened.batches(columns, BATCH_DOCS):
     parts.append(encode(batch))
@@ -132,6 +133,6 @@ def _encode_all(opened, cfg, tokenizer, name: str, progress: bool) -> dict[str, 
   tokens = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
   lengths = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
   out = {"tokens": tokens, "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)}
-  if cfg.task == "sft":
+  if sft:
     out["loss_mask"] = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.uint8)
   return out

@@ -38,10 +38,12 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 
 def _untruncated_backend(tokenizer: PreTrainedTokenizerBase):
-  """The Rust tokenizer behind `tokenizer` with any saved max_length truncation off, or None."""
+  """The Rust tokenizer behind `tokenizer` with any saved truncation and padding off, or None."""
   backend = getattr(tokenizer, "backend_tokenizer", None)
   if backend is not None and backend.truncation is not None:
     backend.no_truncation()  # a max_length saved with the tokenizer would cut whole documents
+  if backend is not None and backend.padding is not None:
+    backend.no_padding()  # a saved padding would fill every document with [PAD] ids
   return backend
 
 
@@ -66,3 +68,13 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> np.ndarray:
 def vocab_size(tokenizer: PreTrainedTokenizerBase) -> int:
   """Number of ids the tokenizer can emit (added tokens included)."""
   return len(tokenizer)
+
+
+def check_fits(tokenizer, vocab_size: int) -> None:
+  """Refuses a tokenizer that emits ids the model's embedding does not have."""
+  n = len(tokenizer)
+  if n > vocab_size:
+    raise ValueError(
+      f"the tokenizer has {n} tokens but the model's vocabulary has {vocab_size}: ids >= "
+      f"{vocab_size} would fall outside the embedding. Use the tokenizer the model was trained "
+      "with, or set model.vocab_size=0 to take it from the tokenizer")

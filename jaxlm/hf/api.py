@@ -46,6 +46,23 @@ def config_from_hf(src: str, dtype: str = "float32", gguf_file: str | None = Non
   return model_config_from_hf(family, hf_config, dtype, **overrides)
 
 
+def import_params(src: str, cfg, gguf_file: str | None = None) -> dict:
+  """Host numpy params of checkpoint `src` laid out for jaxlm config `cfg` (scanned or not, in
+  cfg.param_dtype); an encoder imported for another task (cfg.head or cfg.num_labels differ
+  from the checkpoint's) gets a new, initialised head on its encoder (a message names it)."""
+  from jaxlm.models.config import RUN_FIELDS
+
+  family, hf_config, tensors, _, _ = load_hf_checkpoint(src, gguf_file)
+  stored = family.config_from_hf(hf_config).replace(
+    **{k: getattr(cfg, k) for k in RUN_FIELDS if k not in ("head", "num_labels")})
+  if (cfg.head, cfg.num_labels) == (stored.head, stored.num_labels):
+    return convert.import_params(family, cfg, tensors)
+  from jaxlm.models import heads
+
+  return heads.with_new_head(cfg, convert.import_params(family, stored, tensors),
+                             what=f"{src} ({stored.head} head)")
+
+
 def from_hf(src: str, dtype: str = "float32", gguf_file: str | None = None, **overrides):
   """Imports a Hugging Face causal LM (GPT-2, Llama 2/3, Mistral, Qwen2, SmolLM) or encoder
   (BERT, RoBERTa: base, masked-LM, sequence/token classification, QA).
@@ -63,19 +80,11 @@ def from_hf(src: str, dtype: str = "float32", gguf_file: str | None = None, **ov
   Returns:
     (model, params): a flax module whose `.cfg` is the ModelConfig, and its param tree.
   """
-  family, hf_config, tensors, _, _ = load_hf_checkpoint(src, gguf_file)
-  cfg = model_config_from_hf(family, hf_config, dtype, **overrides)
-  stored = model_config_from_hf(family, hf_config, dtype, **{
-    k: v for k, v in overrides.items() if k not in ("head", "num_labels")})
-  if (cfg.head, cfg.num_labels) == (stored.head, stored.num_labels):
-    params = convert.import_params(family, cfg, tensors)
-  else:  # an encoder checkpoint imported for another task: a new head on its encoder
-    from jaxlm.models import heads
+  from jaxlm.models import heads
 
-    params = heads.with_new_head(cfg, convert.import_params(family, stored, tensors),
-                                 what=f"{src} ({stored.head} head)")
-    family = families.family_for_model(cfg)
-  return family.build_model(cfg), jax.tree.map(jnp.asarray, params)
+  cfg = config_from_hf(src, dtype, gguf_file, **overrides)
+  params = import_params(src, cfg, gguf_file)
+  return heads.build_model(cfg), jax.tree.map(jnp.asarray, params)
 
 
 def load_tokenizer(src: str, gguf_file: str | None = None):

@@ -11,6 +11,8 @@ import re
 
 import numpy as np
 
+from jaxlm.models.transformer import stack_layers, unstack_layers
+
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
@@ -206,23 +208,3 @@ def export_params(family, cfg, params) -> dict:
       raise ValueError(f"{name} is fused from parts {[e[0].part for e in entries]}; some are missing")
     tensors[name] = np.ascontiguousarray(export_tensor(rule, [e[1] for e in entries], dims))
   return tensors
-
-
-def stack_layers(params: dict, num_layers: int) -> dict:
-  """block_0..block_{L-1} -> `blocks` with a leading layer axis (the nn.scan layout)."""
-  import jax
-
-  blocks = [params[f"block_{i}"] for i in range(num_layers)]
-  rest = {k: v for k, v in params.items() if not k.startswith("block_")}
-  return {**rest, "blocks": jax.tree.map(lambda *xs: np.stack(xs), *blocks)}
-
-
-def unstack_layers(params: dict) -> dict:
-  """`blocks` with a leading layer axis -> block_0..block_{L-1}."""
-  import jax
-
-  blocks = params["blocks"]
-  n = jax.tree.leaves(blocks)[0].shape[0]
-  rest = {k: v for k, v in params.items() if k != "blocks"}
-  layers = {f"block_{i}": jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(n)}
-  return {**rest, **layers}

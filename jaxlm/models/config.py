@@ -13,6 +13,9 @@ REMAT = ("none", "full", "dots")
 NORM_POSITIONS = ("pre", "post")
 HEADS = ("lm", "base", "mlm", "seq_cls", "token_cls", "qa")
 DTYPES = ("float32", "bfloat16", "float16")
+# Fields a run sets on top of the model it starts from (`model.init_from`); all others come from
+# that checkpoint's own configuration.
+RUN_FIELDS = ("dropout", "dtype", "param_dtype", "remat", "scan_layers", "head", "num_labels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,12 +111,6 @@ class ModelConfig:
     if unknown:
       raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(names)}")
     return cls(**values)
-
-  def to_hf_config(self, family: str | None = None):
-    """A transformers PretrainedConfig for this model (family inferred when None)."""
-    from jaxlm.hf import families
-
-    return families.family_for(self, family).config_to_hf(self)
 
 
 _GPT2 = dict(norm="layernorm", position="learned", activation="gelu_tanh", use_bias=True)

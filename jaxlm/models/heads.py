@@ -130,3 +130,9 @@ def with_new_head(cfg: ModelConfig, pretrained: dict, what: str = "the checkpoin
   print(f"jaxlm: {what} has no {cfg.head!r} head with {cfg.num_labels} labels; initialised "
         f"{', '.join(fresh)}", file=sys.stderr)
   return traverse_util.unflatten_dict(out, sep="/")
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+  """The one Transformer as `cfg` configures it: a decoder LM, or (causal=False) an encoder with
+  its cfg.head."""
+  return Transformer(cfg) if cfg.causal else EncoderModel(cfg)

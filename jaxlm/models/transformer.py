@@ -8,6 +8,7 @@ jaxlm.models.heads puts task heads on top.
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import numpy as np
 
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.layers import (
@@ -141,3 +142,28 @@ class Transformer(nn.Module):
       logits_BTV = head(x_BTD)
     logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
     return logits_BTV.astype(jnp.float32)
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+  """block_0..block_{L-1} -> `blocks` with a leading layer axis (the nn.scan layout)."""
+  blocks = [params[f"block_{i}"] for i in range(num_layers)]
+  rest = {k: v for k, v in params.items() if not k.startswith("block_")}
+  return {**rest, "blocks": jax.tree.map(lambda *xs: np.stack(xs), *blocks)}
+
+
+def unstack_layers(params: dict) -> dict:
+  """`blocks` with a leading layer axis -> block_0..block_{L-1}."""
+  blocks = params["blocks"]
+  n = jax.tree.leaves(blocks)[0].shape[0]
+  rest = {k: v for k, v in params.items() if k != "blocks"}
+  layers = {f"block_{i}": jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(n)}
+  return {**rest, **layers}
+
+
+def match_layer_layout(params: dict, cfg: ModelConfig) -> dict:
+  """`params` in the layout `cfg` builds: stacked for scan_layers, one block each otherwise."""
+  if "blocks" in params and not cfg.scan_layers:
+    return unstack_layers(params)
+  if cfg.scan_layers and "blocks" not in params:
+    return stack_layers(params, cfg.num_layers)
+  return params

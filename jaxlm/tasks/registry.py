@@ -55,57 +55,17 @@ class Task:
     return squad.score(examples, squad.predictions(examples, features, outputs))
 
 
-def get_task(cfg) -> Task:
-  """The Task named by cfg.name (sst2 | cola | mrpc | rte | stsb | conll2003 | squad)."""
-  name = cfg.name
+def head_of(name: str) -> tuple[str, int]:
+  """(model head, number of labels) of task `name`."""
   if name in glue.TASKS:
-    return Task(name, "seq_cls", glue.TASKS[name].num_labels, cfg)
+    return "seq_cls", glue.TASKS[name].num_labels
   if name == "conll2003":
-    return Task(name, "token_cls", len(conll.LABELS), cfg)
+    return "token_cls", len(conll.LABELS)
   if name == "squad":
-    return Task(name, "qa", 2, cfg)
+    return "qa", 2
   raise ValueError(f"task.name={name!r} is not one of {TASK_NAMES}")
 
 
-def task_config(name: str, data_dir: str, max_len: int, **overrides):
-  """The `task` config section of a fine-tuning config (see configs/finetune/*.py)."""
-  import ml_collections
-
-  return ml_collections.ConfigDict({
-    "name": name,  # sst2 | cola | mrpc | rte | stsb | conll2003 | squad
-    "data_dir": data_dir,  # local files; "" reads the hub dataset (hub_dataset)
-    "hub_dataset": "",  # hub id or local dataset dir; "" = glue / conll2003 / squad
-    "max_len": max_len,  # tokens per example (window for squad)
-    "buckets": (),  # padded lengths; () = powers of two up to max_len
-    "pack": True,  # train on each step's examples packed into rows of max_len (not squad)
-    "pack_row_multiple": 4,  # packed row counts are multiples of this: fewer shapes compile
-    "doc_stride": 128,  # squad: tokens shared by consecutive windows
-    "eval_split": "dev",
-    "max_train_examples": 0,  # 0 = all
-    "max_eval_examples": 0,
-    **overrides,
-  })
-
-
-def finetune_config(name: str, data_dir: str, max_len: int, *, epochs: int = 3, lr: float = 2e-5,
-                    batch_size: int = 32, warmup_steps: int = 0, **task_overrides):
-  """A whole fine-tuning run config: BERT-style AdamW with linear decay, an encoder imported from
-  model.init_from (an HF directory or hub id) with the task's new head."""
-  from jaxlm.config import base_config, model
-
-  c = base_config()
-  task = get_task(task_config(name, data_dir, max_len))
-  c.model = model("bert-base", head=task.head, num_labels=task.num_labels, dropout=0.1)
-  c.model.init_from = "google-bert/bert-base-uncased"  # HF encoder dir or hub id; sizes from it
-  c.task = task_config(name, data_dir, max_len, **task_overrides)
-  c.train.epochs = epochs  # used when train.steps is 0
-  c.train.steps = 0  # 0: epochs x full batches per epoch
-  c.train.batch_size = batch_size
-  c.train.log_every = 50
-  c.optim.update(dict(lr=lr, min_lr=0.0, schedule="linear", warmup_steps=warmup_steps, b1=0.9,
-                      b2=0.999, eps=1e-8, weight_decay=0.01, clip=1.0))
-  c.sample.max_new_tokens = 0
-  # on a CPU, one device: splitting the cores data-parallel would replicate the AdamW update and
-  # all-reduce every gradient of a 20M+ parameter model each step, costing more than it saves
-  c.runtime.cpu_devices = 1
-  return c
+def get_task(cfg) -> Task:
+  """The Task named by cfg.name (sst2 | cola | mrpc | rte | stsb | conll2003 | squad)."""
+  return Task(cfg.name, *head_of(cfg.name), cfg)

@@ -6,18 +6,22 @@ import os
 
 import tqdm
 
+from jaxlm import rundir
+
 
 class MetricsWriter:
   """Writes step and eval records to `<workdir>/metrics.jsonl` and TensorBoard (process 0 only)."""
 
-  def __init__(self, workdir: str, total_steps: int, start_step: int = 0, enabled: bool = True):
+  def __init__(self, workdir, total_steps: int, start_step: int = 0, enabled: bool = True):
     self.enabled = enabled
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if enabled else None
-    self.tb = None
+    p = rundir.path(workdir)
+    self.jsonl = self.tb = None
     if enabled:
       from tensorboardX import SummaryWriter
 
-      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      p.mkdir(parents=True, exist_ok=True)
+      self.jsonl = (p / rundir.METRICS_FILE).open("a")
+      self.tb = SummaryWriter(os.fspath(p / rundir.TENSORBOARD_DIR))
     self.bar = tqdm.tqdm(
       total=total_steps, initial=start_step, disable=not enabled, dynamic_ncols=True,
       unit="step", mininterval=0.5,
@@ -47,28 +51,6 @@ class MetricsWriter:
       self.bar.close()
       self.jsonl.close()
       self.tb.close()
-
-
-def drop_records_after(workdir: str, step: int) -> int:
-  """Rewrites `<workdir>/metrics.jsonl` (atomically) without records past `step`, so a resumed
-  run's log continues from its checkpoint. Returns how many records were dropped."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
-    return 0
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
-  kept = []
-  for line in lines:
-    try:
-      if json.loads(line)["step"] <= step:
-        kept.append(line)
-    except (ValueError, KeyError):  # a line cut short by a kill
-      continue
-  if len(kept) != len(lines):
-    with open(path + ".tmp", "w") as f:
-      f.writelines(kept)
-    os.replace(path + ".tmp", path)
-  return len(lines) - len(kept)
 
 
 def _plain(value):

@@ -7,7 +7,7 @@ another name, so it is a family of its own.
 """
 
 from jaxlm.hf.convert import Rule
-from jaxlm.hf.families import Family
+from jaxlm.hf.families.family import Family
 from jaxlm.models.config import ModelConfig
 
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -75,12 +75,6 @@ def dims(cfg) -> dict:
           "f": cfg.hidden_dim, "v": cfg.vocab_size, "c": cfg.num_labels, "n": 2}
 
 
-def _build(cfg):
-  from jaxlm.models.heads import EncoderModel
-
-  return EncoderModel(cfg)
-
-
 def _head_of(hf, kind: str) -> str:
   for arch in getattr(hf, "architectures", None) or []:
     for head, suffix in _HEAD_SUFFIX.items():
@@ -139,7 +133,7 @@ def _family(name, kind, rules, heads):
     name=name, architectures=tuple(kind + _HEAD_SUFFIX[h] for h in heads),
     model_types=(kind.lower(),) if "base" in heads else (), rules=rules,
     config_from_hf=config_from_hf, config_to_hf=lambda cfg: _config_to_hf(cfg, kind),
-    build_model=_build, dims=dims,
+    dims=dims,
     # buffers; the NSP head of pre-training checkpoints; a pooler the chosen head does not use
     ignored=(r"position_ids$", r"token_type_ids$", r"^cls\.seq_relationship\.",
              r"pooler\.dense\."),

@@ -6,7 +6,7 @@ one fused c_attn projection that the table splits into q, k and v with `part`. A
 """
 
 from jaxlm.hf.convert import Rule
-from jaxlm.hf.families import Family
+from jaxlm.hf.families.family import Family
 from jaxlm.models.config import ModelConfig
 
 _ACT_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",

@@ -6,7 +6,7 @@ Qwen2 differs only by its q/k/v biases, Mistral by its sliding window.
 """
 
 from jaxlm.hf.convert import Rule
-from jaxlm.hf.families import Family
+from jaxlm.hf.families.family import Family
 from jaxlm.models.config import ModelConfig
 
 _ACT_FROM_HF = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",

@@ -1,0 +1,153 @@
+"""The kinds of run as the one trainer sees them. A mode is the run's batches (a resumable
+iterator of this process's rows), its evaluator and its length; the objective comes from the
+model's head (jaxlm.train.objectives). lm, sft and mlm read the Grain pipeline (mlm masks its
+rows); finetune reads task examples and scores the task's official metric.
+"""
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxlm import sharding
+from jaxlm.data import buckets as bucket_lib
+from jaxlm.data import mlm as mlm_lib
+from jaxlm.data import pipeline
+from jaxlm.data.batch import process_rows
+from jaxlm.tasks import registry
+from jaxlm.train import objectives
+from jaxlm.train import step as step_lib
+
+
+@dataclasses.dataclass
+class Mode:
+  """What the trainer needs from a kind of run."""
+
+  batches: object  # this process's rows as dicts; get_state() / set_state() resume it exactly
+  evaluate: Callable[[dict], dict]  # params -> metrics on the eval split
+  total_steps: int
+  eval_every: int  # steps between evaluations
+  summary: str  # one line about the data, printed at start-up
+  record_prefix: str = ""  # what eval metrics are called in metrics.jsonl ("dev_" for tasks)
+  eval_at_start: bool = False  # score the imported weights before the first step
+
+
+def build(config, tokenizer, model, mesh, params_shardings, *, eval_split: str | None = None,
+          train: bool = True) -> Mode:
+  """The mode of `config.kind` (lm | sft | mlm | finetune); `train=False` reads only what
+  evaluation needs (for `jaxlm eval`), `eval_split` overrides the split scored."""
+  if config.kind == "finetune":
+    return _task_mode(config, tokenizer, model, mesh, params_shardings, eval_split, train)
+  return _lm_mode(config, tokenizer, model, mesh, params_shardings)
+
+
+def _positive(config, key: str) -> int:
+  value = config.train[key]
+  if value < 1:
+    raise ValueError(f"train.{key}={value} must be >= 1 for kind={config.kind!r}")
+  return value
+
+
+# --- lm, sft, mlm: token streams --------------------------------------------------------------------
+
+def _lm_mode(config, tokenizer, model, mesh, params_shardings) -> Mode:
+  cfg_t = config.train
+  masker = None
+  if config.kind == "mlm":
+    masker = mlm_lib.Masker(tokenizer, config.mlm.prob, config.mlm.whole_word,
+                            position_offset=model.cfg.position_offset)
+  shard = pipeline.Shard(jax.process_index(), jax.process_count())
+  data = pipeline.build(config.data, tokenizer, batch_size=cfg_t.batch_size, seed=cfg_t.seed,
+                        eval_batches=cfg_t.eval_batches, shard=shard, sft=config.kind == "sft",
+                        mlm=masker)
+  eval_fn = step_lib.jit_eval_step(model.apply, params_shardings,
+                                   objectives.for_head(model.cfg.head))
+
+  def evaluate(params) -> dict:
+    """Mean token loss and perplexity over the fixed eval batches."""
+    if not data.eval_batches:
+      return {}
+    # fetched one by one: on CPU, many queued multi-device programs can stall XLA's collectives
+    sums = [jax.device_get(eval_fn(params, sharding.global_batch(b, mesh)))
+            for b in data.eval_batches]
+    loss = sum(float(s["loss_sum"]) for s in sums) / max(sum(float(s["weight"]) for s in sums), 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+  return Mode(data.train, evaluate, _positive(config, "steps"), _positive(config, "eval_every"),
+              data.summary, eval_at_start=bool(config.model.init_from))
+
+
+# --- finetune: task examples ------------------------------------------------------------------------
+
+def features(task, tokenizer, split: str, limit: int = 0):
+  """(examples, features) of `split`; `limit` > 0 keeps the first `limit` examples."""
+  examples = task.load(split)
+  if limit:
+    examples = {k: v[:limit] for k, v in examples.items()}
+  return examples, task.encode(tokenizer, examples)
+
+
+def _buckets(task_cfg) -> tuple:
+  return tuple(task_cfg.buckets) or bucket_lib.default_buckets(task_cfg.max_len)
+
+
+def _make_batch(task, model_cfg, mesh, batch_size: int, pad_id: int):
+  """How one step's examples become a batch: packed into rows (task.pack; not for QA, whose
+  windows are already full), else padded to a bucket length."""
+  c = task.cfg
+  if c.pack and task.head != "qa":
+    multiple = math.lcm(c.pack_row_multiple, sharding.batch_divisor(mesh))
+    return functools.partial(bucket_lib.pack_batch, batch_size=batch_size, row_len=c.max_len,
+                             pad_id=pad_id, token_labels=task.token_labels,
+                             row_multiple=multiple, position_offset=model_cfg.position_offset)
+  return functools.partial(bucket_lib.pad_batch, batch_size=batch_size, buckets=_buckets(c),
+                           pad_id=pad_id, token_labels=task.token_labels)
+
+
+def check_head(task, model_cfg):
+  if (model_cfg.head, model_cfg.num_labels) != (task.head, task.num_labels) or model_cfg.causal:
+    raise ValueError(
+      f"task {task.name!r} needs an encoder with model.head={task.head!r} and "
+      f"model.num_labels={task.num_labels}; the model has head={model_cfg.head!r}, "
+      f"num_labels={model_cfg.num_labels}, causal={model_cfg.causal}")
+
+
+def _task_mode(config, tokenizer, model, mesh, params_shardings, eval_split, train) -> Mode:
+  task = registry.get_task(config.task)
+  check_head(task, model.cfg)
+  cfg_t, split = config.train, eval_split or config.task.eval_split
+  batches, total, per_epoch, summary = None, 0, 0, ""
+  if train:
+    _, train_feats = features(task, tokenizer, "train", config.task.max_train_examples)
+    make = _make_batch(task, model.cfg, mesh, cfg_t.batch_size, tokenizer.pad_token_id)
+    batches = bucket_lib.TaskBatches(train_feats, cfg_t.batch_size, make, cfg_t.seed,
+                                     jax.process_index(), jax.process_count())
+    per_epoch = batches.per_epoch
+    total = cfg_t.steps or per_epoch * cfg_t.epochs
+    if total < 1:
+      raise ValueError("kind='finetune' needs train.steps >= 1 or train.epochs >= 1")
+    summary = (f"{task.name}: {len(train_feats):,} train features; {total} steps of "
+               f"{cfg_t.batch_size} ({per_epoch} per epoch); "
+               + ("packed rows" if make.func is bucket_lib.pack_batch else "padded buckets"))
+  examples, feats = features(task, tokenizer, split, config.task.max_eval_examples)
+  outputs_fn = jax.jit(functools.partial(objectives.model_outputs, model.apply),
+                       in_shardings=(params_shardings, None))
+
+  def evaluate(params) -> dict:
+    """The task's official metric(s) over the eval split."""
+    outputs = []
+    for n, batch in bucket_lib.eval_batches(feats, cfg_t.batch_size, _buckets(config.task),
+                                            tokenizer.pad_token_id, task.token_labels):
+      rows = process_rows(batch, jax.process_index(), jax.process_count())
+      out = outputs_fn(params, sharding.global_batch(rows, mesh))
+      outputs.extend(np.asarray(multihost_utils.process_allgather(out, tiled=True))[:n])
+    if task.head != "seq_cls":  # per-token outputs: drop the bucket padding
+      outputs = [o[:len(f["inputs"])] for o, f in zip(outputs, feats)]
+    return task.score(examples, feats, outputs)
+
+  return Mode(batches, evaluate, total, cfg_t.eval_every or per_epoch, summary,
+              record_prefix=f"{split}_")

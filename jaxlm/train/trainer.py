@@ -1,0 +1,349 @@
+"""The one trainer. Every kind of run (lm, sft, mlm, finetune) is set up here and goes through one
+loop: a pure jitted step over a resumable batch iterator, with hooks for evaluation, metrics, the
+NaN guard, checkpoints, preemption and a closing sample.
+
+  jaxlm train --config configs/demo.py --workdir runs/demo
+"""
+
+import contextlib
+import dataclasses
+import math
+import time
+
+import jax
+import ml_collections
+import optax
+
+from jaxlm import config as config_lib
+from jaxlm import rundir, sharding, textgen
+from jaxlm import generate as gen
+from jaxlm.data import sources
+from jaxlm.data import tokenizers as tok_lib
+from jaxlm.data.iterators import Prefetch
+from jaxlm.models import heads
+from jaxlm.train import metrics as metrics_lib
+from jaxlm.train import modes, objectives, optim, preemption
+from jaxlm.train import step as step_lib
+
+
+@dataclasses.dataclass
+class Run:
+  """A run resolved from its config: where it lives, its tokenizer, model, mesh, optimizer and
+  mode (batches, evaluator, length)."""
+
+  config: ml_collections.ConfigDict
+  workdir: object  # etils.epath.Path
+  tokenizer: object
+  model: object
+  mesh: jax.sharding.Mesh
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  mode: modes.Mode
+
+
+def train(config, workdir) -> dict:
+  """Trains as `config` says into `workdir`, resuming from its newest checkpoint if it has one.
+
+  Returns:
+    the final evaluation's metrics, the last step and `train_seconds` (wall time, compilation
+    included).
+  Raises:
+    preemption.Preempted: after SIGTERM/SIGINT, once the checkpoint of the current step is saved.
+  """
+  run = setup(config, workdir)
+  ckpt, step0 = rundir.open_run(config, run.workdir)
+  writer = None
+  try:
+    if jax.process_index() == 0:
+      rundir.trim_metrics(run.workdir, step0 or 0)  # the resumed run writes those records again
+    writer = metrics_lib.MetricsWriter(run.workdir, run.mode.total_steps,
+                                       enabled=jax.process_index() == 0)
+    with preemption.PreemptionGuard() as guard:
+      return Trainer(run, ckpt, writer, guard).fit(step0)
+  finally:
+    ckpt.close()
+    if writer is not None:
+      writer.close()
+
+
+def check_kind(config) -> str:
+  if config.kind not in config_lib.KINDS:
+    raise ValueError(f"kind={config.kind!r} is not one of {tuple(config_lib.KINDS)}")
+  return config.kind
+
+
+def check_model(kind: str, model_cfg) -> None:
+  """A kind trains one sort of model: say so before anything is built."""
+  wanted = {"lm": (True, "lm"), "sft": (True, "lm"), "mlm": (False, "mlm")}.get(kind)
+  if wanted and (model_cfg.causal, model_cfg.head) != wanted:
+    what = "a decoder (model.causal=True, model.head='lm')" if wanted[0] else \
+      "an encoder with model.causal=False and model.head='mlm'"
+    raise ValueError(f"kind={kind!r} trains {what}; this model has causal={model_cfg.causal}, "
+                     f"head={model_cfg.head!r} (fine-tuning an encoder on a task is "
+                     "kind='finetune')")
+
+
+def make_tokenizer(config, workdir):
+  """The run's tokenizer: 1. the one saved in the run directory (resume), 2. model.init_from's,
+  when data.tokenizer is 'char' or empty, 3. data.tokenizer (a directory, a hub id, or 'char':
+  the characters of the training text)."""
+  if (rundir.path(workdir) / rundir.TOKENIZER_DIR).exists():
+    return rundir.load_tokenizer(workdir)
+  src, name = config.model.init_from, config.data.tokenizer
+  if src and name in ("char", ""):
+    return rundir.init_tokenizer(src)
+  if name == "char":
+    return tok_lib.char_tokenizer("".join(sources.read_texts(config.data)))
+  return tok_lib.load_tokenizer(name)
+
+
+def check_batch(config, mesh):
+  per = sharding.batch_divisor(mesh) * config.train.grad_accum
+  if config.train.batch_size % per:
+    raise ValueError(
+      f"train.batch_size={config.train.batch_size} must be divisible by the data-parallel "
+      f"size {sharding.batch_divisor(mesh)} times train.grad_accum={config.train.grad_accum}"
+    )
+
+
+def _optimizer(config, total_steps: int):
+  """The optimizer and its schedule; with train.skip_nonfinite=N, updates from non-finite
+  gradients are dropped (up to N in a row)."""
+  tx, schedule = optim.make_optimizer(config.optim, total_steps)
+  skip = config.train.skip_nonfinite
+  if skip < 0:
+    raise ValueError(f"train.skip_nonfinite={skip} must be >= 0 (0: stop at NaN/Inf)")
+  return (optax.apply_if_finite(tx, skip) if skip else tx), schedule
+
+
+def setup(config, workdir, *, with_data: bool = True) -> Run:
+  """Resolves tokenizer, model (recording an imported model's fields in config.model), mesh,
+  mode and optimizer. Writes nothing: the run directory is written once the state is settled."""
+  kind = check_kind(config)
+  workdir = rundir.path(workdir)
+  tokenizer = make_tokenizer(config, workdir)
+  seq_len = config.task.max_len if kind == "finetune" else config.data.seq_len
+  model_cfg = rundir.resolve_model_config(config, tokenizer, seq_len)
+  check_model(kind, model_cfg)
+  with config.unlocked():
+    config.model.update(model_cfg.to_dict())  # init_from stays: it says where weights came from
+  mesh = sharding.make_mesh(config.mesh)
+  check_batch(config, mesh)
+  model = heads.build_model(model_cfg)
+  mode = None
+  if with_data:
+    params_shardings = jax.tree.map(lambda a: a.sharding, rundir.abstract_params(model, mesh))
+    mode = modes.build(config, tokenizer, model, mesh, params_shardings)
+  tx, schedule = _optimizer(config, mode.total_steps if mode else max(config.train.steps, 1))
+  return Run(config, workdir, tokenizer, model, mesh, tx, schedule, mode)
+
+
+class Trainer:
+  """The loop and its hooks over a set-up Run."""
+
+  def __init__(self, run: Run, ckpt, writer, guard):
+    self.run, self.ckpt, self.writer, self.guard = run, ckpt, writer, guard
+
+  def start_state(self, step0: int | None):
+    """(state, shardings, data iterator state) by rundir's precedence (resume > init_from >
+    scratch); then the run directory records the config and tokenizer."""
+    run, cfg = self.run, self.run.config
+    abstract, shardings = step_lib.abstract_state(run.model, run.tx, run.mesh)
+
+    def scratch():
+      return step_lib.sharded_init(run.model, run.tx, jax.random.PRNGKey(cfg.train.seed),
+                                   run.mesh)[0]
+
+    state, data_state = rundir.initial_state(self.ckpt, step0, cfg, run.model.cfg,
+                                             abstract=abstract, init=scratch,
+                                             message=self.writer.message)
+    if jax.process_index() == 0:
+      rundir.write_config(run.workdir, cfg)
+      if not (run.workdir / rundir.TOKENIZER_DIR).exists():
+        rundir.save_tokenizer(run.workdir, run.tokenizer)
+    return state, shardings, data_state
+
+  def fit(self, step0: int | None) -> dict:
+    """Steps from the state's step to mode.total_steps; returns the final metrics."""
+    begin = time.perf_counter()
+    run, mode, cfg_t = self.run, self.run.mode, self.run.config.train
+    state, shardings, data_state = self.start_state(step0)
+    start = int(jax.device_get(state.step))
+    batches = Prefetch(mode.batches, lambda b: sharding.global_batch(b, run.mesh), size=2)
+    if data_state is not None:
+      batches.set_state(data_state)
+    else:  # a checkpoint without an iterator state: replay the deterministic stream to `start`
+      for _ in range(start):
+        next(mode.batches)
+    self.writer.bar.reset(mode.total_steps)
+    self.writer.bar.update(start)
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    self.writer.message(f"{run.config.kind}: {n_params:,} parameters; mesh "
+                        f"{dict(run.mesh.shape)}; {mode.summary}")
+    train_fn = step_lib.jit_train_step(shardings, objectives.for_head(run.model.cfg.head),
+                                       grad_accum=cfg_t.grad_accum,
+                                       dropout=run.model.cfg.dropout > 0)
+    report = _Reporter(self.writer, self.ckpt, run.schedule, cfg_t.log_every, start,
+                       cfg_t.skip_nonfinite)
+    if cfg_t.skip_nonfinite:  # the count so far lives in optax.apply_if_finite's state
+      report.skipped = int(jax.device_get(state.opt_state.total_notfinite))
+    meta = rundir.checkpoint_meta(run.config, run.tokenizer,
+                                  run.config.model.init_from or run.config.data.tokenizer)
+    final = {}
+    with sharding.mesh_rules(run.mesh), contextlib.closing(batches):
+      if start == 0 and mode.eval_at_start:  # the imported model's score, before training
+        self.evaluate(state.params, 0, "(imported weights)")
+      state, final = self.loop(state, train_fn, batches, report, meta, start)
+      if not final:  # no evaluation since the last start (e.g. resumed at the end)
+        final = self.evaluate(state.params, int(jax.device_get(state.step)))
+    self.ckpt.wait()
+    self.sample(state.params)
+    return {"step": int(jax.device_get(state.step)), **final,
+            "train_seconds": time.perf_counter() - begin}
+
+  def loop(self, state, train_fn, batches, report, meta, start: int):
+    """The training loop. Metrics of step s are fetched while step s + 1 runs, so the device
+    never waits for the host; evaluation, checkpoints and preemption act between steps."""
+    mode, every = self.run.mode, self.run.config.checkpoint.every
+    final, pending = {}, None
+    for step in range(start + 1, mode.total_steps + 1):
+      wait_start = time.perf_counter()  # the previous step runs on the device meanwhile
+      batch = next(batches, None)
+      data_wait = time.perf_counter() - wait_start
+      if batch is None:
+        raise ValueError(f"the data ran out at step {step} of {mode.total_steps}")
+      state, step_metrics = train_fn(state, batch)
+      if pending is not None:
+        report(*pending, data_wait)
+      pending = (step, step_metrics, batch.inputs.size)
+      evaluated = None
+      if step % mode.eval_every == 0 or step == mode.total_steps:
+        final = evaluated = self.evaluate(state.params, step)
+      stop = self.guard.should_stop(step)
+      if stop or evaluated is not None or step % every == 0 or step == mode.total_steps:
+        report(*pending)  # never save a state whose step was not finite
+        pending = None
+        self.ckpt.save(step, state, batches.get_state(), meta, evaluated or None)
+      if stop:
+        self.guard.stop(self.ckpt, step)
+    if pending is not None:
+      report(*pending)
+    return state, final
+
+  def evaluate(self, params, step: int, note: str = "") -> dict:
+    """Scores `params` (the mode's evaluator), logs the record and a line."""
+    scores = self.run.mode.evaluate(params)
+    if scores:
+      prefix = self.run.mode.record_prefix
+      self.writer.write(step, {f"{prefix}{k}": v for k, v in scores.items()})
+      self.writer.message(f"step {step}{' ' + note if note else ''}: "
+                          + " ".join(f"{prefix}{k} {v:.4f}" for k, v in scores.items()))
+    return scores
+
+  def sample(self, params):
+    """The closing text sample (decoders, process 0, when sample.max_new_tokens > 0)."""
+    c = self.run.config.sample
+    if jax.process_index() or c.max_new_tokens <= 0 or not self.run.model.cfg.causal:
+      return
+    sampler = gen.Sampler(c.temperature, c.top_k, c.top_p)
+    text = textgen.complete(self.run.model, params, self.run.tokenizer, [c.prompt],
+                            max_new_tokens=c.max_new_tokens, sampler=sampler, seed=c.seed)[0]
+    print(c.prompt + text, flush=True)
+
+
+class _Reporter:
+  """Host side of each step: NaN guard, progress bar, and a metrics record every `log_every`."""
+
+  def __init__(self, writer, ckpt, schedule, log_every, start_step, skip_nonfinite: int = 0):
+    self.writer, self.ckpt, self.schedule, self.log_every = writer, ckpt, schedule, log_every
+    self.start_step, self.window = start_step, (start_step, time.perf_counter())
+    self.skip_nonfinite, self.skipped, self.skipped_in_row = skip_nonfinite, 0, 0
+    self.data_wait, self.tokens = 0.0, 0  # since the window started
+
+  def __call__(self, step: int, step_metrics, tokens: int, data_wait: float = 0.0):
+    """`tokens`: the step's batch size in tokens; `data_wait`: seconds just spent getting a
+    batch (since the previous call)."""
+    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    self._guard(step, values)
+    now = time.perf_counter()
+    record = {"loss": values["loss"], "lr": float(self.schedule(step - 1)),
+              "grad_norm": values["grad_norm"]}
+    if self.skip_nonfinite:
+      record["skipped_nonfinite"] = self.skipped
+    if step == self.start_step + 1:  # leave compilation out of the throughput
+      self.window, self.data_wait, self.tokens = (step, now), 0.0, 0
+    else:
+      self.data_wait += data_wait
+      self.tokens += tokens
+      last_step, last_time = self.window
+      elapsed = max(now - last_time, 1e-9)
+      record["tokens_per_sec"] = self.tokens / elapsed
+      record["data_wait_ms"] = 1e3 * self.data_wait / max(step - last_step, 1)
+      record["data_wait_frac"] = self.data_wait / elapsed
+      self.writer.progress(step, values["loss"], record["tokens_per_sec"])
+    if step % self.log_every == 0:
+      self.writer.write(step, record)
+      self.window, self.data_wait, self.tokens = (step, now), 0.0, 0
+
+  def _guard(self, step: int, values: dict):
+    """Stops on a non-finite loss, or counts it when skipping (optax.apply_if_finite)."""
+    finite = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
+    if finite:
+      self.skipped_in_row = 0
+      return
+    if not self.skip_nonfinite:
+      bad = {k: values[k] for k in ("loss", "grad_norm") if not math.isfinite(values[k])}
+      self._stop(f"non-finite {bad} at step {step}; stopping", "lower optim.lr, raise "
+                 "optim.warmup_steps, or set train.skip_nonfinite=N to skip up to N such "
+                 "batches in a row")
+    self.skipped += 1
+    self.skipped_in_row += 1
+    if self.skipped_in_row > self.skip_nonfinite:
+      self._stop(f"{self.skipped_in_row} non-finite losses in a row up to step {step} (more "
+                 f"than train.skip_nonfinite={self.skip_nonfinite}); stopping", "")
+    self.writer.message(f"step {step}: non-finite loss, update skipped ({self.skipped} so far)")
+
+  def _stop(self, what: str, advice: str):
+    self.ckpt.wait()
+    raise FloatingPointError(
+      f"{what}. The last good checkpoint is step {self.ckpt.latest_step()} in "
+      f"{self.ckpt.directory}" + (f" ({advice})" if advice else ""))
+
+
+def convert_from_hf(src: str, workdir) -> str:
+  """Makes `workdir` a jaxlm run directory (config.json, tokenizer/, a step-0 checkpoint) holding
+  the HF checkpoint `src`, so `jaxlm generate`, `jaxlm convert --to-hf` and
+  `model.init_from=WORKDIR` work on it."""
+  p = rundir.path(workdir)
+  if (p / rundir.CHECKPOINT_DIR).exists():
+    raise ValueError(f"{p} already holds checkpoints; convert into a new directory")
+  config = config_lib.base_config()
+  stored = rundir.init_model_config(src, {})
+  config.kind = "lm" if stored.causal else ("mlm" if stored.head == "mlm" else "finetune")
+  config.model.update(head=stored.head, num_labels=stored.num_labels, init_from=src)
+  config.data.seq_len = min(config.data.seq_len, stored.max_seq_len)
+  config.train.batch_size = jax.device_count()
+  config.optim.name, config.optim.b1 = "sgd", 0.0  # plain SGD keeps no optimizer state
+  run = setup(config, p, with_data=False)
+  ckpt = rundir.open_checkpoints(config, p)
+  try:
+    quiet = metrics_lib.MetricsWriter(p, 0, enabled=False)
+    state, _, _ = Trainer(run, ckpt, quiet, None).start_state(None)
+    ckpt.save(0, state, meta=rundir.checkpoint_meta(config, run.tokenizer, src))
+    ckpt.wait()
+  finally:
+    ckpt.close()
+  return str(p)
+
+
+def evaluate_run(workdir, split: str = "dev") -> dict:
+  """Scores the newest checkpoint of the run in `workdir` with its kind's evaluator: the task's
+  metrics on `split` for finetune runs, the eval loss for language models (`jaxlm eval`)."""
+  config = rundir.read_config(workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  saved, params = rundir.load_run(workdir, mesh=mesh)
+  shardings = jax.tree.map(lambda x: x.sharding, params)
+  mode = modes.build(config, saved.tokenizer, saved.model, mesh, shardings,
+                     eval_split=split if config.kind == "finetune" else None, train=False)
+  with sharding.mesh_rules(mesh):
+    return mode.evaluate(params)
