@@ -97,8 +97,10 @@ def test_scanned_layers_and_bf16_import(tmp_path):
   model, params = jaxlm.from_hf(str(tmp_path), scan_layers=True)
   assert params["blocks"]["attn"]["q"]["kernel"].shape == (2, 32, 4, 8)
   assert np.abs(_jax_logits(model, params, TOKENS) - ref).max() <= 1e-4
-  model16, params16 = jaxlm.from_hf(str(tmp_path), dtype="bfloat16")
+  model16, params16 = jaxlm.from_hf(str(tmp_path), dtype=jnp.bfloat16)  # as JAX users pass it
   assert params16["embed"]["embedding"].dtype == jnp.bfloat16
+  assert model16.cfg.dtype == model16.cfg.param_dtype == "bfloat16"
+  assert jaxlm.from_hf(str(tmp_path), dtype="bfloat16")[0].cfg == model16.cfg
   assert np.abs(_jax_logits(model16, params16, TOKENS) - ref).max() <= 0.1
 
 

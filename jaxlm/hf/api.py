@@ -1,6 +1,6 @@
 """`from_hf` and `to_hf`: a Hugging Face checkpoint in, a jaxlm (model, params) out, and back.
 
-  model, params = jaxlm.from_hf("path/or/hub-id", dtype="float32")
+  model, params = jaxlm.from_hf("path/or/hub-id", dtype=jnp.bfloat16)  # or dtype="bfloat16"
   jaxlm.to_hf(model, params, "out_dir", tokenizer=tokenizer)
 """
 
@@ -8,6 +8,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from jaxlm.hf import convert, families, io
 
@@ -32,21 +33,22 @@ def load_hf_checkpoint(src: str, gguf_file: str | None = None):
   return family, hf_config, tensors, directory, gguf_file
 
 
-def model_config_from_hf(family, hf_config, dtype: str = "float32", **overrides):
-  """The jaxlm config of an HF config: params and compute in `dtype`, plus run-level overrides
-  (dropout, remat, scan_layers, ...)."""
+def model_config_from_hf(family, hf_config, dtype: DTypeLike = "float32", **overrides):
+  """The jaxlm config of an HF config: params and compute in `dtype` ("bfloat16", jnp.bfloat16,
+  ...; stored by name), plus run-level overrides (dropout, remat, scan_layers, ...)."""
   cfg = family.config_from_hf(hf_config)
   return cfg.replace(**{"dtype": dtype, "param_dtype": dtype, **overrides})
 
 
-def config_from_hf(src: str, dtype: str = "float32", gguf_file: str | None = None, **overrides):
+def config_from_hf(src: str, dtype: DTypeLike = "float32", gguf_file: str | None = None,
+                   **overrides):
   """The ModelConfig that `from_hf(src, dtype, gguf_file, **overrides)` would build, read from
   the checkpoint's config alone (no weights loaded)."""
   family, hf_config, _, _ = read_hf_config(src, gguf_file)
   return model_config_from_hf(family, hf_config, dtype, **overrides)
 
 
-def from_hf(src: str, dtype: str = "float32", gguf_file: str | None = None, **overrides):
+def from_hf(src: str, dtype: DTypeLike = "float32", gguf_file: str | None = None, **overrides):
   """Imports a Hugging Face causal LM (GPT-2, Llama 2/3, Mistral, Qwen2, SmolLM) or encoder
   (BERT, RoBERTa: base, masked-LM, sequence/token classification, QA).
 
@@ -56,7 +58,8 @@ def from_hf(src: str, dtype: str = "float32", gguf_file: str | None = None, **ov
   Args:
     src: a local HF model directory (safetensors, sharded or not; or PyTorch .bin), a .gguf
       file, or a hub id.
-    dtype: parameter and compute dtype (float32 | bfloat16 | float16).
+    dtype: parameter and compute dtype: float32 | bfloat16 | float16, as a name or a dtype
+      (jnp.bfloat16, np.float32).
     gguf_file: GGUF file name inside `src`, when `src` is a directory.
     **overrides: ModelConfig fields to change (e.g. dropout=0.1, remat="full").
 

@@ -15,6 +15,27 @@ HEADS = ("lm", "base", "mlm", "seq_cls", "token_cls", "qa")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def dtype_name(dtype: Any, what: str = "dtype") -> str:
+  """The canonical name in DTYPES of a dtype given as JAX users pass it: "bfloat16", jnp.bfloat16,
+  np.float32 or a np.dtype. Configs keep the name, so they stay JSON-serialisable.
+
+  Raises:
+    ValueError: naming `what` when `dtype` is not one of DTYPES.
+  """
+  if isinstance(dtype, str):
+    name = dtype
+  else:
+    import numpy as np  # jnp.bfloat16 and friends carry a numpy dtype (ml_dtypes for bfloat16)
+
+    try:
+      name = np.dtype(dtype).name
+    except TypeError:
+      name = None
+  if name not in DTYPES:
+    raise ValueError(f"{what}={dtype!r} is not one of {DTYPES}")
+  return name
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Sizes and family switches of a decoder (or, with causal=False, encoder) Transformer.
@@ -46,7 +67,7 @@ class ModelConfig:
   tie_embeddings: bool = True  # the LM head reuses the token embedding
   dropout: float = 0.0  # on embeddings and residual branches
   init_std: float = 0.02
-  dtype: str = "float32"  # compute dtype; params stay in param_dtype
+  dtype: str = "float32"  # compute dtype; params stay in param_dtype (jnp.bfloat16 etc. accepted)
   param_dtype: str = "float32"
   remat: str = "none"  # none | full | dots (save matmul outputs)
   scan_layers: bool = False  # nn.scan over layers: faster compiles for deep models
@@ -61,6 +82,8 @@ class ModelConfig:
   num_labels: int = 2  # classes of a seq_cls / token_cls head (1 = regression)
 
   def __post_init__(self):
+    for name in ("dtype", "param_dtype"):  # frozen: normalised in place, once, here
+      object.__setattr__(self, name, dtype_name(getattr(self, name), f"model.{name}"))
     for name, allowed in (
       ("norm", NORMS),
       ("position", POSITIONS),
@@ -68,8 +91,6 @@ class ModelConfig:
       ("remat", REMAT),
       ("norm_position", NORM_POSITIONS),
       ("head", HEADS),
-      ("dtype", DTYPES),
-      ("param_dtype", DTYPES),
     ):
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
