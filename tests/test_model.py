@@ -138,6 +138,15 @@ def test_dropout_is_active_only_when_not_deterministic():
   assert np.abs(np.asarray(a - c)).max() > 1e-3
 
 
+def test_arguments_after_the_tokens_are_keyword_only():
+  # EncoderModel's second argument is a padding mask, the Transformer's was segment ids: neither
+  # may be passed positionally, so one cannot be mistaken for the other
+  model, params = _init(ModelConfig(**TINY["gpt2"]))
+  tokens = jnp.ones((2, T), jnp.int32)
+  with pytest.raises(TypeError, match="positional argument"):
+    model.apply({"params": params}, tokens, jnp.ones((2, T), jnp.int32))
+
+
 def test_bad_model_config_names_the_key_and_choices():
   with pytest.raises(ValueError, match=r"model.norm='batchnorm' is not one of"):
     ModelConfig(norm="batchnorm")

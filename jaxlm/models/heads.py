@@ -82,15 +82,16 @@ class EncoderModel(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, padding_mask_BT=None, token_types_BT=None, deterministic=True,
+  def __call__(self, tokens_BT, *, padding_mask_BT=None, token_types_BT=None, deterministic=True,
                positions_BT=None, segment_ids_BT=None, cls_index_N=None):
-    """Runs the encoder and the head; fp32 outputs. Args as in Transformer.__call__."""
+    """Runs the encoder and the head; fp32 outputs. Args as in Transformer.__call__ (keyword-only
+    there and here, since a positional second argument means different things in the two)."""
     cfg = self.cfg
     check_task(cfg)
     backbone = Transformer(cfg, name="transformer")
-    x_BTD = backbone(tokens_BT, segment_ids_BT, positions_BT, deterministic,
-                     token_types_BT=token_types_BT, padding_mask_BT=padding_mask_BT,
-                     return_hidden=True)
+    x_BTD = backbone(tokens_BT, segment_ids_BT=segment_ids_BT, positions_BT=positions_BT,
+                     deterministic=deterministic, token_types_BT=token_types_BT,
+                     padding_mask_BT=padding_mask_BT, return_hidden=True)
     drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
     if cfg.head == "base":
       pooled_BD = Pooler(cfg, name="pooler")(first_tokens(x_BTD)) if cfg.pooler else None

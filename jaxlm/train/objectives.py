@@ -54,9 +54,10 @@ def encoder_outputs(apply_fn, params, batch, rng=None, deterministic=True):
   """The encoder model's head outputs for a task batch (inputs, padding_mask, token_types; and
   segment_ids, positions, cls_index when examples are packed)."""
   return apply_fn(
-    {"params": params}, batch["inputs"], batch["padding_mask"], batch.get("token_types"),
-    deterministic=deterministic, positions_BT=batch.get("positions"),
-    segment_ids_BT=batch.get("segment_ids"), cls_index_N=batch.get("cls_index"),
+    {"params": params}, batch["inputs"], padding_mask_BT=batch["padding_mask"],
+    token_types_BT=batch.get("token_types"), deterministic=deterministic,
+    positions_BT=batch.get("positions"), segment_ids_BT=batch.get("segment_ids"),
+    cls_index_N=batch.get("cls_index"),
     rngs=None if deterministic else {"dropout": rng},
   )
 
