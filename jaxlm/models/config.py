@@ -11,7 +11,8 @@ POSITIONS = ("learned", "rope")
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
 REMAT = ("none", "full", "dots")
 NORM_POSITIONS = ("pre", "post")
-HEADS = ("lm", "base", "mlm", "seq_cls", "token_cls", "qa")
+ENCODER_HEADS = ("base", "mlm", "seq_cls", "token_cls", "qa")  # the task heads of models.heads
+HEADS = ("lm", *ENCODER_HEADS)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -78,7 +79,7 @@ class ModelConfig:
   type_vocab_size: int = 0  # token-type (sentence A/B) embeddings; 0 = none
   position_offset: int = 0  # first position id (RoBERTa: padding_idx + 1 = 2)
   pooler: bool = False  # dense + tanh on the first token in the base encoder (BERT's pooler)
-  head: str = "lm"  # lm (decoders) | encoders: base | mlm | seq_cls | token_cls | qa
+  head: str = "lm"  # lm (decoders) | one of ENCODER_HEADS
   num_labels: int = 2  # classes of a seq_cls / token_cls head (1 = regression)
 
   def __post_init__(self):

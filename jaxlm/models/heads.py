@@ -11,16 +11,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm.models.config import ModelConfig
+from jaxlm.models.config import ENCODER_HEADS, ModelConfig
 from jaxlm.models.layers import ACTIVATIONS, norm, param_init
 from jaxlm.models.transformer import Transformer
 
-TASKS = ("base", "mlm", "seq_cls", "token_cls", "qa")
-
 
 def check_task(cfg: ModelConfig):
-  if cfg.head not in TASKS:
-    raise ValueError(f"model.head={cfg.head!r} is not an encoder head; choose one of {TASKS}")
+  if cfg.head not in ENCODER_HEADS:
+    raise ValueError(f"model.head={cfg.head!r} is not an encoder head; choose one of "
+                     f"{ENCODER_HEADS}")
   if cfg.causal:
     raise ValueError("an encoder task needs model.causal=False (bidirectional attention)")
 

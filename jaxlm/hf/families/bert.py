@@ -8,7 +8,7 @@ another name, so it is a family of its own.
 
 from jaxlm.hf.convert import Rule
 from jaxlm.hf.families import Family
-from jaxlm.models.config import ModelConfig
+from jaxlm.models.config import ENCODER_HEADS, ModelConfig
 
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                 "relu": "relu", "silu": "silu"}
@@ -149,7 +149,7 @@ def _family(name, kind, rules, heads):
   )
 
 
-_ALL = ("base", "mlm", "seq_cls", "token_cls", "qa")
-BERT = _family("bert", "Bert", BERT_RULES, _ALL)
-ROBERTA = _family("roberta", "Roberta", ROBERTA_RULES, tuple(h for h in _ALL if h != "seq_cls"))
+BERT = _family("bert", "Bert", BERT_RULES, ENCODER_HEADS)
+ROBERTA = _family("roberta", "Roberta", ROBERTA_RULES,
+                  tuple(h for h in ENCODER_HEADS if h != "seq_cls"))
 ROBERTA_CLS = _family("roberta_cls", "Roberta", ROBERTA_CLS_RULES, ("seq_cls",))
