@@ -13,7 +13,8 @@ transformers = pytest.importorskip("transformers")
 
 import jaxlm
 from jaxlm.data import tokenizers as tok_lib
-from jaxlm.hf import api, convert
+from jaxlm.hf import api, convert, families
+from jaxlm.models.config import ACTIVATIONS, preset
 from hf_testing import random_hf_model
 
 V = 97
@@ -88,6 +89,15 @@ def test_config_fields_map_both_ways():
   assert (back.num_key_value_heads, back.tie_word_embeddings) == (2, False)
   qwen = api.model_config_from_hf(api.families.family_named("qwen2"), _configs()["qwen2-qkv-bias"])
   assert qwen.qkv_bias and not qwen.use_bias and qwen.to_hf_config().model_type == "qwen2"
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_every_activation_maps_to_hf_and_back(activation):
+  assert set(families.HF_ACTIVATIONS.values()) == set(ACTIVATIONS)
+  for name in ("gpt2", "llama2-7b", "bert-base"):  # configs only: no params are made
+    cfg = preset(name, activation=activation)
+    family = families.family_for_model(cfg)
+    assert family.config_from_hf(cfg.to_hf_config()).activation == activation, name
 
 
 def test_scanned_layers_and_bf16_import(tmp_path):

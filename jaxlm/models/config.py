@@ -8,7 +8,15 @@ from typing import Any
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
-ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
+# The MLP nonlinearities, the one table of them: name -> (jax.nn function, its keyword arguments).
+# Configs are checked against its keys, layers.activation builds the functions from it; kept as
+# data so this module imports neither jax nor layers (which imports it).
+ACTIVATIONS = {
+  "gelu_tanh": ("gelu", {"approximate": True}),
+  "gelu": ("gelu", {"approximate": False}),
+  "silu": ("silu", {}),
+  "relu": ("relu", {}),
+}
 REMAT = ("none", "full", "dots")
 NORM_POSITIONS = ("pre", "post")
 ENCODER_HEADS = ("base", "mlm", "seq_cls", "token_cls", "qa")  # the task heads of models.heads
@@ -88,7 +96,7 @@ class ModelConfig:
     for name, allowed in (
       ("norm", NORMS),
       ("position", POSITIONS),
-      ("activation", ACTIVATIONS),
+      ("activation", tuple(ACTIVATIONS)),
       ("remat", REMAT),
       ("norm_position", NORM_POSITIONS),
       ("head", HEADS),

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.models.config import ENCODER_HEADS, ModelConfig
-from jaxlm.models.layers import ACTIVATIONS, norm, param_init
+from jaxlm.models.layers import activation, norm, param_init
 from jaxlm.models.transformer import Transformer
 
 
@@ -62,7 +62,7 @@ class MlmHead(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, embedding_VD):
     cfg = self.cfg
-    h_BTD = ACTIVATIONS[cfg.activation](_dense(cfg, cfg.embed_dim, "transform")(x_BTD))
+    h_BTD = activation(cfg.activation)(_dense(cfg, cfg.embed_dim, "transform")(x_BTD))
     h_BTD = norm(cfg, "norm")(h_BTD)
     bias_V = self.param("bias", _zeros(("vocab",)), (cfg.vocab_size,), cfg.param_dtype)
     logits_BTV = jnp.einsum("btd,vd->btv", h_BTD, embedding_VD.astype(h_BTD.dtype))
