@@ -206,6 +206,20 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
   assert os.path.isfile(str(tmp_path / "ok" / "tokenizer.json"))
 
 
+def test_one_tokenizer_loader_and_one_fit_check(tmp_path):
+  assert api.load_tokenizer is tok_lib.load_tokenizer
+  tok_lib.char_tokenizer("abc").save_pretrained(str(tmp_path / "tok"))
+  tokenizer = tok_lib.load_tokenizer(str(tmp_path / "tok"))
+  assert len(tokenizer) == 3
+  tok_lib.check_fits(tokenizer, 3)
+  with pytest.raises(ValueError, match=r"the tokenizer has 3 tokens but the model's vocabulary has "
+                                       r"2: .* model.vocab_size=0"):
+    tok_lib.check_fits(tokenizer, 2)
+  for bad in (tmp_path / "missing.gguf", tmp_path / "tok" / "tokenizer.json"):
+    with pytest.raises(ValueError, match=rf"cannot load tokenizer from '{bad}'"):
+      tok_lib.load_tokenizer(str(bad))
+
+
 def test_axis_patterns_invert():
   x = np.arange(2 * 3 * 4 * 5).reshape(4, 30)
   dims = {"d": 4, "h": 2, "e": 5}

@@ -10,7 +10,12 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
+from jaxlm.data import tokenizers as tok_lib
 from jaxlm.hf import convert, families, io
+
+# the one tokenizer loader, under the name callers (jaxlm.sample, jaxlm.hf.runs,
+# jaxlm.train.finetune) know it by here
+load_tokenizer = tok_lib.load_tokenizer
 
 
 def read_hf_config(src: str, gguf_file: str | None = None):
@@ -81,28 +86,6 @@ def from_hf(src: str, dtype: DTypeLike = "float32", gguf_file: str | None = None
   return family.build_model(cfg), jax.tree.map(jnp.asarray, params)
 
 
-def load_tokenizer(src: str, gguf_file: str | None = None):
-  """The tokenizer stored with an HF checkpoint (directory, .gguf file or hub id)."""
-  from transformers import AutoTokenizer
-
-  directory, gguf_file = io.resolve_source(src, gguf_file)
-  kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-  try:
-    return AutoTokenizer.from_pretrained(directory, trust_remote_code=False, **kwargs)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"no usable tokenizer in {src!r} ({e})") from None
-
-
-def check_tokenizer_fits(tokenizer, vocab_size: int) -> None:
-  """Refuses a tokenizer that emits ids the model's embedding does not have."""
-  n = len(tokenizer)
-  if n > vocab_size:
-    raise ValueError(
-      f"the tokenizer has {n} tokens but the model's vocabulary has {vocab_size}: ids >= "
-      f"{vocab_size} would fall outside the embedding. Use the tokenizer the model was trained with"
-    )
-
-
 def to_hf(model, params, out_dir: str, tokenizer=None, family: str | None = None,
           max_shard_size: int | str = "5GB") -> str:
   """Writes a transformers-loadable directory: config.json, safetensors (sharded with an index
@@ -121,9 +104,9 @@ def to_hf(model, params, out_dir: str, tokenizer=None, family: str | None = None
   fam = families.family_for(cfg, family)
   hf_config = fam.config_to_hf(cfg)
   if isinstance(tokenizer, str):
-    tokenizer = load_tokenizer(tokenizer)
+    tokenizer = tok_lib.load_tokenizer(tokenizer)
   if tokenizer is not None:
-    check_tokenizer_fits(tokenizer, cfg.vocab_size)
+    tok_lib.check_fits(tokenizer, cfg.vocab_size)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
       if getattr(tokenizer, name, None) is not None:
         setattr(hf_config, name, getattr(tokenizer, name))
