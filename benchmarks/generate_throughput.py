@@ -65,6 +65,7 @@ def main():
   import transformers
 
   from jaxlm import generate as gen
+  from jaxlm.data import tokenizers as tok_lib
   from jaxlm.hf import api, convert
 
   family, hf_config, tensors, directory, gguf_file = api.load_hf_checkpoint(
@@ -78,7 +79,7 @@ def main():
   hf_model.tie_weights()
   hf_model = hf_model.to(device=device, dtype=getattr(torch, args.dtype))
   hf_model.generation_config.eos_token_id = None  # every row makes exactly N tokens
-  tokenizer = api.load_tokenizer(directory, gguf_file)
+  tokenizer = tok_lib.load_tokenizer(directory, gguf_file)
   N = args.new_tokens
   print(f"model {cfg.num_layers} layers, {cfg.embed_dim} dims, {args.dtype}; jax on "
         f"{jax.devices()[0].platform}, torch on {device} ({torch.get_num_threads()} threads); "

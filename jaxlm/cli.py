@@ -8,14 +8,25 @@
   jaxlm eval --workdir runs/sst2 --split dev     (fine-tuning runs: the task's metrics)
 """
 
-import shlex
 import os
+import re
+import shlex
 import sys
 
 from absl import flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "generate", "plot", "convert", "eval")
+# The flags each command takes (--debug aside, which all take): a flag meant for another command
+# is refused rather than silently ignored, since all five share one absl namespace.
+COMMAND_FLAGS = {
+  "train": ("config", "workdir"),
+  "generate": ("workdir", "hf", "prompt", "max_new_tokens", "temperature", "top_k", "top_p",
+               "seed", "stop"),
+  "plot": ("workdir", "out"),
+  "convert": ("from-hf", "to-hf", "workdir", "step"),
+  "eval": ("workdir", "split"),
+}
+COMMANDS = tuple(COMMAND_FLAGS)
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "experiment config file (configs/*.py); override fields with --config.KEY=VALUE",
   lock_config=True,
@@ -44,6 +55,9 @@ class UsageError(Exception):
 
 
 def _parse(argv: list[str]) -> list[str]:
+  # FLAGS is global: a second in-process main() (tests) must not see the first one's flags
+  FLAGS.unparse_flags()
+  _check_overrides(argv)
   try:
     return FLAGS(argv)
   except flags.Error as e:  # wrong types and malformed flags
@@ -56,6 +70,35 @@ def _parse(argv: list[str]) -> list[str]:
     detail = str(e.args[0] if e.args else e).replace("\n", " ")
     print(f"jaxlm: error: unknown config key among {bad}: {detail}", file=sys.stderr)
     sys.exit(2)
+
+
+def _usage(command: str, flag: str) -> str:
+  return (f"{command} does not take --{flag}; its flags: "
+          f"{', '.join('--' + f for f in COMMAND_FLAGS[command])}")
+
+
+def _check_overrides(argv: list[str]):
+  """--config.KEY=VALUE overrides to a command without --config; checked before parsing, since
+  absl rejects them there with a less helpful "unknown flag" when --config is not given."""
+  command = argv[1] if len(argv) > 1 else None
+  if command not in COMMAND_FLAGS or "config" in COMMAND_FLAGS[command]:
+    return
+  for arg in argv[2:]:
+    if arg == "--":
+      return
+    if match := re.match(r"--?(?:no)?(config\.[^=]*)", arg):
+      print(f"jaxlm: error: {_usage(command, match.group(1))}", file=sys.stderr)
+      sys.exit(2)
+
+
+def _check_flags(command: str):
+  """Refuses the first flag set on the command line that `command` does not take."""
+  allowed = {*COMMAND_FLAGS[command], "debug"}
+  ours = {name for names in COMMAND_FLAGS.values() for name in names}  # not absl's own flags
+  for name in FLAGS:
+    base = name.split(".", 1)[0]  # config.KEY overrides count as --config
+    if base in ours and base not in allowed and FLAGS[name].present:
+      raise UsageError(_usage(command, name))
 
 
 def _train():
@@ -90,10 +133,11 @@ def _generate():
   from jaxlm import generate, textgen
 
   if FLAGS.hf:
+    from jaxlm.data import tokenizers
     from jaxlm.hf import api
 
     model, params = api.from_hf(FLAGS.hf)
-    tokenizer = api.load_tokenizer(FLAGS.hf)
+    tokenizer = tokenizers.load_tokenizer(FLAGS.hf)
   else:
     from jaxlm import rundir
 
@@ -130,6 +174,7 @@ def _convert():
 def _main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise UsageError(f"usage: jaxlm {{{'|'.join(COMMANDS)}}} --workdir DIR [flags]; got {argv[1:]}")
+  _check_flags(argv[1])
   if not FLAGS.workdir and not (argv[1] == "generate" and FLAGS.hf):
     raise UsageError(f"{argv[1]} needs --workdir=DIR")
   {"train": _train, "generate": _generate, "plot": _plot, "convert": _convert,

@@ -109,8 +109,8 @@ def _generate(params, tokens_BP, lengths_B, rng, eos_E, pad_id, callback_id, *, 
   positions_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0)
   cache = _init_cache(model, B, P + N - 1)
   logits_BPV, variables = model.apply(
-    {"params": params, "cache": cache}, tokens_BP, valid_BP.astype(jnp.int32), positions_BP,
-    decode=True, mutable=["cache"])
+    {"params": params, "cache": cache}, tokens_BP, segment_ids_BT=valid_BP.astype(jnp.int32),
+    positions_BT=positions_BP, decode=True, mutable=["cache"])
 
   def finish_step(i, logits_BV, rng, done_B, out_BN):
     rng, key = jax.random.split(rng)
@@ -133,8 +133,8 @@ def _generate(params, tokens_BP, lengths_B, rng, eos_E, pad_id, callback_id, *, 
     i, cache, rng, done_B, out_BN, count_B = carry
     last_B1 = jax.lax.dynamic_slice_in_dim(out_BN, i - 1, 1, axis=1)
     logits_B1V, variables = model.apply(
-      {"params": params, "cache": cache}, last_B1, jnp.ones((B, 1), jnp.int32),
-      (lengths_B + i - 1)[:, None], decode=True, mutable=["cache"])
+      {"params": params, "cache": cache}, last_B1, segment_ids_BT=jnp.ones((B, 1), jnp.int32),
+      positions_BT=(lengths_B + i - 1)[:, None], decode=True, mutable=["cache"])
     rng, done_B, out_BN, step_B = finish_step(i, logits_B1V[:, 0], rng, done_B, out_BN)
     return i + 1, variables["cache"], rng, done_B, out_BN, count_B + step_B
 

@@ -131,9 +131,7 @@ def init_tokenizer(src: str):
   """The tokenizer that goes with `src` (a jaxlm run or an HF checkpoint)."""
   if is_run_dir(src):
     return load_tokenizer(src)
-  from jaxlm.hf import api
-
-  return api.load_tokenizer(src)
+  return tok_lib.load_tokenizer(src)
 
 
 def init_params(src: str, cfg: ModelConfig) -> dict:

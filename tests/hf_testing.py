@@ -40,6 +40,7 @@ def load_smollm2():
   import torch
   import transformers
 
+  from jaxlm.data import tokenizers as tok_lib
   from jaxlm.hf import api, convert
 
   family, hf_config, tensors, directory, gguf_file = api.load_hf_checkpoint(smollm2_gguf_path())
@@ -50,5 +51,5 @@ def load_smollm2():
     {k: torch.from_numpy(v) for k, v in tensors.items()}, strict=False)
   assert set(missing) <= {"lm_head.weight"} and not unexpected
   hf_model.tie_weights()
-  tokenizer = api.load_tokenizer(directory, gguf_file)
+  tokenizer = tok_lib.load_tokenizer(directory, gguf_file)
   return family.build_model(cfg), params, hf_model, tokenizer

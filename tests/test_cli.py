@@ -99,3 +99,29 @@ def test_missing_workdir_and_command_are_usage_errors(tmp_path):
   assert "needs --workdir" in jaxlm("train", "--config", "configs/demo.py").stderr
   assert "usage: jaxlm" in jaxlm("fly", "--workdir", str(tmp_path)).stderr
   assert "not a jaxlm run directory" in jaxlm("generate", "--workdir", str(tmp_path)).stderr
+
+
+def _main_in_process(capsys, *args) -> tuple[int, str]:
+  """(exit code, stderr) of jaxlm.cli.main run in this process."""
+  from jaxlm import cli
+
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["jaxlm", *args])
+  return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+  (["plot", "--top_k", "5"], "plot does not take --top_k; its flags: --workdir, --out"),
+  (["eval", "--config.train.steps=3"],
+   "eval does not take --config.train.steps; its flags: --workdir, --split"),
+  (["train", "--config", "configs/demo.py", "--nodebug", "--seed", "1"],  # all take --debug
+   "train does not take --seed; its flags: --config, --workdir"),
+  (["convert", "--from-hf", "x", "--prompt", "hi"], "convert does not take --prompt"),
+])
+def test_a_flag_of_another_command_is_a_usage_error(tmp_path, capsys, args, message):
+  code, err = _main_in_process(capsys, *args, "--workdir", str(tmp_path))
+  assert code == 2
+  assert f"jaxlm: error: {message}" in err and err.count("\n") == 1, err
+  # absl's FLAGS is global: the flags of that call must not leak into the next one
+  code, err = _main_in_process(capsys, "plot", "--workdir", str(tmp_path))
+  assert code == 1 and "metrics.jsonl not found" in err and "does not take" not in err, err

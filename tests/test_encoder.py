@@ -26,7 +26,7 @@ def test_every_token_sees_every_real_token_and_no_padding(family):
   mask = jnp.asarray([[True] * T, [True] * 6 + [False] * 4])
 
   def hidden(tok):
-    return model.apply({"params": params}, tok, mask)["hidden"]
+    return model.apply({"params": params}, tok, padding_mask_BT=mask)["hidden"]
 
   ref = hidden(tokens)
   changed_pad = hidden(tokens.at[1, 7].set(5))
@@ -94,6 +94,13 @@ def test_unknown_task_and_causal_encoder_are_rejected():
   model = EncoderModel(preset("bert-base", **TINY, causal=True))
   with pytest.raises(ValueError, match="causal=False"):
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+
+
+def test_the_padding_mask_is_keyword_only():
+  model, params = _init()
+  tokens = jnp.ones((2, T), jnp.int32)
+  with pytest.raises(TypeError, match="positional argument"):
+    model.apply({"params": params}, tokens, jnp.ones((2, T), bool))
 
 
 def _features(rng, n, max_len, token_labels):

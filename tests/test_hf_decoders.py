@@ -13,7 +13,8 @@ transformers = pytest.importorskip("transformers")
 
 import jaxlm
 from jaxlm.data import tokenizers as tok_lib
-from jaxlm.hf import api, convert
+from jaxlm.hf import api, convert, families
+from jaxlm.models.config import ACTIVATIONS, preset
 from hf_testing import random_hf_model
 
 V = 97
@@ -90,6 +91,15 @@ def test_config_fields_map_both_ways():
   assert qwen.qkv_bias and not qwen.use_bias and api.families.family_for(qwen).config_to_hf(qwen).model_type == "qwen2"
 
 
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_every_activation_maps_to_hf_and_back(activation):
+  assert set(families.HF_ACTIVATIONS.values()) == set(ACTIVATIONS)
+  for name in ("gpt2", "llama2-7b", "bert-base"):  # configs only: no params are made
+    cfg = preset(name, activation=activation)
+    family = families.family_for_model(cfg)
+    assert family.config_from_hf(cfg.to_hf_config()).activation == activation, name
+
+
 def test_scanned_layers_and_bf16_import(tmp_path):
   hf_model = _random_hf_model(_configs()["qwen2-qkv-bias"])
   hf_model.save_pretrained(str(tmp_path))
@@ -97,8 +107,10 @@ def test_scanned_layers_and_bf16_import(tmp_path):
   model, params = jaxlm.from_hf(str(tmp_path), scan_layers=True)
   assert params["blocks"]["attn"]["q"]["kernel"].shape == (2, 32, 4, 8)
   assert np.abs(_jax_logits(model, params, TOKENS) - ref).max() <= 1e-4
-  model16, params16 = jaxlm.from_hf(str(tmp_path), dtype="bfloat16")
+  model16, params16 = jaxlm.from_hf(str(tmp_path), dtype=jnp.bfloat16)  # as JAX users pass it
   assert params16["embed"]["embedding"].dtype == jnp.bfloat16
+  assert model16.cfg.dtype == model16.cfg.param_dtype == "bfloat16"
+  assert jaxlm.from_hf(str(tmp_path), dtype="bfloat16")[0].cfg == model16.cfg
   assert np.abs(_jax_logits(model16, params16, TOKENS) - ref).max() <= 0.1
 
 
@@ -192,6 +204,20 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
   fits = tok_lib.char_tokenizer("abc")
   jaxlm.to_hf(model, params, str(tmp_path / "ok"), tokenizer=fits)
   assert os.path.isfile(str(tmp_path / "ok" / "tokenizer.json"))
+
+
+def test_one_tokenizer_loader_and_one_fit_check(tmp_path):
+  assert not hasattr(api, "load_tokenizer")  # one loader: jaxlm.data.tokenizers
+  tok_lib.char_tokenizer("abc").save_pretrained(str(tmp_path / "tok"))
+  tokenizer = tok_lib.load_tokenizer(str(tmp_path / "tok"))
+  assert len(tokenizer) == 3
+  tok_lib.check_fits(tokenizer, 3)
+  with pytest.raises(ValueError, match=r"the tokenizer has 3 tokens but the model's vocabulary has "
+                                       r"2: .* model.vocab_size=0"):
+    tok_lib.check_fits(tokenizer, 2)
+  for bad in (tmp_path / "missing.gguf", tmp_path / "tok" / "tokenizer.json"):
+    with pytest.raises(ValueError, match=rf"cannot load tokenizer from '{bad}'"):
+      tok_lib.load_tokenizer(str(bad))
 
 
 def test_axis_patterns_invert():

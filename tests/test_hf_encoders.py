@@ -63,8 +63,8 @@ def _hf_out(model, head, tokens, mask, types):
 
 
 def _jax_out(model, params, head, tokens, mask, types):
-  out = model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(mask, bool),
-                    jnp.asarray(types))
+  out = model.apply({"params": params}, jnp.asarray(tokens),
+                    padding_mask_BT=jnp.asarray(mask, bool), token_types_BT=jnp.asarray(types))
   if head == "base":
     return np.asarray(out["hidden"]), np.asarray(out["pooled"])
   return np.asarray(out), None
@@ -131,6 +131,7 @@ def test_all_minilm_l6_v2_matches_transformers_on_real_sentences():
     ref = hf_model(**{k: torch.tensor(v) for k, v in enc.items()}).last_hidden_state.numpy()
   model, params = jaxlm.from_hf(src)
   ours = model.apply({"params": params}, jnp.asarray(enc["input_ids"]),
-                     jnp.asarray(enc["attention_mask"], bool), jnp.asarray(enc["token_type_ids"]))
+                     padding_mask_BT=jnp.asarray(enc["attention_mask"], bool),
+                     token_types_BT=jnp.asarray(enc["token_type_ids"]))
   real = enc["attention_mask"].astype(bool)
   assert np.abs(np.asarray(ours["hidden"]) - ref)[real].max() <= 1e-4

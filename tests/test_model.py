@@ -1,5 +1,7 @@
 """Model properties: causality, segment isolation, preset sizes, scan/remat equivalence."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,6 +138,15 @@ def test_dropout_is_active_only_when_not_deterministic():
   assert np.abs(np.asarray(a - c)).max() > 1e-3
 
 
+def test_arguments_after_the_tokens_are_keyword_only():
+  # EncoderModel's second argument is a padding mask, the Transformer's was segment ids: neither
+  # may be passed positionally, so one cannot be mistaken for the other
+  model, params = _init(ModelConfig(**TINY["gpt2"]))
+  tokens = jnp.ones((2, T), jnp.int32)
+  with pytest.raises(TypeError, match="positional argument"):
+    model.apply({"params": params}, tokens, jnp.ones((2, T), jnp.int32))
+
+
 def test_bad_model_config_names_the_key_and_choices():
   with pytest.raises(ValueError, match=r"model.norm='batchnorm' is not one of"):
     ModelConfig(norm="batchnorm")
@@ -143,3 +154,23 @@ def test_bad_model_config_names_the_key_and_choices():
     ModelConfig(embed_dim=48, num_heads=6, num_kv_heads=4)
   with pytest.raises(ValueError, match="unknown model preset 'gpt5'"):
     preset("gpt5")
+
+
+@pytest.mark.parametrize("given, name", [
+  (jnp.bfloat16, "bfloat16"), (np.float32, "float32"), (np.dtype("float16"), "float16"),
+  (jnp.dtype("bfloat16"), "bfloat16"), ("bfloat16", "bfloat16"),
+])
+def test_dtypes_are_accepted_as_jax_users_pass_them_and_stored_by_name(given, name):
+  cfg = ModelConfig(**TINY["gpt2"], dtype=given, param_dtype=given)
+  assert cfg.dtype == cfg.param_dtype == name
+  assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+  assert cfg.replace(dtype=jnp.float32).dtype == "float32"
+  _, params = _init(cfg)
+  assert params["embed"]["embedding"].dtype == jnp.dtype(name)
+
+
+def test_unknown_dtype_names_the_field_and_choices():
+  with pytest.raises(ValueError, match=r"model.param_dtype=<class 'numpy.int32'> is not one of"):
+    ModelConfig(param_dtype=np.int32)
+  with pytest.raises(ValueError, match=r"model.dtype='fp8' is not one of \('float32'"):
+    ModelConfig(dtype="fp8")

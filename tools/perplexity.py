@@ -34,9 +34,9 @@ def smollm2_gguf() -> str:
 
 def windows(src_dir, gguf_file, path, n_tokens, window) -> np.ndarray:
   """[N, window] token ids: the first `n_tokens` of the file, cut into windows."""
-  from jaxlm.hf import api
+  from jaxlm.data import tokenizers as tok_lib
 
-  tokenizer = api.load_tokenizer(src_dir, gguf_file)
+  tokenizer = tok_lib.load_tokenizer(src_dir, gguf_file)
   with open(path) as f:
     ids = tokenizer(f.read(), add_special_tokens=False)["input_ids"][:n_tokens]
   n = len(ids) // window

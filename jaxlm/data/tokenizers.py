@@ -1,4 +1,5 @@
-"""Tokenizers: any Hugging Face tokenizer, or a character-level one built from the training text.
+"""Tokenizers: any Hugging Face tokenizer (a directory, a .gguf file or a hub id), or a
+character-level one built from the training text; and the check that one fits a model's vocabulary.
 
 Both are `transformers` fast tokenizers, saved into the run directory with `save_pretrained`, so
 generation later decodes exactly as training encoded.
@@ -9,6 +10,8 @@ import os
 import numpy as np
 import tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from jaxlm.hf import io as hf_io  # numpy/json/os only: no cycle back into jaxlm.data
 
 
 def char_tokenizer(text: str) -> PreTrainedTokenizerFast:
@@ -21,20 +24,45 @@ def char_tokenizer(text: str) -> PreTrainedTokenizerFast:
   return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-  """Loads a Hugging Face tokenizer from a local directory or a hub id (never trusting remote code).
+def load_tokenizer(src: str, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+  """Loads a Hugging Face tokenizer (never trusting remote code).
+
+  Args:
+    src: a local directory (tokenizer files, e.g. an HF checkpoint's or a run's), a .gguf file,
+      or a hub id.
+    gguf_file: a GGUF file name inside the directory `src`.
 
   Raises:
-    ValueError: naming the source and what to set when it cannot be loaded.
+    ValueError: naming the source and what it should be when it cannot be loaded.
   """
   try:
-    return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+    # local paths resolve as jaxlm.hf.io does for checkpoints (a .gguf file -> its directory and
+    # name); hub ids go to transformers as they are, which fetches only the tokenizer files
+    src_dir = src
+    if os.path.exists(src):
+      src_dir, gguf_file = hf_io.resolve_source(src, gguf_file)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoTokenizer.from_pretrained(src_dir, trust_remote_code=False, **kwargs)
   except (OSError, ValueError) as e:
-    where = "directory" if os.path.isdir(name) else "hub id or directory"
     raise ValueError(
-      f"cannot load tokenizer from {where} {name!r} ({type(e).__name__}: {e}). Set "
-      "data.tokenizer to a directory with tokenizer files, a hub id, or 'char'."
+      f"cannot load tokenizer from {src!r} ({type(e).__name__}: {e}); give a directory with "
+      "tokenizer files, a .gguf file or a hub id (or data.tokenizer='char' in a run config)"
     ) from None
+
+
+def check_fits(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
+  """Refuses a tokenizer that emits ids the model's embedding (`vocab_size` rows) does not have.
+
+  Raises:
+    ValueError: one line naming both sizes and the fix.
+  """
+  n = len(tokenizer)  # as vocab_size(tokenizer) counts, added tokens included
+  if n > vocab_size:
+    raise ValueError(
+      f"the tokenizer has {n} tokens but the model's vocabulary has {vocab_size}: ids >= "
+      f"{vocab_size} would fall outside the embedding; use the tokenizer the model was trained "
+      "with (or, for a new model, model.vocab_size=0 to take the size from the tokenizer)"
+    )
 
 
 def _untruncated_backend(tokenizer: PreTrainedTokenizerBase):
@@ -69,12 +97,3 @@ def vocab_size(tokenizer: PreTrainedTokenizerBase) -> int:
   """Number of ids the tokenizer can emit (added tokens included)."""
   return len(tokenizer)
 
-
-def check_fits(tokenizer, vocab_size: int) -> None:
-  """Refuses a tokenizer that emits ids the model's embedding does not have."""
-  n = len(tokenizer)
-  if n > vocab_size:
-    raise ValueError(
-      f"the tokenizer has {n} tokens but the model's vocabulary has {vocab_size}: ids >= "
-      f"{vocab_size} would fall outside the embedding. Use the tokenizer the model was trained "
-      "with, or set model.vocab_size=0 to take it from the tokenizer")

@@ -1,6 +1,6 @@
 """`from_hf` and `to_hf`: a Hugging Face checkpoint in, a jaxlm (model, params) out, and back.
 
-  model, params = jaxlm.from_hf("path/or/hub-id", dtype="float32")
+  model, params = jaxlm.from_hf("path/or/hub-id", dtype=jnp.bfloat16)  # or dtype="bfloat16"
   jaxlm.to_hf(model, params, "out_dir", tokenizer=tokenizer)
 """
 
@@ -8,8 +8,11 @@ import os
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
+from jaxlm.data import tokenizers as tok_lib
 from jaxlm.hf import convert, families, io
+
 
 
 def read_hf_config(src: str, gguf_file: str | None = None):
@@ -32,14 +35,15 @@ def load_hf_checkpoint(src: str, gguf_file: str | None = None):
   return family, hf_config, tensors, directory, gguf_file
 
 
-def model_config_from_hf(family, hf_config, dtype: str = "float32", **overrides):
-  """The jaxlm config of an HF config: params and compute in `dtype`, plus run-level overrides
-  (dropout, remat, scan_layers, ...)."""
+def model_config_from_hf(family, hf_config, dtype: DTypeLike = "float32", **overrides):
+  """The jaxlm config of an HF config: params and compute in `dtype` ("bfloat16", jnp.bfloat16,
+  ...; stored by name), plus run-level overrides (dropout, remat, scan_layers, ...)."""
   cfg = family.config_from_hf(hf_config)
   return cfg.replace(**{"dtype": dtype, "param_dtype": dtype, **overrides})
 
 
-def config_from_hf(src: str, dtype: str = "float32", gguf_file: str | None = None, **overrides):
+def config_from_hf(src: str, dtype: DTypeLike = "float32", gguf_file: str | None = None,
+                   **overrides):
   """The ModelConfig that `from_hf(src, dtype, gguf_file, **overrides)` would build, read from
   the checkpoint's config alone (no weights loaded)."""
   family, hf_config, _, _ = read_hf_config(src, gguf_file)
@@ -63,7 +67,7 @@ def import_params(src: str, cfg, gguf_file: str | None = None) -> dict:
                              what=f"{src} ({stored.head} head)")
 
 
-def from_hf(src: str, dtype: str = "float32", gguf_file: str | None = None, **overrides):
+def from_hf(src: str, dtype: DTypeLike = "float32", gguf_file: str | None = None, **overrides):
   """Imports a Hugging Face causal LM (GPT-2, Llama 2/3, Mistral, Qwen2, SmolLM) or encoder
   (BERT, RoBERTa: base, masked-LM, sequence/token classification, QA).
 
@@ -73,7 +77,8 @@ def from_hf(src: str, dtype: str = "float32", gguf_file: str | None = None, **ov
   Args:
     src: a local HF model directory (safetensors, sharded or not; or PyTorch .bin), a .gguf
       file, or a hub id.
-    dtype: parameter and compute dtype (float32 | bfloat16 | float16).
+    dtype: parameter and compute dtype: float32 | bfloat16 | float16, as a name or a dtype
+      (jnp.bfloat16, np.float32).
     gguf_file: GGUF file name inside `src`, when `src` is a directory.
     **overrides: ModelConfig fields to change (e.g. dropout=0.1, remat="full").
 
@@ -85,28 +90,6 @@ def from_hf(src: str, dtype: str = "float32", gguf_file: str | None = None, **ov
   cfg = config_from_hf(src, dtype, gguf_file, **overrides)
   params = import_params(src, cfg, gguf_file)
   return heads.build_model(cfg), jax.tree.map(jnp.asarray, params)
-
-
-def load_tokenizer(src: str, gguf_file: str | None = None):
-  """The tokenizer stored with an HF checkpoint (directory, .gguf file or hub id)."""
-  from transformers import AutoTokenizer
-
-  directory, gguf_file = io.resolve_source(src, gguf_file)
-  kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-  try:
-    return AutoTokenizer.from_pretrained(directory, trust_remote_code=False, **kwargs)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"no usable tokenizer in {src!r} ({e})") from None
-
-
-def check_tokenizer_fits(tokenizer, vocab_size: int) -> None:
-  """Refuses a tokenizer that emits ids the model's embedding does not have."""
-  n = len(tokenizer)
-  if n > vocab_size:
-    raise ValueError(
-      f"the tokenizer has {n} tokens but the model's vocabulary has {vocab_size}: ids >= "
-      f"{vocab_size} would fall outside the embedding. Use the tokenizer the model was trained with"
-    )
 
 
 def to_hf(model, params, out_dir: str, tokenizer=None, family: str | None = None,
@@ -127,9 +110,9 @@ def to_hf(model, params, out_dir: str, tokenizer=None, family: str | None = None
   fam = families.family_for(cfg, family)
   hf_config = fam.config_to_hf(cfg)
   if isinstance(tokenizer, str):
-    tokenizer = load_tokenizer(tokenizer)
+    tokenizer = tok_lib.load_tokenizer(tokenizer)
   if tokenizer is not None:
-    check_tokenizer_fits(tokenizer, cfg.vocab_size)
+    tok_lib.check_fits(tokenizer, cfg.vocab_size)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
       if getattr(tokenizer, name, None) is not None:
         setattr(hf_config, name, getattr(tokenizer, name))

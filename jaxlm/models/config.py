@@ -8,14 +8,44 @@ from typing import Any
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
-ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
+# The MLP nonlinearities, the one table of them: name -> (jax.nn function, its keyword arguments).
+# Configs are checked against its keys, layers.activation builds the functions from it; kept as
+# data so this module imports neither jax nor layers (which imports it).
+ACTIVATIONS = {
+  "gelu_tanh": ("gelu", {"approximate": True}),
+  "gelu": ("gelu", {"approximate": False}),
+  "silu": ("silu", {}),
+  "relu": ("relu", {}),
+}
 REMAT = ("none", "full", "dots")
 NORM_POSITIONS = ("pre", "post")
-HEADS = ("lm", "base", "mlm", "seq_cls", "token_cls", "qa")
+ENCODER_HEADS = ("base", "mlm", "seq_cls", "token_cls", "qa")  # the task heads of models.heads
+HEADS = ("lm", *ENCODER_HEADS)
 DTYPES = ("float32", "bfloat16", "float16")
 # Fields a run sets on top of the model it starts from (`model.init_from`); all others come from
 # that checkpoint's own configuration.
 RUN_FIELDS = ("dropout", "dtype", "param_dtype", "remat", "scan_layers", "head", "num_labels")
+
+
+def dtype_name(dtype: Any, what: str = "dtype") -> str:
+  """The canonical name in DTYPES of a dtype given as JAX users pass it: "bfloat16", jnp.bfloat16,
+  np.float32 or a np.dtype. Configs keep the name, so they stay JSON-serialisable.
+
+  Raises:
+    ValueError: naming `what` when `dtype` is not one of DTYPES.
+  """
+  if isinstance(dtype, str):
+    name = dtype
+  else:
+    import numpy as np  # jnp.bfloat16 and friends carry a numpy dtype (ml_dtypes for bfloat16)
+
+    try:
+      name = np.dtype(dtype).name
+    except TypeError:
+      name = None
+  if name not in DTYPES:
+    raise ValueError(f"{what}={dtype!r} is not one of {DTYPES}")
+  return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +79,7 @@ class ModelConfig:
   tie_embeddings: bool = True  # the LM head reuses the token embedding
   dropout: float = 0.0  # on embeddings and residual branches
   init_std: float = 0.02
-  dtype: str = "float32"  # compute dtype; params stay in param_dtype
+  dtype: str = "float32"  # compute dtype; params stay in param_dtype (jnp.bfloat16 etc. accepted)
   param_dtype: str = "float32"
   remat: str = "none"  # none | full | dots (save matmul outputs)
   scan_layers: bool = False  # nn.scan over layers: faster compiles for deep models
@@ -60,19 +90,19 @@ class ModelConfig:
   type_vocab_size: int = 0  # token-type (sentence A/B) embeddings; 0 = none
   position_offset: int = 0  # first position id (RoBERTa: padding_idx + 1 = 2)
   pooler: bool = False  # dense + tanh on the first token in the base encoder (BERT's pooler)
-  head: str = "lm"  # lm (decoders) | encoders: base | mlm | seq_cls | token_cls | qa
+  head: str = "lm"  # lm (decoders) | one of ENCODER_HEADS
   num_labels: int = 2  # classes of a seq_cls / token_cls head (1 = regression)
 
   def __post_init__(self):
+    for name in ("dtype", "param_dtype"):  # frozen: normalised in place, once, here
+      object.__setattr__(self, name, dtype_name(getattr(self, name), f"model.{name}"))
     for name, allowed in (
       ("norm", NORMS),
       ("position", POSITIONS),
-      ("activation", ACTIVATIONS),
+      ("activation", tuple(ACTIVATIONS)),
       ("remat", REMAT),
       ("norm_position", NORM_POSITIONS),
       ("head", HEADS),
-      ("dtype", DTYPES),
-      ("param_dtype", DTYPES),
     ):
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")

@@ -11,16 +11,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm.models.config import ModelConfig
-from jaxlm.models.layers import ACTIVATIONS, norm, param_init
+from jaxlm.models.config import ENCODER_HEADS, ModelConfig
+from jaxlm.models.layers import activation, norm, param_init
 from jaxlm.models.transformer import Transformer
-
-TASKS = ("base", "mlm", "seq_cls", "token_cls", "qa")
 
 
 def check_task(cfg: ModelConfig):
-  if cfg.head not in TASKS:
-    raise ValueError(f"model.head={cfg.head!r} is not an encoder head; choose one of {TASKS}")
+  if cfg.head not in ENCODER_HEADS:
+    raise ValueError(f"model.head={cfg.head!r} is not an encoder head; choose one of "
+                     f"{ENCODER_HEADS}")
   if cfg.causal:
     raise ValueError("an encoder task needs model.causal=False (bidirectional attention)")
 
@@ -63,7 +62,7 @@ class MlmHead(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, embedding_VD):
     cfg = self.cfg
-    h_BTD = ACTIVATIONS[cfg.activation](_dense(cfg, cfg.embed_dim, "transform")(x_BTD))
+    h_BTD = activation(cfg.activation)(_dense(cfg, cfg.embed_dim, "transform")(x_BTD))
     h_BTD = norm(cfg, "norm")(h_BTD)
     bias_V = self.param("bias", _zeros(("vocab",)), (cfg.vocab_size,), cfg.param_dtype)
     logits_BTV = jnp.einsum("btd,vd->btv", h_BTD, embedding_VD.astype(h_BTD.dtype))
@@ -82,15 +81,16 @@ class EncoderModel(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, padding_mask_BT=None, token_types_BT=None, deterministic=True,
+  def __call__(self, tokens_BT, *, padding_mask_BT=None, token_types_BT=None, deterministic=True,
                positions_BT=None, segment_ids_BT=None, cls_index_N=None):
-    """Runs the encoder and the head; fp32 outputs. Args as in Transformer.__call__."""
+    """Runs the encoder and the head; fp32 outputs. Args as in Transformer.__call__ (keyword-only
+    there and here, since a positional second argument means different things in the two)."""
     cfg = self.cfg
     check_task(cfg)
     backbone = Transformer(cfg, name="transformer")
-    x_BTD = backbone(tokens_BT, segment_ids_BT, positions_BT, deterministic,
-                     token_types_BT=token_types_BT, padding_mask_BT=padding_mask_BT,
-                     return_hidden=True)
+    x_BTD = backbone(tokens_BT, segment_ids_BT=segment_ids_BT, positions_BT=positions_BT,
+                     deterministic=deterministic, token_types_BT=token_types_BT,
+                     padding_mask_BT=padding_mask_BT, return_hidden=True)
     drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
     if cfg.head == "base":
       pooled_BD = Pooler(cfg, name="pooler")(first_tokens(x_BTD)) if cfg.pooler else None

@@ -4,18 +4,19 @@ Shape letters: B batch, T query length, S key length, D model dim, H heads, K kv
 E head dim, F mlp dim, V vocab. Every parameter carries logical axis names (see sharding.py).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from jaxlm.models.config import ModelConfig
+from jaxlm.models.config import ACTIVATIONS, ModelConfig
 
-ACTIVATIONS = {
-  "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-  "silu": jax.nn.silu,
-  "relu": jax.nn.relu,
-}
+
+def activation(name: str):
+  """The function of the MLP nonlinearity `name`, a key of models.config.ACTIVATIONS."""
+  function, kwargs = ACTIVATIONS[name]
+  return functools.partial(getattr(jax.nn, function), **kwargs)
 
 
 def param_init(std: float, axes: tuple):
@@ -237,7 +238,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BTD):
     cfg = self.cfg
-    act = ACTIVATIONS[cfg.activation]
+    act = activation(cfg.activation)
     D, F = cfg.embed_dim, cfg.hidden_dim
     up = dense(cfg, "btd,df->btf", (D, F), ("embed", "mlp"), "up", cfg.use_bias)
     if cfg.gated_mlp:

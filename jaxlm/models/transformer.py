@@ -57,12 +57,13 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, deterministic=True,
+  def __call__(self, tokens_BT, *, segment_ids_BT=None, positions_BT=None, deterministic=True,
                token_types_BT=None, padding_mask_BT=None, return_hidden=False,
                decode=False):
     """Returns fp32 logits [B, T, V] (or the final hidden states [B, T, D] if return_hidden).
 
-    Args:
+    Args (all but tokens_BT keyword-only: EncoderModel's second argument would be the padding
+    mask, so a positional one is ambiguous):
       tokens_BT: int token ids.
       segment_ids_BT: packed-document ids; tokens attend only within their segment.
       positions_BT: position of each token in its document (default 0..T-1).

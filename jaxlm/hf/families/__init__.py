@@ -5,7 +5,9 @@ two config mappings. The machinery in jaxlm.hf.convert/io does the rest for ever
 To add one, write a module with a `Family` and list it in `FAMILIES`.
 """
 
-from jaxlm.hf.families.family import Family, decoder_dims  # noqa: F401 (the family API)
+from jaxlm.hf.families.family import (  # noqa: F401 (the family API)
+  HF_ACTIVATIONS, Family, activation_from_hf, activation_to_hf, decoder_dims,
+)
 
 
 def families() -> list[Family]:

@@ -7,12 +7,9 @@ another name, so it is a family of its own.
 """
 
 from jaxlm.hf.convert import Rule
-from jaxlm.hf.families.family import Family
-from jaxlm.models.config import ModelConfig
+from jaxlm.hf.families.family import Family, activation_from_hf, activation_to_hf
+from jaxlm.models.config import ENCODER_HEADS, ModelConfig
 
-_ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-                "relu": "relu", "silu": "silu"}
-_ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
 _HEAD_SUFFIX = {"base": "Model", "mlm": "ForMaskedLM", "seq_cls": "ForSequenceClassification",
                 "token_cls": "ForTokenClassification", "qa": "ForQuestionAnswering"}
 
@@ -89,15 +86,13 @@ def config_from_hf(hf) -> ModelConfig:
   if getattr(hf, "position_embedding_type", "absolute") != "absolute":
     raise ValueError(f"{kind} position_embedding_type={hf.position_embedding_type!r} is not "
                      "supported; only 'absolute'")
-  if hf.hidden_act not in _ACT_FROM_HF:
-    raise ValueError(f"{kind} hidden_act {hf.hidden_act!r} is not supported; supported: "
-                     f"{sorted(_ACT_FROM_HF)}")
+  activation = activation_from_hf(hf.hidden_act, f"{kind} hidden_act")
   head = _head_of(hf, kind)
   return ModelConfig(
     vocab_size=hf.vocab_size, num_layers=hf.num_hidden_layers, embed_dim=hf.hidden_size,
     num_heads=hf.num_attention_heads, mlp_dim=hf.intermediate_size,
     max_seq_len=hf.max_position_embeddings, norm="layernorm", norm_eps=hf.layer_norm_eps,
-    position="learned", activation=_ACT_FROM_HF[hf.hidden_act], use_bias=True,
+    position="learned", activation=activation, use_bias=True,
     tie_embeddings=True, causal=False, norm_position="post", embed_norm=True,
     type_vocab_size=hf.type_vocab_size,
     position_offset=hf.pad_token_id + 1 if kind == "Roberta" else 0,
@@ -122,7 +117,7 @@ def _config_to_hf(cfg: ModelConfig, kind: str):
   return getattr(transformers, f"{kind}Config")(
     vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim, num_hidden_layers=cfg.num_layers,
     num_attention_heads=cfg.num_heads, intermediate_size=cfg.hidden_dim,
-    hidden_act=_ACT_TO_HF[cfg.activation], max_position_embeddings=cfg.max_seq_len,
+    hidden_act=activation_to_hf(cfg.activation), max_position_embeddings=cfg.max_seq_len,
     type_vocab_size=cfg.type_vocab_size, layer_norm_eps=cfg.norm_eps,
     num_labels=2 if cfg.head == "qa" else cfg.num_labels, architectures=[kind + _HEAD_SUFFIX[cfg.head]], **extra,
   )
@@ -143,7 +138,7 @@ def _family(name, kind, rules, heads):
   )
 
 
-_ALL = ("base", "mlm", "seq_cls", "token_cls", "qa")
-BERT = _family("bert", "Bert", BERT_RULES, _ALL)
-ROBERTA = _family("roberta", "Roberta", ROBERTA_RULES, tuple(h for h in _ALL if h != "seq_cls"))
+BERT = _family("bert", "Bert", BERT_RULES, ENCODER_HEADS)
+ROBERTA = _family("roberta", "Roberta", ROBERTA_RULES,
+                  tuple(h for h in ENCODER_HEADS if h != "seq_cls"))
 ROBERTA_CLS = _family("roberta_cls", "Roberta", ROBERTA_CLS_RULES, ("seq_cls",))

@@ -10,6 +10,27 @@ import jax.numpy as jnp
 
 from jaxlm.hf.convert import Rule
 
+# Hugging Face activation names (transformers' ACT2FN keys) -> ours (models.config.ACTIVATIONS),
+# one map for every family. On export each of ours is written as the first HF name here that maps
+# to it, unless the family prefers another (activation_to_hf).
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                  "relu": "relu", "silu": "silu", "swish": "silu"}
+
+
+def activation_from_hf(name: str, what: str) -> str:
+  """Our activation for the HF activation `name`; `what` names the HF field in the error."""
+  if name not in HF_ACTIVATIONS:
+    raise ValueError(f"{what} {name!r} is not supported; supported: {sorted(HF_ACTIVATIONS)}")
+  return HF_ACTIVATIONS[name]
+
+
+def activation_to_hf(activation: str, **preferred: str) -> str:
+  """The HF name written for our `activation`: the family's `preferred` one (gelu_tanh=...),
+  else the first in HF_ACTIVATIONS."""
+  if activation in preferred:
+    return preferred[activation]
+  return next(hf for hf, ours in HF_ACTIVATIONS.items() if ours == activation)
+
 
 def _build(cfg):
   from jaxlm.models.heads import build_model

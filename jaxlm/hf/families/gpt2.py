@@ -6,12 +6,8 @@ one fused c_attn projection that the table splits into q, k and v with `part`. A
 """
 
 from jaxlm.hf.convert import Rule
-from jaxlm.hf.families.family import Family
+from jaxlm.hf.families.family import Family, activation_from_hf, activation_to_hf
 from jaxlm.models.config import ModelConfig
-
-_ACT_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
-                "relu": "relu", "silu": "silu"}
-_ACT_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
 
 _B = "transformer.h.{i}"
 RULES = (
@@ -45,14 +41,12 @@ def config_from_hf(hf) -> ModelConfig:
       hf, "scale_attn_weights", True):
     raise ValueError("GPT-2 configs with scale_attn_by_inverse_layer_idx=True or "
                      "scale_attn_weights=False are not supported")
-  if hf.activation_function not in _ACT_FROM_HF:
-    raise ValueError(f"GPT-2 activation {hf.activation_function!r} is not supported; "
-                     f"supported: {sorted(_ACT_FROM_HF)}")
+  activation = activation_from_hf(hf.activation_function, "GPT-2 activation")
   return ModelConfig(
     vocab_size=hf.vocab_size, num_layers=hf.n_layer, embed_dim=hf.n_embd, num_heads=hf.n_head,
     mlp_dim=hf.n_inner or 4 * hf.n_embd, max_seq_len=hf.n_positions, norm="layernorm",
     norm_eps=hf.layer_norm_epsilon, position="learned",
-    activation=_ACT_FROM_HF[hf.activation_function], gated_mlp=False, use_bias=True,
+    activation=activation, gated_mlp=False, use_bias=True,
     tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
   )
 
@@ -72,7 +66,7 @@ def config_to_hf(cfg: ModelConfig):
   return GPT2Config(
     vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.embed_dim,
     n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.hidden_dim,
-    activation_function=_ACT_TO_HF[cfg.activation], layer_norm_epsilon=cfg.norm_eps,
+    activation_function=activation_to_hf(cfg.activation), layer_norm_epsilon=cfg.norm_eps,
     tie_word_embeddings=cfg.tie_embeddings, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     architectures=["GPT2LMHeadModel"],
   )

@@ -6,12 +6,8 @@ Qwen2 differs only by its q/k/v biases, Mistral by its sliding window.
 """
 
 from jaxlm.hf.convert import Rule
-from jaxlm.hf.families.family import Family
+from jaxlm.hf.families.family import Family, activation_from_hf, activation_to_hf
 from jaxlm.models.config import ModelConfig
-
-_ACT_FROM_HF = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
-                "gelu_new": "gelu_tanh", "relu": "relu"}
-_ACT_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
 
 _L = "model.layers.{i}"
 RULES = (
@@ -62,16 +58,14 @@ def _base_from_hf(hf, qkv_bias: bool) -> dict:
   if attention_bias != mlp_bias:
     raise ValueError(f"attention_bias={attention_bias} with mlp_bias={mlp_bias} is not "
                      "supported: jaxlm puts biases on all dense layers or only on q/k/v")
-  if hf.hidden_act not in _ACT_FROM_HF:
-    raise ValueError(f"activation {hf.hidden_act!r} is not supported; supported: "
-                     f"{sorted(_ACT_FROM_HF)}")
+  activation = activation_from_hf(hf.hidden_act, f"{hf.model_type} hidden_act")
   heads = hf.num_attention_heads
   return dict(
     vocab_size=hf.vocab_size, num_layers=hf.num_hidden_layers, embed_dim=hf.hidden_size,
     num_heads=heads, num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
     head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
     mlp_dim=hf.intermediate_size, max_seq_len=hf.max_position_embeddings, norm="rmsnorm",
-    norm_eps=float(hf.rms_norm_eps), position="rope", activation=_ACT_FROM_HF[hf.hidden_act],
+    norm_eps=float(hf.rms_norm_eps), position="rope", activation=activation,
     gated_mlp=True, use_bias=attention_bias, qkv_bias=qkv_bias and not attention_bias,
     tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)), **_rope_fields(hf),
   )
@@ -111,7 +105,8 @@ def _hf_kwargs(cfg: ModelConfig) -> dict:
     "vocab_size": cfg.vocab_size, "hidden_size": cfg.embed_dim,
     "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.num_layers,
     "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.kv_heads,
-    "head_dim": cfg.head_size, "hidden_act": _ACT_TO_HF[cfg.activation],
+    "head_dim": cfg.head_size,
+    "hidden_act": activation_to_hf(cfg.activation, gelu_tanh="gelu_pytorch_tanh"),
     "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
     "tie_word_embeddings": cfg.tie_embeddings, "rope_parameters": rope,
   }
