@@ -41,21 +41,21 @@ def _warmup(n_train: int) -> int:
 def run_jaxlm(model_dir: str, data_dir: str, n_train: int, n_eval: int) -> dict:
   sys.path.insert(0, REPO)
   from jaxlm import runtime
-  from jaxlm.tasks import glue
   from jaxlm.config import finetune_config
+  from jaxlm.tasks import glue
 
   total = n_train or len(glue.load_split(glue.get_task("sst2"), "train", data_dir)["label"])
   c = finetune_config("sst2", data_dir, MAX_LEN, epochs=1, lr=LR, batch_size=BATCH,
                       warmup_steps=_warmup(total), max_train_examples=n_train,
                       max_eval_examples=n_eval)
   runtime.configure_cpu_devices(c.runtime.cpu_devices, BATCH)  # as `jaxlm train` does
-  from jaxlm.train import finetune
+  from jaxlm.train import trainer
 
   c.model.init_from = model_dir
   c.train.log_every = 100
   with tempfile.TemporaryDirectory() as workdir:
     start = time.perf_counter()
-    result = finetune.train(c, workdir)
+    result = trainer.train(c, workdir)
     seconds = time.perf_counter() - start
   return {"accuracy": result["accuracy"], "seconds": seconds, "steps": result["step"]}
 

@@ -30,14 +30,14 @@ def batches(n, seed=0):
 
 def run_jaxlm(data, warmup):
   import jax
-  import numpy as np
   import ml_collections
 
   from jaxlm import sharding
   from jaxlm.config import base_config
   from jaxlm.models.config import preset
   from jaxlm.models.transformer import Transformer
-  from jaxlm.train import objectives, optim, step as step_lib
+  from jaxlm.train import objectives, optim
+  from jaxlm.train import step as step_lib
 
   model = Transformer(preset("gpt2", vocab_size=VOCAB, num_layers=LAYERS, embed_dim=DIM,
                              num_heads=HEADS, max_seq_len=SEQ))

@@ -8,10 +8,11 @@ to mesh axes, so going from one device to a pod is a change of `mesh` config, no
 import contextlib
 import math
 
+import flax.linen as nn
 import jax
 import numpy as np
-import flax.linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxlm.data import batch as batch_lib
 

@@ -87,6 +87,14 @@ def test_entry_without_meta_json_reads_as_absent(tmp_path):
   assert cache.load(str(tmp_path), "k") is None
 
 
+def test_an_incomplete_entry_left_behind_is_replaced_by_the_next_save(tmp_path):
+  path = cache.entry_dir(str(tmp_path), "k")
+  os.makedirs(path)
+  np.save(os.path.join(path, "tokens.npy"), np.arange(3))  # a crash before meta.json
+  cache.save(str(tmp_path), "k", {"tokens": np.arange(5)}, {})
+  np.testing.assert_array_equal(cache.load(str(tmp_path), "k")["tokens"], np.arange(5))
+
+
 def test_save_leaves_no_temporary_directory(tmp_path):
   cache.save(str(tmp_path), "k", _arrays(), {})
   assert os.listdir(tmp_path) == [os.path.basename(cache.entry_dir(str(tmp_path), "k"))]

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlm.config import finetune_config
 from jaxlm.data import buckets
 from jaxlm.data.batch import Batch
-from jaxlm.config import finetune_config
 from jaxlm.train import objectives
 
 torch = pytest.importorskip("torch", reason="the tiny checkpoints are built with transformers")

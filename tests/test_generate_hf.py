@@ -8,9 +8,10 @@ import pytest
 torch = pytest.importorskip("torch", reason="the HF parity tests build reference models in torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_testing import random_hf_model
+
 import jaxlm
 from jaxlm import generate as gen
-from hf_testing import random_hf_model
 
 V = 97
 PAD = 0
@@ -71,9 +72,9 @@ def test_smollm2_32_greedy_tokens_match_hf(smollm2):
 
 
 def test_cli_generates_from_an_hf_directory(tmp_path):
-  from jaxlm.data import tokenizers as tok_lib
-
   from test_cli import jaxlm as run_cli
+
+  from jaxlm.data import tokenizers as tok_lib
 
   hf_model = _random_hf_model(_configs()["llama-gqa"], seed=1)
   hf_model.save_pretrained(str(tmp_path))

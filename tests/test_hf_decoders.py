@@ -11,11 +11,12 @@ import pytest
 torch = pytest.importorskip("torch", reason="the HF parity tests build reference models in torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_testing import random_hf_model
+
 import jaxlm
 from jaxlm.data import tokenizers as tok_lib
 from jaxlm.hf import api, convert, families
 from jaxlm.models.config import ACTIVATIONS, preset
-from hf_testing import random_hf_model
 
 V = 97
 _SMALL = {"vocab_size": V, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
@@ -88,7 +89,8 @@ def test_config_fields_map_both_ways():
   assert back.rope_parameters["original_max_position_embeddings"] == 16
   assert (back.num_key_value_heads, back.tie_word_embeddings) == (2, False)
   qwen = api.model_config_from_hf(api.families.family_named("qwen2"), _configs()["qwen2-qkv-bias"])
-  assert qwen.qkv_bias and not qwen.use_bias and api.families.family_for(qwen).config_to_hf(qwen).model_type == "qwen2"
+  assert qwen.qkv_bias and not qwen.use_bias
+  assert api.families.family_for(qwen).config_to_hf(qwen).model_type == "qwen2"
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
@@ -97,7 +99,7 @@ def test_every_activation_maps_to_hf_and_back(activation):
   for name in ("gpt2", "llama2-7b", "bert-base"):  # configs only: no params are made
     cfg = preset(name, activation=activation)
     family = families.family_for_model(cfg)
-    assert family.config_from_hf(cfg.to_hf_config()).activation == activation, name
+    assert family.config_from_hf(family.config_to_hf(cfg)).activation == activation, name
 
 
 def test_scanned_layers_and_bf16_import(tmp_path):

@@ -2,11 +2,11 @@
 
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import flax.linen as nn
 
 from jaxlm.models.config import ModelConfig, preset
 from jaxlm.models.transformer import Transformer

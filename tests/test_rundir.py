@@ -24,7 +24,7 @@ def _config(text_path, **train):
   c.data.update({"source": "file", "path": str(text_path), "seq_len": 16})
   c.train.update({"steps": 2, "batch_size": 8, "log_every": 1, "eval_every": 2,
                   "eval_batches": 1, **train})
-  c.optim.warmup_steps = 1
+  c.optim.update(warmup_steps=1, decay_steps=4)  # one schedule for runs of 1 or 2 steps
   c.checkpoint.update({"every": 2, "use_async": False})
   c.sample.max_new_tokens = 0
   return c

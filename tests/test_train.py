@@ -11,7 +11,8 @@ from jaxlm import sharding
 from jaxlm.config import base_config
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.transformer import Transformer
-from jaxlm.train import objectives, optim, step as step_lib
+from jaxlm.train import objectives, optim
+from jaxlm.train import step as step_lib
 
 FAMILIES = {
   "gpt2": dict(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, max_seq_len=16),

@@ -24,16 +24,16 @@ def main(argv):
 
   if _CONFIG.value is None:
     sys.exit("tools/prepare_data.py: error: needs --config=configs/NAME.py")
-  cfg = _CONFIG.value.data
+  cfg, sft = _CONFIG.value.data, _CONFIG.value.kind == "sft"
   if cfg.tokenizer == "char":
     sys.exit("tools/prepare_data.py: error: the char tokenizer is built at train time from the "
              "text; nothing to prepare")
   try:
     tokenizer = tokenizers.load_tokenizer(cfg.tokenizer)
     for source in sources.sources_from_config(cfg):
-      docs, hit = tokenize.tokenize_source(source, cfg, tokenizer, progress=True)
+      docs, hit = tokenize.tokenize_source(source, cfg, tokenizer, progress=True, sft=sft)
       entry = cache.key(sources.open_source(source, cfg).fingerprint,
-                        tokenize.tokenizer_fingerprint(tokenizer), tokenize.settings(cfg))
+                        tokenize.tokenizer_fingerprint(tokenizer), tokenize.settings(cfg, sft))
       print(f"{source.describe()}: {len(docs):,} documents, {len(docs.tokens):,} tokens "
             f"({'already cached' if hit else 'tokenized'}) in "
             f"{cache.entry_dir(cfg.cache_dir, entry)}")

@@ -53,6 +53,8 @@ def save(cache_dir: str, entry_key: str, arrays: dict[str, np.ndarray], info: di
       np.save(os.path.join(tmp, f"{name}.npy"), np.asarray(array))
     with open(os.path.join(tmp, META_FILE), "w") as f:  # written last: marks the entry complete
       json.dump({"arrays": sorted(arrays), **info}, f, indent=1, default=str)
+    if os.path.isdir(final) and not os.path.isfile(os.path.join(final, META_FILE)):
+      shutil.rmtree(final, ignore_errors=True)  # an incomplete entry left by an older crash
     os.rename(tmp, final)
   except OSError:
     if not os.path.isfile(os.path.join(final, META_FILE)):  # not another writer's finished entry

@@ -120,7 +120,8 @@ def open_source(source: Source, cfg) -> Opened:
   if source.kind == "files":
     return _open_files(source, cfg)
   if source.kind == "pydoc":
-    return Opened({"pydoc": sys.version}, lambda columns, size: iter([{columns[0]: [pydoc_text()]}]))
+    return Opened({"pydoc": sys.version},
+                  lambda columns, size: iter([{columns[0]: [pydoc_text()]}]))
   return _open_hub(source, cfg)
 
 

@@ -14,7 +14,6 @@ from jaxlm.data import tokenizers as tok_lib
 from jaxlm.hf import convert, families, io
 
 
-
 def read_hf_config(src: str, gguf_file: str | None = None):
   """(family, HF config, local directory, gguf file) of a checkpoint; no weights are read.
 

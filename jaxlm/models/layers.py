@@ -6,9 +6,9 @@ E head dim, F mlp dim, V vocab. Every parameter carries logical axis names (see 
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from jaxlm.models.config import ACTIVATIONS, ModelConfig
 

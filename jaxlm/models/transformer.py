@@ -5,14 +5,19 @@ Encoders (cfg.causal=False) run the same stack; `return_hidden=True` skips the L
 jaxlm.models.heads puts task heads on top.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.layers import (
-  Block, DecodeMask, attention_mask, bidirectional_mask, norm, param_init,
+  Block,
+  DecodeMask,
+  attention_mask,
+  bidirectional_mask,
+  norm,
+  param_init,
 )
 
 _REMAT_POLICIES = {

@@ -52,7 +52,7 @@ def _positive(config, key: str) -> int:
   return value
 
 
-# --- lm, sft, mlm: token streams --------------------------------------------------------------------
+# --- lm, sft, mlm: token streams ------------------------------------------------------------------
 
 def _lm_mode(config, tokenizer, model, mesh, params_shardings) -> Mode:
   cfg_t = config.train
@@ -81,7 +81,7 @@ def _lm_mode(config, tokenizer, model, mesh, params_shardings) -> Mode:
               data.summary, eval_at_start=bool(config.model.init_from))
 
 
-# --- finetune: task examples ------------------------------------------------------------------------
+# --- finetune: task examples ----------------------------------------------------------------------
 
 def features(task, tokenizer, split: str, limit: int = 0):
   """(examples, features) of `split`; `limit` > 0 keeps the first `limit` examples."""

@@ -7,9 +7,9 @@ the state is donated.
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import optax
 
 from jaxlm import sharding

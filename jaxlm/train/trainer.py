@@ -15,8 +15,8 @@ import ml_collections
 import optax
 
 from jaxlm import config as config_lib
-from jaxlm import rundir, sharding, textgen
 from jaxlm import generate as gen
+from jaxlm import rundir, sharding, textgen
 from jaxlm.data import sources
 from jaxlm.data import tokenizers as tok_lib
 from jaxlm.data.iterators import Prefetch
@@ -169,12 +169,13 @@ class Trainer:
     run, mode, cfg_t = self.run, self.run.mode, self.run.config.train
     state, shardings, data_state = self.start_state(step0)
     start = int(jax.device_get(state.step))
-    batches = Prefetch(mode.batches, lambda b: sharding.global_batch(b, run.mesh), size=2)
     if data_state is not None:
-      batches.set_state(data_state)
+      mode.batches.set_state(data_state)
     else:  # a checkpoint without an iterator state: replay the deterministic stream to `start`
       for _ in range(start):
         next(mode.batches)
+    # batches placed on the devices in a background thread; get_state() stays exact
+    batches = Prefetch(mode.batches, lambda b: sharding.global_batch(b, run.mesh), size=2)
     self.writer.bar.reset(mode.total_steps)
     self.writer.bar.update(start)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))

@@ -6,7 +6,11 @@ To add one, write a module with a `Family` and list it in `FAMILIES`.
 """
 
 from jaxlm.hf.families.family import (  # noqa: F401 (the family API)
-  HF_ACTIVATIONS, Family, activation_from_hf, activation_to_hf, decoder_dims,
+  HF_ACTIVATIONS,
+  Family,
+  activation_from_hf,
+  activation_to_hf,
+  decoder_dims,
 )
 
 

@@ -1,0 +1,39 @@
+"""Tests the jaxlm package as a whole: its import graph has no cycles (function-local imports
+included), `import jaxlm` is light, and reading a run to generate from it imports neither the
+optimizer (optax) nor the data pipeline (grain)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECKER = os.path.join(os.path.dirname(REPO), "shared", "tools", "import_cycles.py")
+
+
+def _python(code: str) -> str:
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, check=False, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-2000:]
+  return result.stdout.strip()
+
+
+def test_the_import_graph_has_no_cycles():
+  if not os.path.isfile(CHECKER):
+    pytest.skip(f"{CHECKER} not found (../shared is absent)")
+  result = subprocess.run([sys.executable, CHECKER, "jaxlm"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, check=False)
+  assert "import cycles: 0" in result.stdout, result.stdout
+
+
+def test_import_jaxlm_is_light():
+  loaded = _python("import sys, jaxlm; print(sorted(m for m in ('jax', 'flax', 'torch', "
+                   "'transformers') if m in sys.modules))")
+  assert loaded == "[]"
+
+
+def test_generation_imports_neither_optax_nor_grain():
+  loaded = _python("import sys; import jaxlm.rundir, jaxlm.textgen, jaxlm.generate, jaxlm.cli; "
+                   "print(sorted(m for m in ('optax', 'grain') if m in sys.modules))")
+  assert loaded == "[]"
