@@ -3,13 +3,14 @@
 import json
 import os
 
+from jaxlm import rundir
+
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
+  path = rundir.path(workdir) / rundir.METRICS_FILE
+  if not path.exists():
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a jaxlm run directory?")
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_run(workdir: str, out: str | None = None) -> str:
