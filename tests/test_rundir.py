@@ -83,9 +83,11 @@ def test_generate_and_convert_leave_the_run_directory_byte_identical(trained, tm
   assert _snapshot(workdir) == before
 
 
-def test_init_from_another_run_reads_it_without_writing(trained, tmp_path):
-  """A second run starting from the first has its weights (learning rate 0 keeps them), and
-  the first run's directory is unchanged."""
+def test_init_from_another_run_reads_it_without_writing_and_resume_comes_first(
+    trained, tmp_path, monkeypatch):
+  """A second run starting from the first has its weights (learning rate 0 keeps them) and the
+  first run's directory is unchanged; rerun, it resumes from its own checkpoint and never reads
+  model.init_from again."""
   from jaxlm.train import trainer
 
   workdir, text = trained
@@ -93,31 +95,20 @@ def test_init_from_another_run_reads_it_without_writing(trained, tmp_path):
   c = _config(text, steps=1, eval_every=1)
   c.model.init_from = workdir
   c.optim.update(lr=0.0, min_lr=0.0, warmup_steps=0)
-  trainer.train(c, str(tmp_path / "child"))
-  assert _snapshot(workdir) == before
-  _, parent = rundir.load_run(workdir)
-  _, child = rundir.load_run(str(tmp_path / "child"))
-  for a, b in zip(jax.tree.leaves(parent), jax.tree.leaves(child)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert rundir.read_config(str(tmp_path / "child")).model.init_from == workdir
-
-
-def test_resume_comes_before_init_from(trained, tmp_path, monkeypatch):
-  """A run with a checkpoint of its own resumes from it and never reads model.init_from."""
-  from jaxlm.train import trainer
-
-  workdir, text = trained
-  c = _config(text, steps=1, eval_every=1)
-  c.model.init_from = workdir
   child = str(tmp_path / "child")
   trainer.train(c, child)
+  assert _snapshot(workdir) == before
+  _, parent = rundir.load_run(workdir)
+  _, params = rundir.load_run(child)
+  for a, b in zip(jax.tree.leaves(parent), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert rundir.read_config(child).model.init_from == workdir
 
   def no_import(*args, **kwargs):
     raise AssertionError("a resumed run read the weights of model.init_from")
 
   monkeypatch.setattr(rundir, "init_params", no_import)
-  c = _config(text, steps=2, eval_every=1)
-  c.model.init_from = workdir
+  c.train.steps = 2
   assert trainer.train(c, child)["step"] == 2
 
 

@@ -57,8 +57,9 @@ def test_masked_lm_trains_on_masked_tokens_whatever_the_packing(tmp_path, packin
   with sharding.mesh_rules(run.mesh):
     _, metrics = step(state, sharding.global_batch(rows, run.mesh))
   assert float(metrics["tokens"]) == chosen.sum()
-  result = trainer.train(config, str(tmp_path / "run"))
-  assert result["step"] == 2 and np.isfinite(result["eval_loss"])
+  if packing == "concat":  # the case, end to end (the others share the whole path)
+    result = trainer.train(config, str(tmp_path / "run"))
+    assert result["step"] == 2 and np.isfinite(result["eval_loss"])
 
 
 def test_a_kind_refuses_a_model_it_does_not_train(tmp_path):
