@@ -3,9 +3,9 @@
   jaxlm train --config configs/demo.py --workdir runs/demo
 
 Needs no download (the text is pydoc_data, shipped with every CPython).
-Cost: about 3.5 minutes on 2 CPU cores (210 s measured for training and the closing sample; the
-README's first command, venv and install included, 6 min 14 s).
-Expected: eval_loss 2.21, 1.84, 1.62 at steps 250, 500, 750 and 1.593 at step 800, then a
+Cost: about 6 minutes on 2 CPU cores (train_seconds 353 measured, evaluations, checkpoints and
+the closing sample included; the README's first command took 6 min 30 s with the venv in place).
+Expected: eval_loss 2.18, 1.78, 1.60 at steps 250, 500, 750 and 1.578 at step 800, then a
 sample of Python-documentation-like text, only semi-readable.
 """
 
