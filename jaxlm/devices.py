@@ -22,7 +22,8 @@ class DeviceKind:
 
 GiB = 1 << 30
 DEVICE_KINDS = {
-  d.name: d for d in (
+  d.name: d
+  for d in (
     DeviceKind("v4", 32 * GiB, 275e12, 275e12 / 2, r"^TPU v4"),
     DeviceKind("v5e", 16 * GiB, 197e12, 197e12 / 2, r"^TPU v5 ?(lite|e)"),
     DeviceKind("v5p", 95 * GiB, 459e12, 459e12 / 2, r"^TPU v5p?$"),
@@ -39,14 +40,15 @@ DEVICE_KINDS = {
 def cpu_kind(cores: int | None = None, ghz: float | None = None) -> DeviceKind:
   """The CPU of this machine as a DeviceKind: peak = cores x FMA lanes x 2 x clock (AVX2: two
   256-bit FMA units, 32 fp32 FLOPs a cycle; AVX-512: 64), memory = the machine's RAM."""
-  cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                    else os.cpu_count() or 1)
+  cores = cores or (
+    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+  )
   flags, mhz, mem = "", 0.0, 16 * GiB
   try:
     with open("/proc/cpuinfo") as f:
       info = f.read()
-    flags = re.search(r"^flags\s*:(.*)$", info, re.M).group(1)
-    mhz = float(re.search(r"^cpu MHz\s*:\s*([\d.]+)", info, re.M).group(1))
+    flags = re.search(r"^flags\s*:(.*)$", info, re.MULTILINE).group(1)
+    mhz = float(re.search(r"^cpu MHz\s*:\s*([\d.]+)", info, re.MULTILINE).group(1))
     with open("/proc/meminfo") as f:
       mem = int(re.search(r"MemTotal:\s*(\d+)", f.read()).group(1)) * 1024
   except (OSError, AttributeError, ValueError):
@@ -92,8 +94,9 @@ def model_flops_per_token(cfg, seq_len: int, *, training: bool = True) -> float:
   F = cfg.mlp_dim or 4 * D
   attn_weights = D * H * E * 2 + D * K * E * 2  # q, o and k, v
   mlp_weights = D * F * (3 if cfg.gated_mlp else 2)
-  matmul_weights = L * (attn_weights + mlp_weights) + (V * D if cfg.head == "lm" or
-                                                        cfg.head == "mlm" else 0)
+  matmul_weights = L * (attn_weights + mlp_weights) + (
+    V * D if cfg.head == "lm" or cfg.head == "mlm" else 0
+  )
   attention = 4 * L * seq_len * H * E * (0.5 if cfg.causal else 1.0)
   forward = 2 * matmul_weights + attention
   return 3 * forward if training else forward
