@@ -101,14 +101,24 @@ def _check_flags(command: str):
       raise UsageError(_usage(command, name))
 
 
-def _train():
+def _start(config=None):
+  """Process set-up before JAX starts: CPU device count, the persistent compilation cache (the
+  run's `runtime` section, else the default cache), and joining a multi-process run."""
   from jaxlm import runtime
 
+  rt = config.get("runtime", {}) if config is not None else {}
+  if config is not None:
+    runtime.configure_cpu_devices(rt.get("cpu_devices", 0), config.train.batch_size)
+  runtime.configure_compile_cache(rt.get("compile_cache", "auto"))
+  runtime.compile_stats()  # count compilations from here on
+  runtime.init_distributed()
+
+
+def _train():
   if _CONFIG.value is None:
     raise UsageError("train needs --config=configs/NAME.py")
   config = _CONFIG.value
-  runtime.configure_cpu_devices(config.runtime.cpu_devices, config.train.batch_size)
-  runtime.init_distributed()
+  _start(config)
   from jaxlm.train import trainer
 
   result = trainer.train(config, FLAGS.workdir)
@@ -117,11 +127,10 @@ def _train():
 
 
 def _eval():
-  from jaxlm import rundir, runtime
+  from jaxlm import rundir
 
   config = rundir.read_config(FLAGS.workdir)
-  runtime.configure_cpu_devices(config.runtime.cpu_devices, config.train.batch_size)
-  runtime.init_distributed()
+  _start(config)
   from jaxlm.train import trainer
 
   scores = trainer.evaluate_run(FLAGS.workdir, FLAGS.split)
@@ -130,8 +139,9 @@ def _eval():
 
 
 def _generate():
-  from jaxlm import generate, textgen
+  from jaxlm import generate, rundir, runtime, textgen
 
+  _start(None if FLAGS.hf else rundir.read_config(FLAGS.workdir))
   if FLAGS.hf:
     from jaxlm.data import tokenizers
     from jaxlm.hf import api
@@ -139,14 +149,18 @@ def _generate():
     model, params = api.from_hf(FLAGS.hf)
     tokenizer = tokenizers.load_tokenizer(FLAGS.hf)
   else:
-    from jaxlm import rundir
-
     saved, params = rundir.load_run(FLAGS.workdir)
     model, tokenizer = saved.model, saved.tokenizer
   sampler = generate.Sampler(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+  timing = {}
   textgen.print_completion(model, params, tokenizer, FLAGS.prompt, sys.stdout,
                            max_new_tokens=FLAGS.max_new_tokens, sampler=sampler, seed=FLAGS.seed,
-                           stop=FLAGS.stop or ())
+                           stop=FLAGS.stop or (), timing=timing)
+  compiled = runtime.compile_stats()
+  print(f"time to first token {timing['time_to_first_token']:.2f} s, "
+        f"{timing['decode_tokens_per_sec']:.1f} tokens/s after it; {compiled['xla_compiles']} "
+        f"programs compiled, {compiled['cache_hits']} loaded from the compilation cache",
+        file=sys.stderr)
 
 
 def _plot():
@@ -159,6 +173,7 @@ def _convert():
   src, out = FLAGS["from-hf"].value, FLAGS["to-hf"].value
   if bool(src) == bool(out):
     raise UsageError("convert needs exactly one of --from-hf=SRC or --to-hf=OUT")
+  _start()
   if src:
     from jaxlm.train import trainer
 

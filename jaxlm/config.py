@@ -92,6 +92,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the rest
   c.runtime = ml_collections.ConfigDict(dict(
     cpu_devices=0,  # on CPU, devices to split the cores into; 0 = auto (see jaxlm.runtime)
+    # persistent XLA compilation cache: "auto" = $JAXLM_COMPILE_CACHE or ~/.cache/jaxlm/xla,
+    # a directory (or gs:// path), or "" for none
+    compile_cache="auto",
+    peak_flops=0.0,  # peak FLOP/s of one device for MFU; 0 = jaxlm.devices' table
+  ))
+  c.profile = ml_collections.ConfigDict(dict(
+    steps="",  # "A-B": a JAX profiler trace of steps A..B into WORKDIR/profile ("" = none)
+  ))
+  c.wandb = ml_collections.ConfigDict(dict(  # Weights & Biases, beside metrics.jsonl/TensorBoard
+    project="",  # "" = off
+    entity="",
+    name="",  # "" = W&B's own
+    mode="online",  # online | offline (sync later: wandb sync WORKDIR/wandb) | disabled
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(
     every=1000,  # steps between checkpoints (also saved at the last step and on SIGTERM/SIGINT)

@@ -100,3 +100,26 @@ def model_flops_per_token(cfg, seq_len: int, *, training: bool = True) -> float:
   attention = 4 * L * seq_len * H * E * (0.5 if cfg.causal else 1.0)
   forward = 2 * matmul_weights + attention
   return 3 * forward if training else forward
+
+
+def run_peak_flops(dtype: str, per_device: float = 0.0) -> tuple[float, str]:
+  """(peak FLOP/s of all devices of the run, the device kind's name), for MFU.
+
+  `per_device` overrides the table. CPU devices split one processor, so a CPU run's peak is that
+  of each process's cores, whatever the number of simulated devices. 0.0 when unknown.
+  """
+  import jax  # here, so plan-time users of the table need no backend
+
+  device = jax.devices()[0]
+  kind = kind_of(device.device_kind) or kind_of(device.platform)
+  name = kind.name if kind else device.device_kind
+  if device.platform == "cpu":
+    return (per_device or peak_flops(kind, dtype)) * jax.process_count(), name
+  peak = per_device or (peak_flops(kind, dtype) if kind else 0.0)
+  return peak * jax.device_count(), name
+
+
+def hardware_flops_factor(remat: str) -> float:
+  """Hardware FLOPs over model FLOPs of a training step: rematerialising the blocks runs their
+  forward matmuls twice (4/3); saving matmul outputs ("dots") or nothing recomputes none."""
+  return 1.0 if remat in ("none", "dots") else 4 / 3

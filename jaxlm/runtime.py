@@ -27,6 +27,62 @@ def configure_cpu_devices(requested: int, batch_size: int) -> None:
     pass
 
 
+def configure_compile_cache(where: str) -> str:
+  """Turns on JAX's persistent compilation cache, so a second launch of the same config, a
+  resumed run or a second `jaxlm generate` loads its programs instead of compiling them.
+
+  Args:
+    where: "auto" ($JAXLM_COMPILE_CACHE, else ~/.cache/jaxlm/xla), a directory or gs:// path,
+      or "" (off).
+  Returns:
+    the cache directory ("" when off).
+  """
+  if where == "auto":
+    where = os.environ.get("JAXLM_COMPILE_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "jaxlm", "xla")
+  if not where:
+    return ""
+  jax.config.update("jax_compilation_cache_dir", where)
+  # every program, however quick to compile: small models on CPU compile in well under a second
+  # each, but there are dozens of them (train, eval, generate buckets)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return where
+
+
+# What JAX reports of each compilation through jax.monitoring: its phases' durations (trace,
+# lowering, XLA), XLA compilations proper, and persistent-cache hits.
+_COMPILE_PHASES = (
+  "/jax/core/compile/jaxpr_trace_duration",
+  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+  "/jax/core/compile/backend_compile_duration",
+)
+_compiles = {"seconds": 0.0, "xla_compiles": 0, "cache_hits": 0}
+_listening = []
+
+
+def compile_stats() -> dict:
+  """This process's compilation so far: {"seconds" (tracing, lowering, XLA; a persistent-cache
+  hit costs only its tracing and loading), "xla_compiles" (programs XLA compiled),
+  "cache_hits" (programs loaded from the persistent cache)}. Counts from the first call on."""
+  if not _listening:
+    _listening.append(True)
+
+    def on_duration(event: str, seconds: float, **_):
+      if event in _COMPILE_PHASES:
+        _compiles["seconds"] += seconds
+      if event == _COMPILE_PHASES[-1]:
+        _compiles["xla_compiles"] += 1
+
+    def on_event(event: str, **_):
+      if event == "/jax/compilation_cache/cache_hits":
+        _compiles["cache_hits"] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
+  return dict(_compiles)
+
+
 def is_multiprocess_launch(env=os.environ) -> bool:
   """True under a multi-process launcher: several SLURM tasks, a multi-host TPU slice, or an
   explicit JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES and JAX_PROCESS_ID)."""

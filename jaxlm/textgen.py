@@ -5,6 +5,7 @@ growing ids, prints the new text of row 0 as it comes, and stops rows that hit a
 """
 
 import sys
+import time
 from collections.abc import Sequence
 from typing import TextIO
 
@@ -35,8 +36,23 @@ class TextStream:
     self.done = [False] * batch
     self.printed = 0
     self.holdback = max((len(s) for s in self.stop), default=1) - 1
+    self.started, self.first_token_at, self.last_token_at, self.steps = time.perf_counter(), 0, 0, 0
+
+  @property
+  def time_to_first_token(self) -> float:
+    """Seconds from this stream's creation to the first generated token (compilation included)."""
+    return self.first_token_at - self.started
+
+  @property
+  def decode_tokens_per_sec(self) -> float:
+    """Tokens per second of all rows after the first token."""
+    elapsed = self.last_token_at - self.first_token_at
+    return (self.steps - 1) * len(self.ids) / elapsed if elapsed > 0 else 0.0
 
   def __call__(self, step: int, tokens_B: np.ndarray) -> np.ndarray:
+    self.last_token_at = time.perf_counter()
+    self.first_token_at = self.first_token_at or self.last_token_at
+    self.steps += 1
     for b, token in enumerate(tokens_B.tolist()):
       if self.done[b]:
         continue
@@ -78,11 +94,12 @@ def eos_ids_of(tokenizer) -> list[int]:
 
 def complete(model, params, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 100,
              sampler: gen.Sampler | None = None, seed: int = 0, stop: Sequence[str] = (),
-             out: TextIO | None = None) -> list[str]:
+             out: TextIO | None = None, timing: dict | None = None) -> list[str]:
   """Generated continuations of `prompts` (without the prompts), cut at EOS and stop strings.
 
   With `out` (e.g. sys.stdout) the first prompt's continuation is printed as it is generated.
-  A single prompt may run past the model's max_seq_len (the context slides).
+  A single prompt may run past the model's max_seq_len (the context slides). `timing`, when
+  given, receives time_to_first_token and decode_tokens_per_sec.
   """
   prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
   eos_ids = eos_ids_of(tokenizer)
@@ -95,6 +112,9 @@ def complete(model, params, tokenizer, prompts: Sequence[str], *, max_new_tokens
     gen.generate_one(model, params, prompt_ids[0], rng, **kwargs)
   else:
     gen.generate(model, params, prompt_ids, rng, **kwargs)
+  if timing is not None:
+    timing.update(time_to_first_token=stream.time_to_first_token,
+                  decode_tokens_per_sec=stream.decode_tokens_per_sec)
   return stream.close()
 
 

@@ -1,11 +1,14 @@
 """Test setup: 8 simulated CPU devices (set before JAX starts) and strict rank promotion."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# the persistent compilation cache of every `jaxlm` the tests run: one per session, never ~/.cache
+os.environ.setdefault("JAXLM_COMPILE_CACHE", tempfile.mkdtemp(prefix="jaxlm-xla-"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

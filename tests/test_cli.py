@@ -41,7 +41,10 @@ def test_train_writes_the_run_directory(trained_run):
   steps = [r for r in records if "loss" in r]
   evals = [r for r in records if "eval_loss" in r]
   assert [r["step"] for r in steps] == [5, 10, 15, 20, 25, 30]
-  assert all({"loss", "lr", "tokens_per_sec"} <= set(r) for r in steps)
+  assert all({"loss", "lr", "tokens_per_sec", "mfu"} <= set(r) for r in steps)
+  summary = records[-1]  # the closing record: where the wall time went
+  assert {"goodput", "time_to_first_step", "compile_seconds", "mean_mfu"} <= set(summary)
+  assert "goodput" in result.stderr and "MFU" in result.stderr
   assert [r["step"] for r in evals] == [20, 30]
   assert steps[-1]["loss"] < steps[0]["loss"]
   assert os.listdir(os.path.join(workdir, "tensorboard"))
@@ -57,6 +60,9 @@ def test_generate_reads_the_run_directory(trained_run):
   again = jaxlm("generate", "--workdir", workdir, "--prompt", "def ", "--max_new_tokens", "25",
                 "--seed", "3")
   assert again.stdout == result.stdout, "sampling with a fixed seed must be reproducible"
+  # the second launch loads every program from the persistent compilation cache
+  assert "time to first token" in again.stderr, again.stderr[-2000:]
+  assert " 0 programs compiled" in again.stderr, again.stderr[-2000:]
 
 
 def test_rerun_resumes_from_the_last_checkpoint(trained_run, tmp_path):

@@ -15,8 +15,8 @@ import ml_collections
 import optax
 
 from jaxlm import config as config_lib
+from jaxlm import devices, rundir, sharding, textgen
 from jaxlm import generate as gen
-from jaxlm import rundir, sharding, textgen
 from jaxlm.data import sources
 from jaxlm.data import tokenizers as tok_lib
 from jaxlm.data.iterators import Prefetch
@@ -50,16 +50,20 @@ def train(config, workdir) -> dict:
   Raises:
     preemption.Preempted: after SIGTERM/SIGINT, once the checkpoint of the current step is saved.
   """
-  run = setup(config, workdir)
-  ckpt, step0 = rundir.open_run(config, run.workdir)
+  clock = metrics_lib.Goodput()
+  with clock.timing("startup"):
+    run = setup(config, workdir)
+    ckpt, step0 = rundir.open_run(config, run.workdir)
   writer = None
   try:
-    if jax.process_index() == 0:
-      rundir.trim_metrics(run.workdir, step0 or 0)  # the resumed run writes those records again
-    writer = metrics_lib.MetricsWriter(run.workdir, run.mode.total_steps,
-                                       enabled=jax.process_index() == 0)
+    with clock.timing("startup"):
+      if jax.process_index() == 0:
+        rundir.trim_metrics(run.workdir, step0 or 0)  # the resumed run writes them again
+      writer = metrics_lib.MetricsWriter(run.workdir, run.mode.total_steps,
+                                         enabled=jax.process_index() == 0,
+                                         wandb_cfg=config.wandb, config=config)
     with preemption.PreemptionGuard() as guard:
-      return Trainer(run, ckpt, writer, guard).fit(step0)
+      return Trainer(run, ckpt, writer, guard, clock).fit(step0)
   finally:
     ckpt.close()
     if writer is not None:
@@ -120,6 +124,7 @@ def setup(config, workdir, *, with_data: bool = True) -> Run:
   """Resolves tokenizer, model (recording an imported model's fields in config.model), mesh,
   mode and optimizer. Writes nothing: the run directory is written once the state is settled."""
   kind = check_kind(config)
+  _Profile.parse(config.profile.steps)
   workdir = rundir.path(workdir)
   tokenizer = make_tokenizer(config, workdir)
   seq_len = config.task.max_len if kind == "finetune" else config.data.seq_len
@@ -141,8 +146,10 @@ def setup(config, workdir, *, with_data: bool = True) -> Run:
 class Trainer:
   """The loop and its hooks over a set-up Run."""
 
-  def __init__(self, run: Run, ckpt, writer, guard):
+  def __init__(self, run: Run, ckpt, writer, guard, clock: metrics_lib.Goodput | None = None):
     self.run, self.ckpt, self.writer, self.guard = run, ckpt, writer, guard
+    self.clock = clock or metrics_lib.Goodput()
+    self.profile = _Profile(run.config.profile.steps, run.workdir)
 
   def start_state(self, step0: int | None):
     """(state, shardings, data iterator state) by rundir's precedence (resume > init_from >
@@ -165,15 +172,15 @@ class Trainer:
 
   def fit(self, step0: int | None) -> dict:
     """Steps from the state's step to mode.total_steps; returns the final metrics."""
-    begin = time.perf_counter()
     run, mode, cfg_t = self.run, self.run.mode, self.run.config.train
-    state, shardings, data_state = self.start_state(step0)
-    start = int(jax.device_get(state.step))
-    if data_state is not None:
-      mode.batches.set_state(data_state)
-    else:  # a checkpoint without an iterator state: replay the deterministic stream to `start`
-      for _ in range(start):
-        next(mode.batches)
+    with self.clock.timing("startup"):
+      state, shardings, data_state = self.start_state(step0)
+      start = int(jax.device_get(state.step))
+      if data_state is not None:
+        mode.batches.set_state(data_state)
+      else:  # a checkpoint without an iterator state: replay the deterministic stream to `start`
+        for _ in range(start):
+          next(mode.batches)
     # batches placed on the devices in a background thread; get_state() stays exact
     batches = Prefetch(mode.batches, lambda b: sharding.global_batch(b, run.mesh), size=2)
     self.writer.bar.reset(mode.total_steps)
@@ -184,8 +191,10 @@ class Trainer:
     train_fn = step_lib.jit_train_step(shardings, objectives.for_head(run.model.cfg.head),
                                        grad_accum=cfg_t.grad_accum,
                                        dropout=run.model.cfg.dropout > 0)
+    peak, device = devices.run_peak_flops(run.model.cfg.dtype, run.config.runtime.peak_flops)
     report = _Reporter(self.writer, self.ckpt, run.schedule, cfg_t.log_every, start,
-                       cfg_t.skip_nonfinite)
+                       cfg_t.skip_nonfinite, peak=peak, clock=self.clock,
+                       hfu_factor=devices.hardware_flops_factor(run.model.cfg.remat))
     if cfg_t.skip_nonfinite:  # the count so far lives in optax.apply_if_finite's state
       report.skipped = int(jax.device_get(state.opt_state.total_notfinite))
     meta = rundir.checkpoint_meta(run.config, run.tokenizer,
@@ -197,43 +206,60 @@ class Trainer:
       state, final = self.loop(state, train_fn, batches, report, meta, start)
       if not final:  # no evaluation since the last start (e.g. resumed at the end)
         final = self.evaluate(state.params, int(jax.device_get(state.step)))
-    self.ckpt.wait()
-    self.sample(state.params)
-    return {"step": int(jax.device_get(state.step)), **final,
-            "train_seconds": time.perf_counter() - begin}
+    with self.clock.timing("checkpoint"):
+      self.ckpt.wait()
+    with self.clock.timing("sample"):
+      self.sample(state.params)
+    step = int(jax.device_get(state.step))
+    summary = report.summary(device)
+    if summary:
+      self.writer.write(step, summary)
+      self.writer.message(_summary_line(step - start, summary))
+    return {"step": step, **final, **summary,
+            "train_seconds": time.perf_counter() - self.clock.begin}
 
   def loop(self, state, train_fn, batches, report, meta, start: int):
     """The training loop. Metrics of step s are fetched while step s + 1 runs, so the device
     never waits for the host; evaluation, checkpoints and preemption act between steps."""
     mode, every = self.run.mode, self.run.config.checkpoint.every
     final, pending = {}, None
+    clock, flops = self.clock, _step_flops(self.run)
     for step in range(start + 1, mode.total_steps + 1):
       wait_start = time.perf_counter()  # the previous step runs on the device meanwhile
       batch = next(batches, None)
       data_wait = time.perf_counter() - wait_start
+      clock.add("data", data_wait)
       if batch is None:
         raise ValueError(f"the data ran out at step {step} of {mode.total_steps}")
-      state, step_metrics = train_fn(state, batch)
-      if pending is not None:
-        report(*pending, data_wait)
-      pending = (step, step_metrics, batch.inputs.size)
+      self.profile.before(step)
+      with clock.timing("step"):
+        state, step_metrics = train_fn(state, batch)
+        if pending is not None:
+          report(*pending, data_wait)
+      pending = (step, step_metrics, batch.inputs.size, flops(batch.inputs.shape))
       evaluated = None
       if step % mode.eval_every == 0 or step == mode.total_steps:
         final = evaluated = self.evaluate(state.params, step)
       stop = self.guard.should_stop(step)
       if stop or evaluated is not None or step % every == 0 or step == mode.total_steps:
-        report(*pending)  # never save a state whose step was not finite
+        with clock.timing("step"):
+          report(*pending)  # never save a state whose step was not finite
         pending = None
-        self.ckpt.save(step, state, batches.get_state(), meta, evaluated or None)
+        with clock.timing("checkpoint"):
+          self.ckpt.save(step, state, batches.get_state(), meta, evaluated or None)
+      self.profile.after(step, state)
       if stop:
         self.guard.stop(self.ckpt, step)
     if pending is not None:
-      report(*pending)
+      with clock.timing("step"):
+        report(*pending)
+    self.profile.close()
     return state, final
 
   def evaluate(self, params, step: int, note: str = "") -> dict:
     """Scores `params` (the mode's evaluator), logs the record and a line."""
-    scores = self.run.mode.evaluate(params)
+    with self.clock.timing("eval"):
+      scores = self.run.mode.evaluate(params)
     if scores:
       prefix = self.run.mode.record_prefix
       self.writer.write(step, {f"{prefix}{k}": v for k, v in scores.items()})
@@ -255,15 +281,23 @@ class Trainer:
 class _Reporter:
   """Host side of each step: NaN guard, progress bar, and a metrics record every `log_every`."""
 
-  def __init__(self, writer, ckpt, schedule, log_every, start_step, skip_nonfinite: int = 0):
+  def __init__(self, writer, ckpt, schedule, log_every, start_step, skip_nonfinite: int = 0, *,
+               peak: float = 0.0, clock: metrics_lib.Goodput | None = None,
+               hfu_factor: float = 1.0):
+    """`peak`: FLOP/s of all the run's devices (0: unknown, no MFU); `clock`: the run's
+    Goodput, for time to first step and the running goodput."""
     self.writer, self.ckpt, self.schedule, self.log_every = writer, ckpt, schedule, log_every
     self.start_step, self.window = start_step, (start_step, time.perf_counter())
     self.skip_nonfinite, self.skipped, self.skipped_in_row = skip_nonfinite, 0, 0
-    self.data_wait, self.tokens = 0.0, 0  # since the window started
+    self.peak, self.clock, self.hfu_factor = peak, clock or metrics_lib.Goodput(), hfu_factor
+    self.data_wait, self.tokens, self.flops = 0.0, 0, 0.0  # since the window started
+    self.total = {"tokens": 0, "flops": 0.0, "seconds": 0.0}  # since the first step's end
+    self.first_step_seconds = None
 
-  def __call__(self, step: int, step_metrics, tokens: int, data_wait: float = 0.0):
-    """`tokens`: the step's batch size in tokens; `data_wait`: seconds just spent getting a
-    batch (since the previous call)."""
+  def __call__(self, step: int, step_metrics, tokens: int, flops: float = 0.0,
+               data_wait: float = 0.0):
+    """`tokens`, `flops`: the step's batch size in tokens and its model FLOPs; `data_wait`:
+    seconds just spent getting a batch (since the previous call)."""
     values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
     self._guard(step, values)
     now = time.perf_counter()
@@ -272,19 +306,55 @@ class _Reporter:
     if self.skip_nonfinite:
       record["skipped_nonfinite"] = self.skipped
     if step == self.start_step + 1:  # leave compilation out of the throughput
-      self.window, self.data_wait, self.tokens = (step, now), 0.0, 0
+      self.first_step_seconds = now - self.clock.begin
+      record["time_to_first_step"] = self.first_step_seconds
+      record["compile_seconds"] = self.clock.compiled()["seconds"]
+      self.window, self.data_wait, self.tokens, self.flops = (step, now), 0.0, 0, 0.0
     else:
       self.data_wait += data_wait
       self.tokens += tokens
+      self.flops += flops
       last_step, last_time = self.window
       elapsed = max(now - last_time, 1e-9)
       record["tokens_per_sec"] = self.tokens / elapsed
       record["data_wait_ms"] = 1e3 * self.data_wait / max(step - last_step, 1)
       record["data_wait_frac"] = self.data_wait / elapsed
-      self.writer.progress(step, values["loss"], record["tokens_per_sec"])
+      if self.peak:
+        record["mfu"] = self.flops / elapsed / self.peak
+        record["hfu"] = record["mfu"] * self.hfu_factor
+      self.writer.progress(step, values["loss"], record["tokens_per_sec"], record.get("mfu"))
     if step % self.log_every == 0:
+      if step > self.start_step + 1:
+        record["goodput"] = self.clock.summary()["goodput"]
       self.writer.write(step, record)
-      self.window, self.data_wait, self.tokens = (step, now), 0.0, 0
+      self._close_window(step, now)
+
+  def _close_window(self, step: int, now: float):
+    last_step, last_time = self.window
+    if step > self.start_step + 1 and last_step > self.start_step:
+      self.total["tokens"] += self.tokens
+      self.total["flops"] += self.flops
+      self.total["seconds"] += now - last_time
+    self.window, self.data_wait, self.tokens, self.flops = (step, now), 0.0, 0, 0.0
+
+  def summary(self, device: str) -> dict:
+    """The run's closing figures: mean tokens/s and MFU over its steps (the first, which
+    compiles, left out), compile seconds, time to first step, goodput and where the rest went."""
+    if self.first_step_seconds is None:
+      return {}
+    self._close_window(self.window[0] + 1, time.perf_counter())
+    compiled = self.clock.compiled()
+    out = {"time_to_first_step": self.first_step_seconds, "compile_seconds": compiled["seconds"],
+           "xla_compiles": compiled["xla_compiles"],
+           "compile_cache_hits": compiled["cache_hits"], **self.clock.summary()}
+    seconds = self.total["seconds"]
+    if seconds > 0:
+      out["mean_tokens_per_sec"] = self.total["tokens"] / seconds
+      if self.peak:
+        out["mean_mfu"] = self.total["flops"] / seconds / self.peak
+        out["mean_hfu"] = out["mean_mfu"] * self.hfu_factor
+    out["device"] = device
+    return out
 
   def _guard(self, step: int, values: dict):
     """Stops on a non-finite loss, or counts it when skipping (optax.apply_if_finite)."""
@@ -309,6 +379,71 @@ class _Reporter:
     raise FloatingPointError(
       f"{what}. The last good checkpoint is step {self.ckpt.latest_step()} in "
       f"{self.ckpt.directory}" + (f" ({advice})" if advice else ""))
+
+
+def _step_flops(run: Run):
+  """FLOPs of a training step over a batch of `shape` [B, T]: model FLOPs per token (causal
+  attention counted as half) times the tokens."""
+  cfg, cache = run.model.cfg, {}
+
+  def flops(shape) -> float:
+    if shape not in cache:
+      cache[shape] = devices.model_flops_per_token(cfg, shape[-1]) * math.prod(shape)
+    return cache[shape]
+
+  return flops
+
+
+def _summary_line(steps: int, s: dict) -> str:
+  line = f"{steps} steps: time to first step {s['time_to_first_step']:.1f} s"
+  if "mean_tokens_per_sec" in s:
+    line += f", {s['mean_tokens_per_sec']:,.0f} tokens/s"
+  if "mean_mfu" in s:
+    line += f", MFU {100 * s['mean_mfu']:.1f}% of {s['device']}"
+  spent = ", ".join(f"{b} {100 * s[b + '_frac']:.0f}%" for b in metrics_lib.Goodput.BUCKETS
+                    if s[b + "_frac"] >= 0.005)
+  return (f"{line}; goodput {100 * s['goodput']:.0f}% of {s['wall_seconds']:.0f} s wall "
+          f"(compile {s['compile_seconds']:.1f} s: {s['xla_compiles']} programs compiled, "
+          f"{s['compile_cache_hits']} loaded from the cache; {spent})")
+
+
+class _Profile:
+  """profile.steps="A-B": a JAX profiler trace of steps A to B in WORKDIR/profile (process 0),
+  for TensorBoard's profile plugin or Perfetto."""
+
+  def __init__(self, steps: str, workdir):
+    self.first, self.last = self.parse(steps)
+    self.active = False
+    self.directory = str(rundir.path(workdir) / "profile")
+
+  @staticmethod
+  def parse(steps: str) -> tuple:
+    """(first, last) of "A-B" or "A"; (None, None) for ""."""
+    if not steps:
+      return None, None
+    try:
+      first, _, last = str(steps).partition("-")
+      first, last = int(first), int(last or first)
+    except ValueError:
+      raise ValueError(f"profile.steps={steps!r} is not a step range like '10-12'") from None
+    if not 1 <= first <= last:
+      raise ValueError(f"profile.steps={steps!r}: want 1 <= first <= last")
+    return first, last
+
+  def before(self, step: int):
+    if step == self.first and jax.process_index() == 0:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, state):
+    if self.active and step >= self.last:
+      jax.block_until_ready(state)  # the trace holds the steps' device work
+      self.close()
+
+  def close(self):
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
 
 
 def convert_from_hf(src: str, workdir) -> str:
