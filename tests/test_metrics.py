@@ -10,6 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_fault_tolerance import tiny_config
 
 from jaxlm import devices, runtime
@@ -88,6 +89,10 @@ def test_a_run_logs_mfu_goodput_and_compile_time_to_jsonl_and_wandb_and_profiles
   assert summary["goodput"] + sum(summary[f"{b}_frac"] for b in metrics.Goodput.BUCKETS) <= 1
   assert result["mean_mfu"] == summary["mean_mfu"] > 0
 
+  events = EventAccumulator(str(workdir / "tensorboard"))
+  events.Reload()
+  assert [e.step for e in events.Scalars("mfu")] == [r["step"] for r in steps]
+  assert events.Scalars("loss")[-1].value == pytest.approx(steps[-1]["loss"])
   assert glob.glob(str(workdir / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
   (wandb_file,) = glob.glob(str(workdir / "wandb" / "offline-run-*" / "run-*.wandb"))
   logged = open(wandb_file, "rb").read()

@@ -66,11 +66,9 @@ class MetricsWriter:
     p = rundir.path(workdir)
     self.jsonl = self.tb = self.wandb = None
     if enabled:
-      from tensorboardX import SummaryWriter
-
       p.mkdir(parents=True, exist_ok=True)
       self.jsonl = (p / rundir.METRICS_FILE).open("a")
-      self.tb = SummaryWriter(os.fspath(p / rundir.TENSORBOARD_DIR))
+      self.tb = _TensorBoard(os.fspath(p / rundir.TENSORBOARD_DIR))
       if wandb_cfg is not None and wandb_cfg.project:
         self.wandb = _wandb_run(p, wandb_cfg, config)
     self.bar = tqdm.tqdm(
@@ -109,6 +107,27 @@ class MetricsWriter:
       self.tb.close()
       if self.wandb is not None:
         self.wandb.finish()
+
+
+class _TensorBoard:
+  """Scalars as TensorBoard event files, through the `tensorboard` package's own writer (which
+  needs neither TensorFlow nor PyTorch; tensorboardX imports PyTorch whenever it is installed,
+  costing seconds and 200 MB a run)."""
+
+  def __init__(self, logdir: str):
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    self._event, self._summary = event_pb2.Event, summary_pb2.Summary
+    self._writer = EventFileWriter(logdir)
+
+  def add_scalar(self, tag: str, value: float, step: int):
+    value = self._summary.Value(tag=tag, simple_value=value)
+    self._writer.add_event(self._event(wall_time=time.time(), step=step,
+                                       summary=self._summary(value=[value])))
+
+  def close(self):
+    self._writer.close()
 
 
 def _wandb_run(workdir, cfg, config):

@@ -301,8 +301,7 @@ class _Reporter:
     values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
     self._guard(step, values)
     now = time.perf_counter()
-    record = {"loss": values["loss"], "lr": float(self.schedule(step - 1)),
-              "grad_norm": values["grad_norm"]}
+    record = {"loss": values["loss"], "lr": 0.0, "grad_norm": values["grad_norm"]}
     if self.skip_nonfinite:
       record["skipped_nonfinite"] = self.skipped
     if step == self.start_step + 1:  # leave compilation out of the throughput
@@ -324,6 +323,7 @@ class _Reporter:
         record["hfu"] = record["mfu"] * self.hfu_factor
       self.writer.progress(step, values["loss"], record["tokens_per_sec"], record.get("mfu"))
     if step % self.log_every == 0:
+      record["lr"] = float(self.schedule(step - 1))  # jnp ops: only when the record is written
       if step > self.start_step + 1:
         record["goodput"] = self.clock.summary()["goodput"]
       self.writer.write(step, record)
