@@ -38,8 +38,11 @@ def test_splash_attention_matches_xla_with_segments_causal_and_gqa():
   seg = jnp.asarray(SEGMENTS, jnp.int32)
   mask = attention_mask(seg, causal=True)
   ref = jax.jit(lambda *a: _out_and_grads(lambda q, k, v: attend(q, k, v, mask), *a))
-  got = jax.jit(lambda *a: _out_and_grads(
-    lambda q, k, v: kernels.attend("splash", q, k, v, seg, interpret=True), *a))
+  got = jax.jit(
+    lambda *a: _out_and_grads(
+      lambda q, k, v: kernels.attend("splash", q, k, v, seg, interpret=True), *a
+    )
+  )
   (out_ref, grads_ref), (out, grads) = ref(q, k, v, ct), got(q, k, v, ct)
   np.testing.assert_allclose(out, out_ref, atol=1e-5, rtol=1e-5)
   for g, g_ref in zip(grads, grads_ref):  # dq, dk, dv (dk, dv summed over the query group)
@@ -49,9 +52,21 @@ def test_splash_attention_matches_xla_with_segments_causal_and_gqa():
 def test_triton_attention_in_a_model_matches_xla_per_device_under_a_mesh():
   """A scanned GQA Llama-style model, packed rows, data-parallel over 2 devices: logits and
   gradients of attention="triton" (Pallas interpret mode, run per device) equal the xla path."""
-  cfg = ModelConfig(vocab_size=64, num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=1,
-                    norm="rmsnorm", position="rope", activation="silu", gated_mlp=True,
-                    use_bias=False, max_seq_len=64, scan_layers=True, attention="xla")
+  cfg = ModelConfig(
+    vocab_size=64,
+    num_layers=1,
+    embed_dim=32,
+    num_heads=2,
+    num_kv_heads=1,
+    norm="rmsnorm",
+    position="rope",
+    activation="silu",
+    gated_mlp=True,
+    use_bias=False,
+    max_seq_len=64,
+    scan_layers=True,
+    attention="xla",
+  )
   T = 64
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, T), 0, 64)
   seg = jnp.asarray([[1] * 20 + [2] * 44, [5] * 64], jnp.int32)
@@ -71,8 +86,7 @@ def test_triton_attention_in_a_model_matches_xla_per_device_under_a_mesh():
 
   mesh = Mesh(np.asarray(jax.devices()[:2]).reshape(2, 1, 1), sharding.MESH_AXES)
   with sharding.mesh_rules(mesh):
-    tokens, seg, positions = jax.device_put((tokens, seg, positions),
-                                            sharding.batch_sharding(mesh))
+    tokens, seg, positions = jax.device_put((tokens, seg, positions), sharding.batch_sharding(mesh))
     (_, logits), grads = jax.jit(loss_and_grads, static_argnums=0)("triton")
   (_, logits_ref), grads_ref = jax.jit(loss_and_grads, static_argnums=0)("xla")
   np.testing.assert_allclose(logits, logits_ref, atol=1e-5, rtol=1e-5)
@@ -91,21 +105,31 @@ def test_segment_offsets_describe_the_causal_same_segment_mask():
   np.testing.assert_array_equal(rebuilt, np.asarray(attention_mask(seg, causal=True))[:, 0])
 
 
-@pytest.mark.parametrize("backend, dtype, expected", [
-  ("tpu", "float32", "splash"), ("gpu", "bfloat16", "cudnn"), ("gpu", "float32", "xla"),
-  ("cpu", "bfloat16", "xla"),
-])
+@pytest.mark.parametrize(
+  "backend, dtype, expected",
+  [
+    ("tpu", "float32", "splash"),
+    ("gpu", "bfloat16", "cudnn"),
+    ("gpu", "float32", "xla"),
+    ("cpu", "bfloat16", "xla"),
+  ],
+)
 def test_auto_attention_picks_the_platforms_kernel(backend, dtype, expected):
-  got = kernels.resolve("auto", dtype=dtype, causal=True, decode=False, length=256,
-                        backend=backend)
+  got = kernels.resolve("auto", dtype=dtype, causal=True, decode=False, length=256, backend=backend)
   assert got == expected
   # decoding with a KV cache, encoders and lengths splash cannot tile use xla
-  assert kernels.resolve("auto", dtype=dtype, causal=True, decode=True, length=256,
-                         backend=backend) == "xla"
-  assert kernels.resolve("auto", dtype=dtype, causal=False, decode=False, length=256,
-                         backend=backend) == "xla"
-  assert kernels.resolve("auto", dtype=dtype, causal=True, decode=False, length=100,
-                         backend="tpu") == "xla"
+  assert (
+    kernels.resolve("auto", dtype=dtype, causal=True, decode=True, length=256, backend=backend)
+    == "xla"
+  )
+  assert (
+    kernels.resolve("auto", dtype=dtype, causal=False, decode=False, length=256, backend=backend)
+    == "xla"
+  )
+  assert (
+    kernels.resolve("auto", dtype=dtype, causal=True, decode=False, length=100, backend="tpu")
+    == "xla"
+  )
 
 
 def test_explicit_kernel_that_cannot_run_names_the_fix():

@@ -24,8 +24,9 @@ KERNELS = ("splash", "cudnn", "triton")
 _SPLASH_BLOCK = 128
 
 
-def resolve(choice: str, *, dtype, causal: bool, decode: bool, length: int,
-            backend: str | None = None) -> str:
+def resolve(
+  choice: str, *, dtype, causal: bool, decode: bool, length: int, backend: str | None = None
+) -> str:
   """The attention implementation `choice` ("auto" or one of ATTENTIONS) means here.
 
   Kernels serve causal self-attention of whole sequences (training, scoring, prefill without a
@@ -46,11 +47,15 @@ def resolve(choice: str, *, dtype, causal: bool, decode: bool, length: int,
       return "cudnn"
     return "xla"
   if choice == "splash" and length % _SPLASH_BLOCK:
-    raise ValueError(f"model.attention='splash' needs a length that is a multiple of "
-                     f"{_SPLASH_BLOCK}, got {length}; pad the sequences or use attention='xla'")
+    raise ValueError(
+      f"model.attention='splash' needs a length that is a multiple of "
+      f"{_SPLASH_BLOCK}, got {length}; pad the sequences or use attention='xla'"
+    )
   if choice == "cudnn" and not half:
-    raise ValueError("model.attention='cudnn' needs model.dtype bfloat16 or float16; set it or "
-                     "use attention='triton'")
+    raise ValueError(
+      "model.attention='cudnn' needs model.dtype bfloat16 or float16; set it or "
+      "use attention='triton'"
+    )
   return choice
 
 
@@ -96,9 +101,11 @@ def _per_shard(kernel, q_BTHE, k_BSKE, v_BSKE, segment_ids_BT):
   if segment_ids_BT is None:
     fn = lambda q, k, v: kernel(q, k, v, None)
     return jax.shard_map(fn, in_specs=(qkv, qkv, qkv), out_specs=qkv, check_vma=False)(
-      q_BTHE, k_BSKE, v_BSKE)
-  return jax.shard_map(kernel, in_specs=(qkv, qkv, qkv, P(batch, None)), out_specs=qkv,
-                       check_vma=False)(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT)
+      q_BTHE, k_BSKE, v_BSKE
+    )
+  return jax.shard_map(
+    kernel, in_specs=(qkv, qkv, qkv, P(batch, None)), out_specs=qkv, check_vma=False
+  )(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT)
 
 
 @functools.lru_cache(maxsize=32)
@@ -109,8 +116,14 @@ def _splash_kernel(heads: int, length: int, interpret: bool):
   mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(heads)])
   block = next(b for b in (512, 256, 128) if length % b == 0)
   sizes = sk.BlockSizes(
-    block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-    block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
+    block_q=block,
+    block_kv=block,
+    block_kv_compute=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
   )
   return sk.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
 
@@ -144,12 +157,26 @@ def triton_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT=None, *, interpret=F
     v_BSKE = jnp.repeat(v_BSKE, H // K, axis=2)
   block = min(128 if not interpret else 64, T)
   back = min(64 if not interpret else 32, T)
-  sizes = gpu_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=back,
-                                   block_kv_dkv=back, block_q_dq=back, block_kv_dq=back)
+  sizes = gpu_attention.BlockSizes(
+    block_q=block,
+    block_k=block,
+    block_q_dkv=back,
+    block_kv_dkv=back,
+    block_q_dq=back,
+    block_kv_dq=back,
+  )
   if segment_ids_BT is not None:
     segment_ids_BT = segment_ids_BT.astype(jnp.int32)
-  return gpu_attention.mha(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, sm_scale=E**-0.5, causal=True,
-                           block_sizes=sizes, interpret=interpret)
+  return gpu_attention.mha(
+    q_BTHE,
+    k_BSKE,
+    v_BSKE,
+    segment_ids_BT,
+    sm_scale=E**-0.5,
+    causal=True,
+    block_sizes=sizes,
+    interpret=interpret,
+  )
 
 
 def segment_offsets(segment_ids_BT, max_segments: int | None = None):
@@ -174,15 +201,27 @@ def cudnn_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT=None):
   """cuDNN flash attention (GPU, bf16/fp16): causal; packed documents in cuDNN's packed layout."""
   E = q_BTHE.shape[-1]
   if segment_ids_BT is None:
-    return jax.nn.dot_product_attention(q_BTHE, k_BSKE, v_BSKE, is_causal=True,
-                                        implementation="cudnn")
+    return jax.nn.dot_product_attention(
+      q_BTHE, k_BSKE, v_BSKE, is_causal=True, implementation="cudnn"
+    )
   from jax._src.cudnn.fused_attention_stablehlo import MaskType
   from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_dpa
 
   lengths_BM, starts_BM1 = segment_offsets(segment_ids_BT)
-  return cudnn_dpa(q_BTHE, k_BSKE, v_BSKE, None, None, lengths_BM, lengths_BM, starts_BM1,
-                   starts_BM1, scale=float(E**-0.5), mask_type=MaskType.PADDING_CAUSAL,
-                   qkv_layout="BTNH")
+  return cudnn_dpa(
+    q_BTHE,
+    k_BSKE,
+    v_BSKE,
+    None,
+    None,
+    lengths_BM,
+    lengths_BM,
+    starts_BM1,
+    starts_BM1,
+    scale=float(E**-0.5),
+    mask_type=MaskType.PADDING_CAUSAL,
+    qkv_layout="BTNH",
+  )
 
 
 def segments_mask(lengths_BM, starts_BM1, length: int) -> np.ndarray:
@@ -194,5 +233,5 @@ def segments_mask(lengths_BM, starts_BM1, length: int) -> np.ndarray:
     for start, n in zip(starts_BM1[b], lengths_BM[b]):
       if n < 0:
         break
-      mask[b, start:start + n, start:start + n] = np.tril(np.ones((n, n), bool))
+      mask[b, start : start + n, start : start + n] = np.tril(np.ones((n, n), bool))
   return mask
