@@ -283,7 +283,6 @@ def torch_train(cfg, batch, seq, steps, warmup, compile_model):
   loss = loss.item()
   sync()
   elapsed = time.perf_counter() - t0
-  del model, opt, step_model
   if device == "cuda":
     torch.cuda.empty_cache()
   return batch * seq * steps / elapsed, compile_s, loss
