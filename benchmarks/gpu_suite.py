@@ -363,6 +363,7 @@ def part_train(sz: Sizes, rows: list, torch_peer: bool, torch_compile: bool):
 
 # -------------------------------------------------------------------------------------- decode
 def part_decode(sz: Sizes, rows: list, torch_peer: bool):
+  import flax.linen as nn
   import jax
   import numpy as np
 
@@ -372,11 +373,8 @@ def part_decode(sz: Sizes, rows: list, torch_peer: bool):
 
   cfg = _cfg(sz.llama, param_dtype="bfloat16")
   model = Transformer(cfg)
-  params = jax.jit(lambda r: model.init(r, np.zeros((1, 1), np.int32))["params"])(
+  params = jax.jit(lambda r: nn.unbox(model.init(r, np.zeros((1, 1), np.int32))["params"]))(
     jax.random.PRNGKey(0)
-  )
-  params = jax.tree.map(
-    lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value")
   )
   hf_model = device = None
   if torch_peer:
