@@ -22,9 +22,12 @@ NORM_POSITIONS = ("pre", "post")
 ENCODER_HEADS = ("base", "mlm", "seq_cls", "token_cls", "qa")  # the task heads of models.heads
 HEADS = ("lm", *ENCODER_HEADS)
 DTYPES = ("float32", "bfloat16", "float16")
+# Attention implementations (see models/kernels.py): auto picks splash on TPU, cudnn on GPU.
+ATTENTIONS = ("auto", "xla", "splash", "cudnn", "triton")
 # Fields a run sets on top of the model it starts from (`model.init_from`); all others come from
 # that checkpoint's own configuration.
-RUN_FIELDS = ("dropout", "dtype", "param_dtype", "remat", "scan_layers", "head", "num_labels")
+RUN_FIELDS = ("dropout", "dtype", "param_dtype", "remat", "scan_layers", "head", "num_labels",
+              "attention", "loss_chunk")
 
 
 def dtype_name(dtype: Any, what: str = "dtype") -> str:
@@ -83,6 +86,10 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"  # none | full | dots (save matmul outputs)
   scan_layers: bool = False  # nn.scan over layers: faster compiles for deep models
+  attention: str = "auto"  # one of ATTENTIONS: the attention kernel (models/kernels.py)
+  # LM loss over chunks of this many tokens, the head matmul fused in (train/objectives.py):
+  # [B, T, V] logits never exist at once; 0 = whole logits.
+  loss_chunk: int = 0
   # Encoder switches (BERT, RoBERTa); the defaults leave the decoder exactly as it is.
   causal: bool = True  # False: bidirectional attention under a padding mask
   norm_position: str = "pre"  # pre (GPT-2, Llama) | post (BERT: norm after each residual add)
@@ -103,6 +110,7 @@ class ModelConfig:
       ("remat", REMAT),
       ("norm_position", NORM_POSITIONS),
       ("head", HEADS),
+      ("attention", ATTENTIONS),
     ):
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")

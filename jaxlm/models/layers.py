@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm.models import kernels
 from jaxlm.models.config import ACTIVATIONS, ModelConfig
 
 
@@ -122,21 +123,16 @@ def bidirectional_mask(padding_mask_BT: jax.Array | None, segment_ids_BT: jax.Ar
   return mask_B11S & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
 
 
-def _cudnn_ok(q_BTHE, mask) -> bool:
-  """cuDNN flash attention on GPU for half-precision, unmasked-beyond-causal inputs."""
-  return (jax.default_backend() == "gpu" and mask is None
-          and q_BTHE.dtype in (jnp.bfloat16, jnp.float16))
-
-
-def attend(q_BTHE, k_BSKE, v_BSKE, mask_B1TS=None):
+def attend(q_BTHE, k_BSKE, v_BSKE, mask_B1TS=None, *, impl="xla", segment_ids_BT=None):
   """Causal (or `mask`ed) softmax attention with grouped-query heads; softmax in fp32.
 
-  Written as two einsums rather than jax.nn.dot_product_attention's XLA path, which is slower
-  to differentiate on CPU; on GPU the cuDNN kernel is used where it applies.
+  impl "xla" (see models/kernels.resolve) writes it as two einsums over materialised scores
+  (rather than jax.nn.dot_product_attention's XLA path, which is slower to differentiate on
+  CPU) under `mask_B1TS` (default causal). A kernel impl (splash, cudnn, triton) attends
+  causally within `segment_ids_BT` without materialising scores; it ignores `mask_B1TS`.
   """
-  if _cudnn_ok(q_BTHE, mask_B1TS):
-    return jax.nn.dot_product_attention(q_BTHE, k_BSKE, v_BSKE, is_causal=True,
-                                        implementation="cudnn")
+  if impl != "xla":
+    return kernels.attend(impl, q_BTHE, k_BSKE, v_BSKE, segment_ids_BT)
   B, T, H, E = q_BTHE.shape
   S, K = k_BSKE.shape[1], k_BSKE.shape[2]
   q_BTKGE = q_BTHE.reshape(B, T, K, H // K, E)
@@ -148,6 +144,12 @@ def attend(q_BTHE, k_BSKE, v_BSKE, mask_B1TS=None):
   probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKE.dtype)
   out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE)
   return out_BTKGE.reshape(B, T, H, E)
+
+
+def attention_impl(cfg: ModelConfig, length: int, decode: bool = False) -> str:
+  """The attention implementation cfg.attention means for this model, length and backend."""
+  return kernels.resolve(cfg.attention, dtype=cfg.dtype, causal=cfg.causal, decode=decode,
+                         length=length)
 
 
 class DecodeMask(nn.Module):
@@ -205,7 +207,9 @@ class Attention(nn.Module):
   decode: bool = False  # read and extend the "cache" collection (see KVCache)
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask):
+  def __call__(self, x_BTD, positions_BT, mask, segment_ids_BT=None):
+    """`mask` [B, 1, T, S] for the xla path (None: causal); a kernel (cfg.attention) reads
+    `segment_ids_BT` instead."""
     cfg = self.cfg
     H, K, E = cfg.num_heads, cfg.kv_heads, cfg.head_size
     qkv_bias = cfg.use_bias or cfg.qkv_bias
@@ -222,7 +226,8 @@ class Attention(nn.Module):
     q_BTHE = nn.with_logical_constraint(q_BTHE, ("batch", "length", "heads", "head_dim"))
     if self.decode:
       k_BTKE, v_BTKE = KVCache(name="kv_cache")(k_BTKE, v_BTKE)
-    out_BTHE = attend(q_BTHE, k_BTKE, v_BTKE, mask)
+    impl = attention_impl(cfg, x_BTD.shape[1], self.decode)
+    out_BTHE = attend(q_BTHE, k_BTKE, v_BTKE, mask, impl=impl, segment_ids_BT=segment_ids_BT)
     std = cfg.init_std / self.num_layers_scale
     out = dense(cfg, "bthe,hed->btd", (H, E, D), ("heads", "head_dim", "embed"), "o",
                 cfg.use_bias, std)
@@ -262,18 +267,19 @@ class Block(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask):
+  def __call__(self, x_BTD, positions_BT, mask, segment_ids_BT=None):
     cfg = self.cfg
     scale = (2 * cfg.num_layers) ** 0.5
     drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
     if cfg.norm_position == "post":
-      h = Attention(cfg, scale, self.decode, name="attn")(x_BTD, positions_BT, mask)
+      h = Attention(cfg, scale, self.decode, name="attn")(x_BTD, positions_BT, mask,
+                                                                segment_ids_BT)
       x_BTD = norm(cfg, "attn_norm")(x_BTD + drop(h))
       h = Mlp(cfg, scale, name="mlp")(x_BTD)
       x_BTD = norm(cfg, "mlp_norm")(x_BTD + drop(h))
       return nn.with_logical_constraint(x_BTD, ("batch", "length", "embed")), None
     h = Attention(cfg, scale, self.decode, name="attn")(
-      norm(cfg, "attn_norm")(x_BTD), positions_BT, mask
+      norm(cfg, "attn_norm")(x_BTD), positions_BT, mask, segment_ids_BT
     )
     x_BTD = x_BTD + drop(h)
     h = Mlp(cfg, scale, name="mlp")(norm(cfg, "mlp_norm")(x_BTD))

@@ -14,6 +14,7 @@ from jaxlm.models.config import ModelConfig
 from jaxlm.models.layers import (
   Block,
   DecodeMask,
+  attention_impl,
   attention_mask,
   bidirectional_mask,
   norm,
@@ -36,7 +37,7 @@ def _block_class(cfg: ModelConfig):
       block,
       variable_axes={"params": 0, "cache": 0},
       split_rngs={"params": True, "dropout": True},
-      in_axes=(nn.broadcast, nn.broadcast),
+      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
       length=cfg.num_layers,
       metadata_params={nn.PARTITION_NAME: "layers"},
     )
@@ -118,6 +119,8 @@ class Transformer(nn.Module):
       if segment_ids_BT is None:
         segment_ids_BT = jnp.ones((B, T), jnp.int32)
       mask = DecodeMask(name="decode_mask")(segment_ids_BT)
+    elif attention_impl(cfg, T) != "xla":  # the kernel reads the segment ids
+      mask = None
     elif cfg.causal:
       mask = attention_mask(segment_ids_BT, causal=True)
     else:
@@ -125,10 +128,12 @@ class Transformer(nn.Module):
 
     block = _block_class(cfg)
     if cfg.scan_layers:
-      x_BTD, _ = block(cfg, deterministic, decode, name="blocks")(x_BTD, positions_BT, mask)
+      x_BTD, _ = block(cfg, deterministic, decode, name="blocks")(x_BTD, positions_BT, mask,
+                                                                  segment_ids_BT)
     else:
       for i in range(cfg.num_layers):
-        x_BTD, _ = block(cfg, deterministic, decode, name=f"block_{i}")(x_BTD, positions_BT, mask)
+        x_BTD, _ = block(cfg, deterministic, decode, name=f"block_{i}")(x_BTD, positions_BT, mask,
+                                                                        segment_ids_BT)
 
     if cfg.norm_position == "pre":  # post-norm blocks already end in a norm
       x_BTD = norm(cfg, "final_norm")(x_BTD)

@@ -2,8 +2,15 @@
 deterministic) -> (loss sum, weight sum)`, summed so micro-batches combine. The model's head
 picks it: token cross entropy for `lm` (next token: pretraining, SFT) and `mlm` (masked tokens),
 the task loss for classification, regression, token classification and QA.
+
+A decoder whose config sets `loss_chunk` (models/config.py) is trained by a fused linear
+cross entropy (`chunked_lm_loss_sums`): the model returns its final hidden states and the LM head
+is applied here, `loss_chunk` positions at a time, so [B, T, V] fp32 logits never exist at once,
+neither forward nor backward.
 """
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -19,6 +26,96 @@ def lm_loss_sums(logits_BTV, targets_BT, weights_BT=None):
     return losses_BT.sum(), jnp.asarray(losses_BT.size, jnp.float32)
   weights_BT = weights_BT.astype(jnp.float32)
   return (losses_BT * weights_BT).sum(), weights_BT.sum()
+
+
+def chunked_lm_loss_sums(hidden_BTD, head_VD, targets_BT, weights_BT=None, *, chunk: int,
+                         dtype=None):
+  """lm_loss_sums(hidden_BTD @ head_VD.T, ...) computed `chunk` positions of every row at a
+  time: only [B, chunk, V] fp32 logits exist at once. Its custom VJP computes the gradients of
+  each chunk in the forward scan (softmax minus one-hot, times the weights), so the backward
+  pass neither holds nor recomputes logits: three head matmuls in all, as the plain path.
+
+  Args:
+    hidden_BTD: final (normed) hidden states.
+    head_VD: the LM head as [V, D] (the tied token embedding, or lm_head's kernel transposed).
+    targets_BT, weights_BT: as lm_loss_sums (weights None = all ones).
+    chunk: positions per chunk; T is padded (with zero weight) to a multiple of it.
+    dtype: the matmul's input dtype (default hidden_BTD's); logits accumulate in fp32.
+
+  Returns:
+    (sum of weighted token losses, sum of weights) in fp32.
+  """
+  B, T = targets_BT.shape
+  dtype = dtype or hidden_BTD.dtype
+  if weights_BT is None:
+    weights_BT = jnp.ones((B, T), jnp.float32)
+  weights_BT = weights_BT.astype(jnp.float32)
+  chunk = min(chunk, T)
+  n = -(-T // chunk)
+  pad = n * chunk - T
+  if pad:
+    hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
+    targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+    weights_BT = jnp.pad(weights_BT, ((0, 0), (0, pad)))
+  to_chunks = lambda x: jnp.swapaxes(x.reshape(B, n, chunk, *x.shape[2:]), 0, 1)
+  total = _fused_ce(to_chunks(hidden_BTD.astype(dtype)), head_VD.astype(dtype),
+                    to_chunks(targets_BT), to_chunks(weights_BT))
+  return total, weights_BT.sum()
+
+
+def _chunk_ce(h_BCD, w_VD, targets_BC):
+  """Token losses [B, C] of one chunk (unweighted), its fp32 logits and their logsumexp."""
+  logits_BCV = jnp.einsum("bcd,vd->bcv", h_BCD, w_VD, preferred_element_type=jnp.float32)
+  lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+  target_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
+  return lse_BC - target_BC, logits_BCV, lse_BC
+
+
+@jax.custom_vjp
+def _fused_ce(h_NBCD, w_VD, targets_NBC, weights_NBC):
+  def body(total, xs):
+    h_BCD, targets_BC, weights_BC = xs
+    losses_BC, _, _ = _chunk_ce(h_BCD, w_VD, targets_BC)
+    return total + (losses_BC * weights_BC).sum(), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h_NBCD, targets_NBC, weights_NBC))
+  return total
+
+
+def _fused_ce_fwd(h_NBCD, w_VD, targets_NBC, weights_NBC):
+  def body(carry, xs):
+    total, dw_VD = carry
+    h_BCD, targets_BC, weights_BC = xs
+    losses_BC, logits_BCV, lse_BC = _chunk_ce(h_BCD, w_VD, targets_BC)
+    dlogits_BCV = jnp.exp(logits_BCV - lse_BC[..., None])
+    dlogits_BCV -= jax.nn.one_hot(targets_BC, w_VD.shape[0], dtype=jnp.float32)
+    dlogits_BCV = (dlogits_BCV * weights_BC[..., None]).astype(h_BCD.dtype)
+    dh_BCD = jnp.einsum("bcv,vd->bcd", dlogits_BCV, w_VD, preferred_element_type=jnp.float32)
+    dw_VD += jnp.einsum("bcv,bcd->vd", dlogits_BCV, h_BCD, preferred_element_type=jnp.float32)
+    return (total + (losses_BC * weights_BC).sum(), dw_VD), (dh_BCD.astype(h_BCD.dtype), losses_BC)
+
+  init = (jnp.zeros((), jnp.float32), jnp.zeros(w_VD.shape, jnp.float32))
+  (total, dw_VD), (dh_NBCD, losses_NBC) = jax.lax.scan(
+    body, init, (h_NBCD, targets_NBC, weights_NBC))
+  return total, (dh_NBCD, dw_VD.astype(w_VD.dtype), losses_NBC, targets_NBC)
+
+
+def _fused_ce_bwd(residuals, g):
+  dh_NBCD, dw_VD, losses_NBC, targets_NBC = residuals
+  zero_targets = jnp.zeros(targets_NBC.shape, jax.dtypes.float0)
+  dh_NBCD = (g * dh_NBCD).astype(dh_NBCD.dtype)
+  return dh_NBCD, (g * dw_VD).astype(dw_VD.dtype), zero_targets, g * losses_NBC
+
+
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
+
+
+def lm_head_VD(cfg, params) -> jax.Array:
+  """The LM head of a Transformer's params as [V, D]: the token embedding when tied, else
+  lm_head's kernel transposed."""
+  if cfg.tie_embeddings:
+    return nn.unbox(params["embed"]["embedding"])
+  return nn.unbox(params["lm_head"]["kernel"]).T
 
 
 def _ce(logits, labels):
@@ -66,10 +163,29 @@ def model_outputs(apply_fn, params, batch: Batch, rng=None, deterministic=True):
   )
 
 
+def _chunked_loss_cfg(apply_fn):
+  """The ModelConfig of a decoder LM whose `apply_fn` (its bound Module.apply) asks for the
+  chunked loss (cfg.loss_chunk > 0); None otherwise."""
+  cfg = getattr(getattr(apply_fn, "__self__", None), "cfg", None)
+  if cfg is None or cfg.head != "lm" or not cfg.causal or not cfg.loss_chunk:
+    return None
+  return cfg
+
+
 def token_sums(apply_fn, params, batch: Batch, rng, deterministic):
-  """Cross entropy at the batch's targets (next tokens, or the tokens under MLM masks)."""
-  logits_BTV = model_outputs(apply_fn, params, batch, rng, deterministic)
-  return lm_loss_sums(logits_BTV, batch.targets, batch.weights)
+  """Cross entropy at the batch's targets (next tokens, or the tokens under MLM masks); fused
+  with the LM head, chunk by chunk, when the decoder's cfg.loss_chunk asks for it."""
+  cfg = _chunked_loss_cfg(apply_fn)
+  if cfg is None:
+    logits_BTV = model_outputs(apply_fn, params, batch, rng, deterministic)
+    return lm_loss_sums(logits_BTV, batch.targets, batch.weights)
+  hidden_BTD = apply_fn(
+    {"params": params}, batch.inputs, segment_ids_BT=batch.segment_ids,
+    positions_BT=batch.positions, deterministic=deterministic,
+    rngs=None if deterministic else {"dropout": rng}, return_hidden=True,
+  )
+  return chunked_lm_loss_sums(hidden_BTD, lm_head_VD(cfg, params), batch.targets, batch.weights,
+                              chunk=cfg.loss_chunk, dtype=jnp.dtype(cfg.dtype))
 
 
 def for_head(head: str):
