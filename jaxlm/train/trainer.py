@@ -1,4 +1,4 @@
-"""The one trainer. Every kind of run (lm, sft, mlm, finetune) is set up here and goes through one
+"""The one trainer. Every kind of run (lm, sft, dpo, mlm, finetune) is set up here and goes through one
 loop: a pure jitted step over a resumable batch iterator, with hooks for evaluation, metrics, the
 NaN guard, checkpoints, preemption and a closing sample.
 
@@ -74,7 +74,8 @@ def check_kind(config) -> str:
 
 def check_model(kind: str, model_cfg) -> None:
   """A kind trains one sort of model: say so before anything is built."""
-  wanted = {"lm": (True, "lm"), "sft": (True, "lm"), "mlm": (False, "mlm")}.get(kind)
+  wanted = {"lm": (True, "lm"), "sft": (True, "lm"), "dpo": (True, "lm"),
+            "mlm": (False, "mlm")}.get(kind)
   if wanted and (model_cfg.causal, model_cfg.head) != wanted:
     what = "a decoder (model.causal=True, model.head='lm')" if wanted[0] else \
       "an encoder with model.causal=False and model.head='mlm'"
@@ -148,15 +149,18 @@ class Trainer:
     """(state, shardings, data iterator state) by rundir's precedence (resume > init_from >
     scratch); then the run directory records the config and tokenizer."""
     run, cfg = self.run, self.run.config
-    abstract, shardings = step_lib.abstract_state(run.model, run.tx, run.mesh)
+    frozen = bool(run.mode and run.mode.frozen)
+    abstract, shardings = step_lib.abstract_state(run.model, run.tx, run.mesh, frozen)
 
     def scratch():
       return step_lib.sharded_init(run.model, run.tx, jax.random.PRNGKey(cfg.train.seed),
-                                   run.mesh)[0]
+                                   run.mesh, frozen)[0]
 
     state, data_state = rundir.initial_state(self.ckpt, step0, cfg, run.model.cfg,
                                              abstract=abstract, init=scratch,
                                              message=self.writer.message)
+    if frozen and step0 is None:  # the reference is the starting weights (a resume restores it)
+      state = state.replace(frozen=jax.tree.map(lambda x: x.copy(), state.params))
     if jax.process_index() == 0:
       rundir.write_config(run.workdir, cfg)
       if not (run.workdir / rundir.TOKENIZER_DIR).exists():
@@ -181,7 +185,8 @@ class Trainer:
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     self.writer.message(f"{run.config.kind}: {n_params:,} parameters; mesh "
                         f"{dict(run.mesh.shape)}; {mode.summary}")
-    train_fn = step_lib.jit_train_step(shardings, objectives.for_head(run.model.cfg.head),
+    objective = mode.objective or objectives.for_head(run.model.cfg.head)
+    train_fn = step_lib.jit_train_step(shardings, objective,
                                        grad_accum=cfg_t.grad_accum,
                                        dropout=run.model.cfg.dropout > 0)
     report = _Reporter(self.writer, self.ckpt, run.schedule, cfg_t.log_every, start,
@@ -193,10 +198,10 @@ class Trainer:
     final = {}
     with sharding.mesh_rules(run.mesh), contextlib.closing(batches):
       if start == 0 and mode.eval_at_start:  # the imported model's score, before training
-        self.evaluate(state.params, 0, "(imported weights)")
+        self.evaluate(state, 0, "(imported weights)")
       state, final = self.loop(state, train_fn, batches, report, meta, start)
       if not final:  # no evaluation since the last start (e.g. resumed at the end)
-        final = self.evaluate(state.params, int(jax.device_get(state.step)))
+        final = self.evaluate(state, int(jax.device_get(state.step)))
     self.ckpt.wait()
     self.sample(state.params)
     return {"step": int(jax.device_get(state.step)), **final,
@@ -219,7 +224,7 @@ class Trainer:
       pending = (step, step_metrics, batch.inputs.size)
       evaluated = None
       if step % mode.eval_every == 0 or step == mode.total_steps:
-        final = evaluated = self.evaluate(state.params, step)
+        final = evaluated = self.evaluate(state, step)
       stop = self.guard.should_stop(step)
       if stop or evaluated is not None or step % every == 0 or step == mode.total_steps:
         report(*pending)  # never save a state whose step was not finite
@@ -231,9 +236,9 @@ class Trainer:
       report(*pending)
     return state, final
 
-  def evaluate(self, params, step: int, note: str = "") -> dict:
-    """Scores `params` (the mode's evaluator), logs the record and a line."""
-    scores = self.run.mode.evaluate(params)
+  def evaluate(self, state, step: int, note: str = "") -> dict:
+    """Scores the state's params (the mode's evaluator), logs the record and a line."""
+    scores = self.run.mode.evaluate(state.params, state.frozen)
     if scores:
       prefix = self.run.mode.record_prefix
       self.writer.write(step, {f"{prefix}{k}": v for k, v in scores.items()})
@@ -268,7 +273,8 @@ class _Reporter:
     self._guard(step, values)
     now = time.perf_counter()
     record = {"loss": values["loss"], "lr": float(self.schedule(step - 1)),
-              "grad_norm": values["grad_norm"]}
+              "grad_norm": values["grad_norm"],
+              **{k: v for k, v in values.items() if "/" in k}}  # an objective's own (DPO's)
     if self.skip_nonfinite:
       record["skipped_nonfinite"] = self.skipped
     if step == self.start_step + 1:  # leave compilation out of the throughput
