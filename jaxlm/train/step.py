@@ -31,8 +31,8 @@ def train_step(state: TrainState, batch: Batch, *, objective, grad_accum: int = 
   rng, step_rng = jax.random.split(state.rng)
 
   def micro_grads(params, micro, key):
-    def loss_fn(p):
-      return objective(state.apply_fn, p, micro, key, not dropout)
+    def loss_fn(p):  # with LoRA, p are the adapters and the frozen base is merged in here
+      return objective(state.apply_fn, state.model_params(p), micro, key, not dropout)
 
     (total, weight), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return total, weight, grads
@@ -61,28 +61,36 @@ def eval_step(params, batch: Batch, *, apply_fn, objective):
   return {"loss_sum": total, "weight": weight}
 
 
-def init_state(rng, model, tx) -> TrainState:
-  """A boxed TrainState (params carry logical axis names)."""
+def init_state(rng, model, tx, lora=None) -> TrainState:
+  """A boxed TrainState (params carry logical axis names). With `lora` (jaxlm.models.lora.Lora)
+  the params are the adapters (and any head trained in full), the optimizer state covers them
+  alone, and `frozen` holds the base (cast or quantized as the Lora says)."""
   params_rng, dropout_rng = jax.random.split(rng)
   params = model.init(params_rng, jnp.zeros((1, 1), jnp.int32))["params"]
-  return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=dropout_rng)
+  if lora is None:
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=dropout_rng)
+  adapters = lora.init(jax.random.fold_in(params_rng, 1), params)
+  return TrainState.create(apply_fn=model.apply, params=adapters, tx=tx, rng=dropout_rng,
+                           frozen=lora.freeze(params), lora=lora)
 
 
-def abstract_state(model, tx, mesh):
+def abstract_state(model, tx, mesh, lora=None):
   """(ShapeDtypeStructs with shardings of the state, the shardings); nothing is allocated. The
   first is the target of a checkpoint restore."""
-  return sharding.abstract_tree(functools.partial(init_state, model=model, tx=tx), mesh)
+  return sharding.abstract_tree(functools.partial(init_state, model=model, tx=tx, lora=lora),
+                                mesh)
 
 
-def sharded_init(model, tx, rng, mesh):
+def sharded_init(model, tx, rng, mesh, lora=None):
   """The state initialised directly into its shardings (no host holds the whole model).
 
   Returns:
     (state, state_shardings) with plain (unboxed) arrays.
   """
-  _, shardings = abstract_state(model, tx, mesh)
+  _, shardings = abstract_state(model, tx, mesh, lora)
   with sharding.mesh_rules(mesh):
-    state = jax.jit(lambda r: nn.unbox(init_state(r, model, tx)), out_shardings=shardings)(rng)
+    state = jax.jit(lambda r: nn.unbox(init_state(r, model, tx, lora)),
+                    out_shardings=shardings)(rng)
   return state, shardings
 
 
