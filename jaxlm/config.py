@@ -72,6 +72,16 @@ def base_config() -> ml_collections.ConfigDict:
     simpo_gamma=0.5,  # simpo: target reward margin
   ))
   c.task = task()  # kind=finetune
+  c.lora = ml_collections.ConfigDict(dict(  # LoRA on a run that starts from model.init_from
+    rank=0,  # adapter rank r; 0: LoRA off (every parameter trained)
+    alpha=16.0,  # PEFT's lora_alpha: the update is scaled by alpha/r (alpha/sqrt(r) with rslora)
+    rslora=False,  # rank-stabilised scaling alpha/sqrt(r)
+    dropout=0.0,  # must be 0: adapters are merged into the kernels (see jaxlm.models.lora)
+    targets="attention",  # attention | mlp | all | "attention,mlp" | a regex over param paths
+    base_dtype="",  # frozen base dtype: "" (the model's param dtype) | bfloat16 | float16
+    quantize="",  # "" | int8: the frozen base's block kernels in int8 (QLoRA-style, Qwix)
+    init_adapter="",  # a PEFT adapter directory to start from (its r/alpha/targets are used)
+  ))
   c.train = ml_collections.ConfigDict(dict(
     steps=1000,  # finetune: 0 = train.epochs passes over the training examples
     epochs=0,  # finetune, when train.steps is 0

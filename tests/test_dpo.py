@@ -14,12 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import sharding
 from jaxlm.config import base_config, model
 from jaxlm.data import preference
+from jaxlm.data.batch import Batch
 from jaxlm.models import heads
 from jaxlm.train import dpo, objectives, trainer
-from jaxlm.data.batch import Batch
 
 GPT2_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                         "shared", "data", "tokenizers", "gpt2")
@@ -162,19 +161,21 @@ def test_pairs_train_on_responses_only_and_packed_logps_equal_each_sequence_alon
   from jaxlm.models.config import ModelConfig
 
   net = heads.build_model(ModelConfig(**cfg))
-  params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
-  logits = objectives.model_outputs(net.apply, params, Batch(**batch))
-  pc, pr, nc, nr, valid = map(np.asarray, dpo.sequence_logps(logits, Batch(**batch)))
+  params = jax.jit(net.init)(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  packed = jax.jit(lambda p, b: dpo.sequence_logps(objectives.model_outputs(net.apply, p, b), b))
+  pc, pr, nc, _, valid = map(np.asarray, packed(params, Batch(**batch)))
   got = sorted(zip(pc[valid], pr[valid], nc[valid]), key=lambda x: x[2] + x[0])
-  want = []
-  for pair in pairs:  # each sequence alone, unpacked
-    sums = []
-    for name in ("chosen", "rejected"):
-      ids, mask = pair[name]
-      logp = jax.nn.log_softmax(net.apply({"params": params}, jnp.asarray(ids[None, :-1])), -1)
-      sums.append(float((np.take_along_axis(np.asarray(logp[0]), ids[1:, None], -1)[:, 0]
-                         * mask[1:]).sum()))
-    want.append((*sums, float(pair["chosen"][1][1:].sum())))
+  # each sequence alone, unpacked: one row per sequence (causal, so the padding after it is moot)
+  seqs = [pair[name] for pair in pairs for name in ("chosen", "rejected")]
+  rows_ST = np.zeros((len(seqs), 128), np.int32)
+  for i, (ids, _) in enumerate(seqs):
+    rows_ST[i, :len(ids)] = ids
+  alone = jax.jit(lambda p, x: jax.nn.log_softmax(net.apply({"params": p}, x), -1))
+  logp_STV = np.asarray(alone(params, jnp.asarray(rows_ST)))
+  sums = [float((np.take_along_axis(logp_STV[i, :len(ids) - 1], ids[1:, None], -1)[:, 0]
+                 * mask[1:]).sum()) for i, (ids, mask) in enumerate(seqs)]
+  want = [(sums[2 * k], sums[2 * k + 1], float(p["chosen"][1][1:].sum()))
+          for k, p in enumerate(pairs)]
   want = sorted(want, key=lambda x: x[2] + x[0])
   assert valid.sum() == len(pairs)
   np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
@@ -188,7 +189,7 @@ def test_bad_preference_rows_fail_naming_the_row(chat_tokenizer, tmp_path):
       preference.encode_pairs(chat_tokenizer, [("f:3", row)], row_len=64)
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n[1, 2]\n')
-  with pytest.raises(ValueError, match="bad.jsonl:2 is not a JSON object"):
+  with pytest.raises(TypeError, match="bad.jsonl:2 is not a JSON object"):
     preference.read_rows(str(bad))
 
 

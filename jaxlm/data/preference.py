@@ -10,6 +10,7 @@ each other; positions restart at 0), which is how jaxlm.train.dpo pairs them up 
 """
 
 import glob
+import itertools
 import json
 
 import numpy as np
@@ -42,7 +43,7 @@ def read_rows(pattern: str) -> list[tuple[str, dict]]:
         except json.JSONDecodeError as err:
           raise ValueError(f"preference row {f}:{n} is not JSON ({err.msg})") from None
         if not isinstance(row, dict):
-          raise ValueError(f"preference row {f}:{n} is not a JSON object with {FIELDS}")
+          raise TypeError(f"preference row {f}:{n} is not a JSON object with {FIELDS}")
         rows.append((f"{f}:{n}", row))
   return rows
 
@@ -226,4 +227,4 @@ def eval_batches(pairs: list[dict], num_rows: int, row_len: int, pad_id: int,
   """Up to `max_batches` packed batches of `pairs` in order (the last may be partly empty)."""
   bounds = plan_batches(pairs, np.arange(len(pairs)), num_rows, row_len) + [len(pairs)]
   return [pack(pairs[lo:hi], num_rows, row_len, pad_id)
-          for lo, hi in list(zip(bounds[:-1], bounds[1:]))[:max_batches]]
+          for lo, hi in list(itertools.pairwise(bounds))[:max_batches]]

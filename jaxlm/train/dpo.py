@@ -85,30 +85,24 @@ def check_config(cfg) -> None:
     raise ValueError(f"dpo.label_smoothing={cfg.label_smoothing} must be in [0, 0.5)")
 
 
-def reference_params(params, frozen):
-  """The reference model's parameters: the frozen starting weights held in the train state.
-  (Under LoRA the reference is the frozen base with the adapters switched off.)"""
-  del params
-  if frozen is None:
-    raise ValueError("this DPO loss needs the reference model's parameters (the train state's "
-                     "`frozen`), which a params-only restore lacks; use dpo.loss='simpo' or the "
-                     "run's eval records")
-  return frozen
-
-
 def objective(cfg):
   """The `forward_sums` of a preference run: `(apply_fn, params, batch, rng, deterministic, *,
-  frozen) -> (loss sum, {"weight": pairs, metric sums})`, summed over pairs so that micro-batches
-  combine; the step divides every sum by the number of pairs."""
+  reference) -> (loss sum, {"weight": pairs, metric sums})`, summed over pairs so that
+  micro-batches combine; the step divides every sum by the number of pairs. `reference`: the
+  reference model's params (TrainState.reference_params: the starting weights, or with LoRA the
+  base with the adapters off); SimPO needs none."""
   check_config(cfg)
 
-  def sums(apply_fn, params, batch: Batch, rng, deterministic, *, frozen=None):
+  def sums(apply_fn, params, batch: Batch, rng, deterministic, *, reference=None):
     logits = objectives.model_outputs(apply_fn, params, batch, rng, deterministic)
     pc, pr, nc, nr, valid_BP = sequence_logps(logits, batch)
     if cfg.loss == "simpo":  # reference-free: no second forward pass
       rc, rr = jnp.zeros_like(pc), jnp.zeros_like(pr)
     else:
-      ref = jax.lax.stop_gradient(reference_params(params, frozen))
+      if reference is None:
+        raise ValueError(f"dpo.loss={cfg.loss!r} needs the reference model's params, which a "
+                         "params-only restore lacks; use the run's own eval records")
+      ref = jax.lax.stop_gradient(reference)
       ref_logits = objectives.model_outputs(apply_fn, ref, batch, None, True)
       rc, rr, _, _, _ = jax.lax.stop_gradient(sequence_logps(ref_logits, batch))
     losses, chosen_r, rejected_r = preference_loss(

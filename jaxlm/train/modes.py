@@ -17,8 +17,7 @@ from jax.experimental import multihost_utils
 from jaxlm import sharding
 from jaxlm.data import buckets as bucket_lib
 from jaxlm.data import mlm as mlm_lib
-from jaxlm.data import pipeline
-from jaxlm.data import preference
+from jaxlm.data import pipeline, preference
 from jaxlm.data import tokenize as tokenize_lib
 from jaxlm.data.batch import process_rows
 from jaxlm.tasks import registry
@@ -31,14 +30,14 @@ class Mode:
   """What the trainer needs from a kind of run."""
 
   batches: object  # this process's rows as dicts; get_state() / set_state() resume it exactly
-  evaluate: Callable[..., dict]  # (params, frozen=None) -> metrics on the eval split
+  evaluate: Callable[..., dict]  # (params, reference=None) -> metrics on the eval split
   total_steps: int
   eval_every: int  # steps between evaluations
   summary: str  # one line about the data, printed at start-up
   record_prefix: str = ""  # what eval metrics are called in metrics.jsonl ("dev_" for tasks)
   eval_at_start: bool = False  # score the imported weights before the first step
   objective: Callable | None = None  # None: the model head's (objectives.for_head)
-  frozen: bool = False  # the state holds a frozen copy of the starting params (DPO's reference)
+  reference: bool = False  # the objective and evaluator read the reference model (DPO)
 
 
 def build(config, tokenizer, model, mesh, params_shardings, *, eval_split: str | None = None,
@@ -74,7 +73,7 @@ def _lm_mode(config, tokenizer, model, mesh, params_shardings) -> Mode:
   eval_fn = step_lib.jit_eval_step(model.apply, params_shardings,
                                    objectives.for_head(model.cfg.head))
 
-  def evaluate(params, frozen=None) -> dict:
+  def evaluate(params, reference=None) -> dict:
     """Mean token loss and perplexity over the fixed eval batches."""
     if not data.eval_batches:
       return {}
@@ -108,12 +107,13 @@ def _dpo_mode(config, tokenizer, model, mesh, params_shardings) -> Mode:
                                       objective=objective),
                     in_shardings=(params_shardings, None, params_shardings))
 
-  def evaluate(params, frozen=None) -> dict:
+  def evaluate(params, reference=None) -> dict:
     """Mean DPO loss and TRL's reward metrics over the held-out pairs."""
     if not evals:
       return {}
     sums = [jax.device_get(eval_fn(params, sharding.global_batch(
-      process_rows(b, jax.process_index(), jax.process_count()), mesh), frozen)) for b in evals]
+      process_rows(b, jax.process_index(), jax.process_count()), mesh), reference))
+            for b in evals]
     n = max(sum(float(s["weight"]) for s in sums), 1.0)
     out = {"eval_loss": sum(float(s["loss_sum"]) for s in sums) / n}
     for k in sums[0]:
@@ -125,7 +125,7 @@ def _dpo_mode(config, tokenizer, model, mesh, params_shardings) -> Mode:
              + (f" ({dropped} longer than a row dropped)" if dropped else "")
              + f"; about {batches.per_epoch} steps per epoch; dpo.loss={config.dpo.loss}")
   return Mode(batches, evaluate, _positive(config, "steps"), _positive(config, "eval_every"),
-              summary, objective=objective, frozen=True)
+              summary, objective=objective, reference=True)
 
 
 # --- finetune: task examples ----------------------------------------------------------------------
@@ -184,7 +184,7 @@ def _task_mode(config, tokenizer, model, mesh, params_shardings, eval_split, tra
   outputs_fn = jax.jit(functools.partial(objectives.model_outputs, model.apply),
                        in_shardings=(params_shardings, None))
 
-  def evaluate(params, frozen=None) -> dict:
+  def evaluate(params, reference=None) -> dict:
     """The task's official metric(s) over the eval split."""
     outputs = []
     for n, batch in bucket_lib.eval_batches(feats, cfg_t.batch_size, _buckets(config.task),

@@ -21,6 +21,7 @@ from jaxlm.data import sources
 from jaxlm.data import tokenizers as tok_lib
 from jaxlm.data.iterators import Prefetch
 from jaxlm.models import heads
+from jaxlm.models import lora as lora_lib
 from jaxlm.train import metrics as metrics_lib
 from jaxlm.train import modes, objectives, optim, preemption
 from jaxlm.train import step as step_lib
@@ -39,6 +40,7 @@ class Run:
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   mode: modes.Mode
+  lora: lora_lib.Lora | None = None  # LoRA: the adapted kernels (None: every param trained)
 
 
 def train(config, workdir) -> dict:
@@ -131,12 +133,28 @@ def setup(config, workdir, *, with_data: bool = True) -> Run:
   mesh = sharding.make_mesh(config.mesh)
   check_batch(config, mesh)
   model = heads.build_model(model_cfg)
+  lora = make_lora(config, model)
   mode = None
   if with_data:
     params_shardings = jax.tree.map(lambda a: a.sharding, rundir.abstract_params(model, mesh))
     mode = modes.build(config, tokenizer, model, mesh, params_shardings)
   tx, schedule = _optimizer(config, mode.total_steps if mode else max(config.train.steps, 1))
-  return Run(config, workdir, tokenizer, model, mesh, tx, schedule, mode)
+  return Run(config, workdir, tokenizer, model, mesh, tx, schedule, mode, lora)
+
+
+def make_lora(config, model) -> lora_lib.Lora | None:
+  """The run's Lora when lora.rank > 0 (None otherwise). A PEFT adapter named by
+  lora.init_adapter sets rank, alpha, rslora and targets (recorded in the config); a task head
+  new to the imported encoder is trained in full beside the adapters."""
+  if not config.lora.rank and not config.lora.init_adapter:
+    return None
+  if config.lora.init_adapter:
+    from jaxlm.hf import adapters
+
+    with config.unlocked():
+      config.lora.update(adapters.adapter_settings(config.lora.init_adapter, model.cfg,
+                                               config.model.init_from))
+  return lora_lib.for_model(config, model)
 
 
 class Trainer:
@@ -144,22 +162,47 @@ class Trainer:
 
   def __init__(self, run: Run, ckpt, writer, guard):
     self.run, self.ckpt, self.writer, self.guard = run, ckpt, writer, guard
+    merged = None
+    if run.lora is not None:  # placed as the evaluator's jit expects the params
+      merged = jax.tree.map(lambda a: a.sharding, rundir.abstract_params(run.model, run.mesh))
+    self._merge = jax.jit(lambda state: state.model_params(), out_shardings=merged)
+
+  def model_params(self, state):
+    """The params the model applies (LoRA: the adapters merged into the frozen base)."""
+    return state.params if state.lora is None else self._merge(state)
+
+  def parameter_summary(self, state) -> str:
+    """'N parameters', or with LoRA the trainable share and the optimizer state's bytes against
+    a full fine-tune's."""
+    n_train = sum(x.size for x in jax.tree.leaves(state.params))
+    if state.lora is None:
+      return f"{n_train:,} parameters"
+    full = jax.eval_shape(self._merge, state)
+    n_full = sum(x.size for x in jax.tree.leaves(full))
+    opt_bytes = _nbytes(state.opt_state)
+    full_opt_bytes = _nbytes(jax.eval_shape(self.run.tx.init, full))
+    return (f"LoRA r={state.lora.rank} on {len(state.lora.targets)} kernels: {n_train:,} trainable "
+            f"parameters ({100 * n_train / n_full:.2f}% of {n_full:,}); optimizer state "
+            f"{opt_bytes / 2**20:.2f} MiB ({100 * opt_bytes / max(full_opt_bytes, 1):.2f}% of a "
+            f"full fine-tune's {full_opt_bytes / 2**20:.2f} MiB)")
 
   def start_state(self, step0: int | None):
     """(state, shardings, data iterator state) by rundir's precedence (resume > init_from >
     scratch); then the run directory records the config and tokenizer."""
     run, cfg = self.run, self.run.config
-    frozen = bool(run.mode and run.mode.frozen)
-    abstract, shardings = step_lib.abstract_state(run.model, run.tx, run.mesh, frozen)
+    # full-parameter DPO keeps the starting weights as its reference (with LoRA: the base)
+    copy_ref = bool(run.mode and run.mode.reference) and run.lora is None
+    abstract, shardings = step_lib.abstract_state(run.model, run.tx, run.mesh, run.lora,
+                                                  copy_ref)
 
     def scratch():
       return step_lib.sharded_init(run.model, run.tx, jax.random.PRNGKey(cfg.train.seed),
-                                   run.mesh, frozen)[0]
+                                   run.mesh, run.lora, copy_ref)[0]
 
     state, data_state = rundir.initial_state(self.ckpt, step0, cfg, run.model.cfg,
                                              abstract=abstract, init=scratch,
                                              message=self.writer.message)
-    if frozen and step0 is None:  # the reference is the starting weights (a resume restores it)
+    if copy_ref and step0 is None:  # the starting weights (a resume restores them)
       state = state.replace(frozen=jax.tree.map(lambda x: x.copy(), state.params))
     if jax.process_index() == 0:
       rundir.write_config(run.workdir, cfg)
@@ -182,13 +225,12 @@ class Trainer:
     batches = Prefetch(mode.batches, lambda b: sharding.global_batch(b, run.mesh), size=2)
     self.writer.bar.reset(mode.total_steps)
     self.writer.bar.update(start)
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    self.writer.message(f"{run.config.kind}: {n_params:,} parameters; mesh "
+    self.writer.message(f"{run.config.kind}: {self.parameter_summary(state)}; mesh "
                         f"{dict(run.mesh.shape)}; {mode.summary}")
     objective = mode.objective or objectives.for_head(run.model.cfg.head)
-    train_fn = step_lib.jit_train_step(shardings, objective,
-                                       grad_accum=cfg_t.grad_accum,
-                                       dropout=run.model.cfg.dropout > 0)
+    train_fn = step_lib.jit_train_step(shardings, objective, grad_accum=cfg_t.grad_accum,
+                                       dropout=run.model.cfg.dropout > 0,
+                                       reference=mode.reference)
     report = _Reporter(self.writer, self.ckpt, run.schedule, cfg_t.log_every, start,
                        cfg_t.skip_nonfinite)
     if cfg_t.skip_nonfinite:  # the count so far lives in optax.apply_if_finite's state
@@ -203,7 +245,7 @@ class Trainer:
       if not final:  # no evaluation since the last start (e.g. resumed at the end)
         final = self.evaluate(state, int(jax.device_get(state.step)))
     self.ckpt.wait()
-    self.sample(state.params)
+    self.sample(self.model_params(state))
     return {"step": int(jax.device_get(state.step)), **final,
             "train_seconds": time.perf_counter() - begin}
 
@@ -237,8 +279,10 @@ class Trainer:
     return state, final
 
   def evaluate(self, state, step: int, note: str = "") -> dict:
-    """Scores the state's params (the mode's evaluator), logs the record and a line."""
-    scores = self.run.mode.evaluate(state.params, state.frozen)
+    """Scores the state's model params (the mode's evaluator; DPO's also reads the reference),
+    logs the record and a line."""
+    reference = state.reference_params() if self.run.mode.reference else None
+    scores = self.run.mode.evaluate(self.model_params(state), reference)
     if scores:
       prefix = self.run.mode.record_prefix
       self.writer.write(step, {f"{prefix}{k}": v for k, v in scores.items()})
@@ -315,6 +359,10 @@ class _Reporter:
     raise FloatingPointError(
       f"{what}. The last good checkpoint is step {self.ckpt.latest_step()} in "
       f"{self.ckpt.directory}" + (f" ({advice})" if advice else ""))
+
+
+def _nbytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def convert_from_hf(src: str, workdir) -> str:
