@@ -229,3 +229,45 @@ def test_a_dpo_run_raises_the_margin_and_logs_trls_metrics(chat_tokenizer, tmp_p
   assert train_recs[-1]["rewards/margins"] > 0 and train_recs[-1]["loss"] < np.log(2)
   assert final["eval_rewards/margins"] > 0 and final["eval_loss"] < np.log(2)
   assert final["eval_rewards/accuracies"] > 0.5
+
+
+def test_with_lora_the_reference_is_the_base_and_a_step_raises_the_margin(chat_tokenizer):
+  import ml_collections
+
+  from jaxlm import sharding
+  from jaxlm.models import lora as lora_lib
+  from jaxlm.models.config import ModelConfig
+  from jaxlm.train import optim
+  from jaxlm.train import step as step_lib
+
+  tok = chat_tokenizer
+  c = base_config()
+  c.kind = "dpo"
+  c.model = _tiny_llama(len(tok))
+  c.model.init_from = "base"  # LoRA adapts an imported model; the base here is random
+  c.lora.update({"rank": 4, "alpha": 8.0, "targets": "all"})
+  values = c.model.to_dict()
+  values.pop("init_from")
+  net = heads.build_model(ModelConfig(**values))
+  lora = lora_lib.for_model(c, net)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
+  tx, _ = optim.make_optimizer(ml_collections.ConfigDict({**c.optim.to_dict(), "lr": 1e-2,
+                                                          "warmup_steps": 0}), 10)
+  state, shardings = step_lib.sharded_init(net, tx, jax.random.PRNGKey(0), mesh, lora)
+  frozen0 = jax.device_get(state.frozen)
+  pairs, _ = preference.encode_pairs(tok, [(f"r{i}", r) for i, r in enumerate(ROWS * 4)],
+                                     row_len=128)
+  batch = preference.pack(pairs, 8, 128, pad_id=0)
+  step = step_lib.jit_train_step(shardings, dpo.objective(c.dpo), reference=True)
+  with sharding.mesh_rules(mesh):
+    rows = sharding.global_batch(batch, mesh)
+    state, first = step(state, rows)
+    state, second = step(state, rows)
+  # adapters start at zero: the policy is the base, which is the reference
+  np.testing.assert_allclose(float(first["loss"]), np.log(2), rtol=1e-5)
+  assert abs(float(first["rewards/margins"])) < 1e-5
+  assert float(second["rewards/margins"]) > 0 and float(second["loss"]) < np.log(2)
+  # only the adapters train; the frozen base (the reference) is untouched
+  names = {p[-1].key for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+  assert names == {lora_lib.LORA_A, lora_lib.LORA_B}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen), frozen0)
