@@ -134,7 +134,11 @@ class Checkpointer:
 
   def restore_params(self, step: int, abstract_params):
     """Only the params of `step` (no optimizer state read), e.g. for sampling or export."""
-    target = {"params": abstract_params}
+    return self.restore_fields(step, {"params": abstract_params})["params"]
+
+  def restore_fields(self, step: int, target: dict) -> dict:
+    """Only the state fields named by `target`'s keys (e.g. params and a LoRA run's frozen base),
+    placed as its ShapeDtypeStructs say; nothing else is read."""
     args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
       partial_restore=True,
@@ -146,7 +150,7 @@ class Checkpointer:
       item_handlers={"state": ocp.PyTreeCheckpointHandler()},
     )
     try:
-      return self._restore(step, args, reader)["state"]["params"]
+      return dict(self._restore(step, args, reader)["state"])
     finally:
       reader.close()
 

@@ -4,7 +4,8 @@
   jaxlm generate --workdir runs/demo --prompt "The "    (or --hf HF_DIR_OR_GGUF; --stop STR)
   jaxlm plot --workdir runs/demo [--out loss.png]
   jaxlm convert --from-hf SRC --workdir DIR     (HF directory, .gguf file or hub id -> run dir)
-  jaxlm convert --workdir DIR --to-hf OUT [--step N]     (a run's checkpoint -> HF directory)
+  jaxlm convert --workdir DIR --to-hf OUT [--step N]     (a run's checkpoint -> HF directory;
+                 a LoRA run's -> a PEFT adapter directory, or with --merge the merged model)
   jaxlm eval --workdir runs/sst2 --split dev     (fine-tuning runs: the task's metrics)
 """
 
@@ -23,7 +24,7 @@ COMMAND_FLAGS = {
   "generate": ("workdir", "hf", "prompt", "max_new_tokens", "temperature", "top_k", "top_p",
                "seed", "stop"),
   "plot": ("workdir", "out"),
-  "convert": ("from-hf", "to-hf", "workdir", "step"),
+  "convert": ("from-hf", "to-hf", "workdir", "step", "merge"),
   "eval": ("workdir", "split"),
 }
 COMMANDS = tuple(COMMAND_FLAGS)
@@ -45,6 +46,8 @@ flags.DEFINE_string("out", None, "plot: PNG path (default WORKDIR/loss.png)")
 flags.DEFINE_string("from-hf", None, "convert: HF model directory, .gguf file or hub id to import")
 flags.DEFINE_string("to-hf", None, "convert: directory to write the run's checkpoint to, in HF format")
 flags.DEFINE_integer("step", None, "convert --to-hf: checkpoint step (default: the latest)")
+flags.DEFINE_bool("merge", False, "convert --to-hf of a LoRA run: write the merged model instead "
+                  "of a PEFT adapter")
 flags.DEFINE_string("split", "dev", "eval: the task split to score (dev | test | train)")
 flags.DEFINE_bool("debug", False, "show full tracebacks instead of one-line errors")
 FLAGS = flags.FLAGS
@@ -182,6 +185,16 @@ def _convert():
   from jaxlm import rundir
   from jaxlm.hf import api
 
+  config = rundir.read_config(FLAGS.workdir)
+  if config.get("lora", {}).get("rank") and not FLAGS.merge:
+    from jaxlm.hf import adapters
+
+    saved, lora, trainable, _ = rundir.load_lora_run(FLAGS.workdir, FLAGS.step)
+    adapters.export_adapter(saved.model_cfg, lora, trainable, out, base=config.model.init_from,
+                            tokenizer=saved.tokenizer)
+    print(f"wrote the PEFT adapter {out} (base {config.model.init_from}; --merge writes the "
+          "merged model)")
+    return
   saved, params = rundir.load_run(FLAGS.workdir, FLAGS.step)
   print(f"wrote {api.to_hf(saved.model, params, out, tokenizer=saved.tokenizer)}")
 

@@ -15,6 +15,7 @@ from jaxlm.tasks import registry
 KINDS = {
   "lm": "next-token pretraining or fine-tuning of a decoder on text",
   "sft": "chat/instruction fine-tuning of a decoder: the chat template, loss on responses only",
+  "dpo": "preference tuning of a decoder (DPO, IPO, SimPO) on prompt/chosen/rejected pairs",
   "mlm": "masked-LM pretraining of an encoder (BERT, RoBERTa)",
   "finetune": "an encoder task head (GLUE, CoNLL-2003, SQuAD): `task` names the task",
 }
@@ -31,7 +32,7 @@ def model(preset: str | None = None, **overrides) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
   """Every key a training run reads, with its default."""
   c = ml_collections.ConfigDict()
-  c.kind = "lm"  # lm | sft | mlm | finetune (see KINDS)
+  c.kind = "lm"  # lm | sft | dpo | mlm | finetune (see KINDS)
   c.model = model()
   c.data = ml_collections.ConfigDict(dict(
     source="file",  # file | hf | pydoc (Python's reference docs, no download)
@@ -64,7 +65,23 @@ def base_config() -> ml_collections.ConfigDict:
     prob=0.15,  # chance a token (or a whole word) is chosen: 80% [MASK], 10% random, 10% kept
     whole_word=False,  # choose whole words: every sub-word of a chosen word
   ))
+  c.dpo = ml_collections.ConfigDict(dict(  # kind=dpo; data.path: JSONL of prompt/chosen/rejected
+    loss="sigmoid",  # sigmoid (DPO) | ipo | simpo (reference-free, length-normalised)
+    beta=0.1,  # strength of the pull to the reference (SimPO: reward scale, ~2)
+    label_smoothing=0.0,  # sigmoid/simpo: assumed chance a pair's labels are flipped (cDPO)
+    simpo_gamma=0.5,  # simpo: target reward margin
+  ))
   c.task = task()  # kind=finetune
+  c.lora = ml_collections.ConfigDict(dict(  # LoRA on a run that starts from model.init_from
+    rank=0,  # adapter rank r; 0: LoRA off (every parameter trained)
+    alpha=16.0,  # PEFT's lora_alpha: the update is scaled by alpha/r (alpha/sqrt(r) with rslora)
+    rslora=False,  # rank-stabilised scaling alpha/sqrt(r)
+    dropout=0.0,  # must be 0: adapters are merged into the kernels (see jaxlm.models.lora)
+    targets="attention",  # attention | mlp | all | "attention,mlp" | a regex over param paths
+    base_dtype="",  # frozen base dtype: "" (the model's param dtype) | bfloat16 | float16
+    quantize="",  # "" | int8: the frozen base's block kernels in int8 (QLoRA-style, Qwix)
+    init_adapter="",  # a PEFT adapter directory to start from (its r/alpha/targets are used)
+  ))
   c.train = ml_collections.ConfigDict(dict(
     steps=1000,  # finetune: 0 = train.epochs passes over the training examples
     epochs=0,  # finetune, when train.steps is 0

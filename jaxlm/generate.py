@@ -57,13 +57,16 @@ def sample_logits(logits_BV, rng, temperature: float, top_k: int, top_p: float):
   return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens [B, P], lengths [B]) with each prompt right-aligned after `pad_id` padding."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
+             multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens [B, P], lengths [B]) with each prompt right-aligned after `pad_id` padding; P is
+  the longest prompt rounded up to `multiple` (fewer shapes to compile across calls)."""
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("a prompt is empty: give every prompt at least one token "
                      "(for example a newline or the tokenizer's BOS token)")
   lengths_B = np.array([len(p) for p in prompts], np.int32)
-  tokens_BP = np.full((len(prompts), lengths_B.max()), pad_id, np.int32)
+  width = -(-int(lengths_B.max()) // multiple) * multiple
+  tokens_BP = np.full((len(prompts), width), pad_id, np.int32)
   for row, ids in zip(tokens_BP, prompts):
     row[len(row) - len(ids):] = ids
   return tokens_BP, lengths_B
@@ -146,7 +149,7 @@ def _generate(params, tokens_BP, lengths_B, rng, eos_E, pad_id, callback_id, *, 
 def generate(model, params, prompts: Sequence[Sequence[int]], rng=None, *,
              max_new_tokens: int = 100, sampler: Sampler | None = None,
              eos_ids: Sequence[int] = (), pad_id: int = 0,
-             on_step: StepCallback | None = None) -> list[list[int]]:
+             on_step: StepCallback | None = None, pad_multiple: int = 1) -> list[list[int]]:
   """Continues each prompt (a list of token ids) by up to `max_new_tokens` ids.
 
   Args:
@@ -157,13 +160,15 @@ def generate(model, params, prompts: Sequence[Sequence[int]], rng=None, *,
     pad_id: filler for the padding and for rows that have stopped.
     on_step: host callback `on_step(step, tokens_B)` called in order as tokens come; it returns
       a bool [B] of rows to stop (for stop strings) or None. Needs the host every step.
+    pad_multiple: the padded prompt length is a multiple of this, so that calls with prompts of
+      similar lengths share one compiled program.
 
   Returns:
     Each row's new ids, up to and including its EOS id.
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
-  tokens_BP, lengths_B = left_pad(prompts, pad_id)
+  tokens_BP, lengths_B = left_pad(prompts, pad_id, pad_multiple)
   limit = model.cfg.max_seq_len
   if tokens_BP.shape[1] + max_new_tokens > limit:
     raise ValueError(

@@ -20,10 +20,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
+from flax import traverse_util
 
 from jaxlm import checkpoint, sharding
 from jaxlm.data import tokenizers as tok_lib
 from jaxlm.models import heads
+from jaxlm.models import lora as lora_lib
 from jaxlm.models.config import RUN_FIELDS, ModelConfig
 from jaxlm.models.transformer import match_layer_layout
 
@@ -201,16 +203,55 @@ def load_run(workdir, step: int | None = None, mesh=None) -> tuple[SavedRun, dic
   config = read_config(workdir)
   model = heads.build_model(saved_model_config(config))
   tokenizer = load_tokenizer(workdir)
-  mesh = mesh or sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+  mesh = mesh or _default_mesh()
+  saved = SavedRun(config, model, tokenizer)
+  lora = lora_lib.for_model(config, model)
+  if lora is None:
+    return saved, _restore(workdir, step, {"params": abstract_params(model, mesh)})["params"]
+  parts = _restore(workdir, step, abstract_lora_parts(model, lora, mesh))
+  merged = jax.tree.map(lambda a: a.sharding, abstract_params(model, mesh))
+  return saved, jax.jit(lora.merge, out_shardings=merged)(parts["frozen"], parts["params"])
+
+
+def _default_mesh():
+  return sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
+
+
+def load_lora_run(workdir, step: int | None = None, mesh=None) -> tuple:
+  """(SavedRun, Lora, trainable params (adapters), frozen base) of a LoRA run's checkpoint
+  `step` (default: the newest); nothing is written.
+
+  Raises:
+    ValueError: when the run is not a LoRA run.
+  """
+  config = read_config(workdir)
+  model = heads.build_model(saved_model_config(config))
+  lora = lora_lib.for_model(config, model)
+  if lora is None:
+    raise ValueError(f"{os.fspath(workdir)} is not a LoRA run (lora.rank=0); export it whole")
+  mesh = mesh or _default_mesh()
+  parts = _restore(workdir, step, abstract_lora_parts(model, lora, mesh))
+  return SavedRun(config, model, load_tokenizer(workdir)), lora, parts["params"], parts["frozen"]
+
+
+def abstract_lora_parts(model, lora, mesh) -> dict:
+  """ShapeDtypeStructs (sharded) of a LoRA state's trainable params and frozen base."""
+  def init(rng):
+    params = model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    return {"params": lora.init(rng, params), "frozen": lora.freeze(params)}
+
+  return sharding.abstract_tree(init, mesh)[0]
+
+
+def _restore(workdir, step: int | None, target: dict) -> dict:
   ckpt = checkpoint.Checkpointer(path(workdir) / CHECKPOINT_DIR, read_only=True)
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train the run first")
-    params = ckpt.restore_params(step, abstract_params(model, mesh))
+    return ckpt.restore_fields(step, target)
   finally:
     ckpt.close()
-  return SavedRun(config, model, tokenizer), params
 
 
 def trim_metrics(workdir, step: int) -> int:
@@ -302,9 +343,44 @@ def initial_state(ckpt, step: int | None, config, model_cfg: ModelConfig, *, abs
   state = init()
   if config.model.init_from:
     params = init_params(config.model.init_from, model_cfg)
-    shardings = jax.tree.map(lambda a: a.sharding, abstract.params)
-    state = state.replace(params=jax.device_put(params, shardings))
+    state = with_imported(state, params, abstract)
+    if state.lora is not None and config.lora.init_adapter:
+      from jaxlm.hf import adapters as peft_adapters
+
+      adapters = peft_adapters.import_adapter(config.lora.init_adapter, model_cfg, state.lora)
+      message(f"LoRA adapters from {config.lora.init_adapter}")
+      state = with_trainable(state, adapters, abstract)
   return state, None
+
+
+def _shardings(abstract_tree):
+  return jax.tree.map(lambda a: a.sharding, abstract_tree)
+
+
+def with_imported(state, params, abstract):
+  """`state` with imported full `params` in place: as the trainable params, or with LoRA as the
+  frozen base (cast or quantized on the devices) plus any params trained in full."""
+  if state.lora is None:
+    return state.replace(params=jax.device_put(params, _shardings(abstract.params)))
+  lora = state.lora
+  frozen = jax.jit(lora.freeze, out_shardings=_shardings(abstract.frozen))(params)
+  flat = traverse_util.flatten_dict(params, sep="/")
+  full = {p: flat[p] for p in flat if lora.is_full(p)}
+  return with_trainable(state.replace(frozen=frozen), traverse_util.unflatten_dict(full, sep="/"),
+                        abstract)
+
+
+def with_trainable(state, values: dict, abstract):
+  """`state` with some trainable leaves (a nested dict of host arrays, by param path) replaced."""
+  flat = traverse_util.flatten_dict(state.params, sep="/")
+  where = traverse_util.flatten_dict(_shardings(abstract.params), sep="/")
+  for p, x in traverse_util.flatten_dict(values, sep="/").items():
+    if p not in flat:
+      raise ValueError(f"no trainable parameter {p!r} in this run to load into")
+    if tuple(x.shape) != tuple(flat[p].shape):
+      raise ValueError(f"{p} has shape {tuple(x.shape)} but the run's is {tuple(flat[p].shape)}")
+    flat[p] = jax.device_put(np.asarray(x, flat[p].dtype), where[p])
+  return state.replace(params=traverse_util.unflatten_dict(flat, sep="/"))
 
 
 # config keys that change the shapes or structure of the saved train state
@@ -313,6 +389,7 @@ _STATE_KEYS = {
             "mlp_dim", "max_seq_len", "position", "use_bias", "qkv_bias", "gated_mlp",
             "tie_embeddings", "norm", "param_dtype", "scan_layers", "head", "num_labels"),
   "optim": ("name",),
+  "lora": ("rank", "targets", "base_dtype", "quantize"),
 }
 
 

@@ -32,6 +32,7 @@ LOGICAL_RULES = (
   ("pos", None),
   ("norm", None),
   ("layers", None),
+  ("lora_rank", None),  # LoRA adapters: sharded like their kernels, the rank axis whole
 )
 
 

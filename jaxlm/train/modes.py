@@ -1,7 +1,8 @@
 """The kinds of run as the one trainer sees them. A mode is the run's batches (a resumable
 iterator of this process's rows), its evaluator and its length; the objective comes from the
-model's head (jaxlm.train.objectives). lm, sft and mlm read the Grain pipeline (mlm masks its
-rows); finetune reads task examples and scores the task's official metric.
+model's head (jaxlm.train.objectives) unless the mode names its own (dpo). lm, sft and mlm read
+the Grain pipeline (mlm masks its rows); dpo reads preference pairs packed into rows and trains
+against the frozen reference; finetune reads task examples and scores the task's official metric.
 """
 
 import dataclasses
@@ -16,10 +17,11 @@ from jax.experimental import multihost_utils
 from jaxlm import sharding
 from jaxlm.data import buckets as bucket_lib
 from jaxlm.data import mlm as mlm_lib
-from jaxlm.data import pipeline
+from jaxlm.data import pipeline, preference
+from jaxlm.data import tokenize as tokenize_lib
 from jaxlm.data.batch import process_rows
 from jaxlm.tasks import registry
-from jaxlm.train import objectives
+from jaxlm.train import dpo, objectives
 from jaxlm.train import step as step_lib
 
 
@@ -28,12 +30,14 @@ class Mode:
   """What the trainer needs from a kind of run."""
 
   batches: object  # this process's rows as dicts; get_state() / set_state() resume it exactly
-  evaluate: Callable[[dict], dict]  # params -> metrics on the eval split
+  evaluate: Callable[..., dict]  # (params, reference=None) -> metrics on the eval split
   total_steps: int
   eval_every: int  # steps between evaluations
   summary: str  # one line about the data, printed at start-up
   record_prefix: str = ""  # what eval metrics are called in metrics.jsonl ("dev_" for tasks)
   eval_at_start: bool = False  # score the imported weights before the first step
+  objective: Callable | None = None  # None: the model head's (objectives.for_head)
+  reference: bool = False  # the objective and evaluator read the reference model (DPO)
 
 
 def build(config, tokenizer, model, mesh, params_shardings, *, eval_split: str | None = None,
@@ -42,6 +46,8 @@ def build(config, tokenizer, model, mesh, params_shardings, *, eval_split: str |
   evaluation needs (for `jaxlm eval`), `eval_split` overrides the split scored."""
   if config.kind == "finetune":
     return _task_mode(config, tokenizer, model, mesh, params_shardings, eval_split, train)
+  if config.kind == "dpo":
+    return _dpo_mode(config, tokenizer, model, mesh, params_shardings)
   return _lm_mode(config, tokenizer, model, mesh, params_shardings)
 
 
@@ -67,7 +73,7 @@ def _lm_mode(config, tokenizer, model, mesh, params_shardings) -> Mode:
   eval_fn = step_lib.jit_eval_step(model.apply, params_shardings,
                                    objectives.for_head(model.cfg.head))
 
-  def evaluate(params) -> dict:
+  def evaluate(params, reference=None) -> dict:
     """Mean token loss and perplexity over the fixed eval batches."""
     if not data.eval_batches:
       return {}
@@ -79,6 +85,47 @@ def _lm_mode(config, tokenizer, model, mesh, params_shardings) -> Mode:
 
   return Mode(data.train, evaluate, _positive(config, "steps"), _positive(config, "eval_every"),
               data.summary, eval_at_start=bool(config.model.init_from))
+
+
+# --- dpo: preference pairs -----------------------------------------------------------------------
+
+def _dpo_mode(config, tokenizer, model, mesh, params_shardings) -> Mode:
+  cfg_d, cfg_t = config.data, config.train
+  objective = dpo.objective(config.dpo)
+  bos, eos = tokenize_lib.special_ids(tokenizer, cfg_d)
+  rows = preference.read_rows(cfg_d.path)
+  pairs, dropped = preference.encode_pairs(tokenizer, rows, row_len=cfg_d.seq_len, bos=bos,
+                                           eos=eos, drop_long=cfg_d.truncate)
+  n_val = int(len(pairs) * cfg_d.val_fraction)
+  train_pairs, val_pairs = pairs[:len(pairs) - n_val], pairs[len(pairs) - n_val:]
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  batches = preference.PairBatches(train_pairs, cfg_t.batch_size, cfg_d.seq_len, pad_id,
+                                   cfg_t.seed, jax.process_index(), jax.process_count())
+  evals = preference.eval_batches(val_pairs, cfg_t.batch_size, cfg_d.seq_len, pad_id,
+                                  cfg_t.eval_batches) if n_val else []
+  eval_fn = jax.jit(functools.partial(step_lib.eval_step, apply_fn=model.apply,
+                                      objective=objective),
+                    in_shardings=(params_shardings, None, params_shardings))
+
+  def evaluate(params, reference=None) -> dict:
+    """Mean DPO loss and TRL's reward metrics over the held-out pairs."""
+    if not evals:
+      return {}
+    sums = [jax.device_get(eval_fn(params, sharding.global_batch(
+      process_rows(b, jax.process_index(), jax.process_count()), mesh), reference))
+            for b in evals]
+    n = max(sum(float(s["weight"]) for s in sums), 1.0)
+    out = {"eval_loss": sum(float(s["loss_sum"]) for s in sums) / n}
+    for k in sums[0]:
+      if k not in ("loss_sum", "weight"):
+        out[f"eval_{k}"] = sum(float(s[k]) for s in sums) / n
+    return out
+
+  summary = (f"{len(train_pairs):,} train / {len(val_pairs):,} eval preference pairs"
+             + (f" ({dropped} longer than a row dropped)" if dropped else "")
+             + f"; about {batches.per_epoch} steps per epoch; dpo.loss={config.dpo.loss}")
+  return Mode(batches, evaluate, _positive(config, "steps"), _positive(config, "eval_every"),
+              summary, objective=objective, reference=True)
 
 
 # --- finetune: task examples ----------------------------------------------------------------------
@@ -137,7 +184,7 @@ def _task_mode(config, tokenizer, model, mesh, params_shardings, eval_split, tra
   outputs_fn = jax.jit(functools.partial(objectives.model_outputs, model.apply),
                        in_shardings=(params_shardings, None))
 
-  def evaluate(params) -> dict:
+  def evaluate(params, reference=None) -> dict:
     """The task's official metric(s) over the eval split."""
     outputs = []
     for n, batch in bucket_lib.eval_batches(feats, cfg_t.batch_size, _buckets(config.task),

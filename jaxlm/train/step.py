@@ -22,75 +22,101 @@ def _split_micro(batch: Batch, num: int) -> Batch:
 
 
 def train_step(state: TrainState, batch: Batch, *, objective, grad_accum: int = 1,
-               dropout: bool = False):
+               dropout: bool = False, reference: bool = False):
   """One optimizer step over `batch`, accumulating gradients over `grad_accum` micro-batches.
 
   `objective(apply_fn, params, batch, rng, deterministic) -> (loss sum, weight sum)`
-  (jaxlm.train.objectives); the gradient is that of the loss sum over the weight sum.
+  (jaxlm.train.objectives); the gradient is that of the loss sum over the weight sum. An
+  objective may return `(loss sum, {"weight": weight sum, name: sum, ...})` instead: each named
+  sum is then reported divided by the weight (DPO's rewards). With `reference`, the objective
+  also receives the reference model's params as `reference=` (DPO: the starting weights, or with
+  LoRA the base with the adapters off).
   """
   rng, step_rng = jax.random.split(state.rng)
+  if reference:
+    objective = functools.partial(objective, reference=state.reference_params())
 
   def micro_grads(params, micro, key):
-    def loss_fn(p):
-      return objective(state.apply_fn, p, micro, key, not dropout)
+    def loss_fn(p):  # with LoRA, p are the adapters and the frozen base is merged in here
+      total, aux = objective(state.apply_fn, state.model_params(p), micro, key, not dropout)
+      return total, (aux if isinstance(aux, dict) else {"weight": aux})
 
-    (total, weight), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return total, weight, grads
+    (total, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return total, aux, grads
 
   if grad_accum == 1:
-    total, weight, grads = micro_grads(state.params, batch, step_rng)
+    total, aux, grads = micro_grads(state.params, batch, step_rng)
   else:
     def body(carry, xs):
       micro, key = xs
-      t, w, g = micro_grads(state.params, micro, key)
-      return jax.tree.map(jnp.add, carry, (t, w, g)), None
+      return jax.tree.map(jnp.add, carry, micro_grads(state.params, micro, key)), None
 
-    zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+    micro_shapes = jax.eval_shape(micro_grads, state.params, jax.tree.map(
+      lambda x: x[0], _split_micro(batch, grad_accum)), step_rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), micro_shapes)
     keys = jax.random.split(step_rng, grad_accum)
-    (total, weight, grads), _ = jax.lax.scan(body, zeros, (_split_micro(batch, grad_accum), keys))
-  weight = jnp.maximum(weight, 1.0)
+    (total, aux, grads), _ = jax.lax.scan(body, zeros, (_split_micro(batch, grad_accum), keys))
+  weight = jnp.maximum(aux.pop("weight"), 1.0)
   grads = jax.tree.map(lambda g: g / weight, grads)
   new_state = state.apply_gradients(grads=grads, rng=rng)
-  metrics = {"loss": total / weight, "grad_norm": optax.global_norm(grads), "tokens": weight}
+  metrics = {"loss": total / weight, "grad_norm": optax.global_norm(grads), "tokens": weight,
+             **{k: v / weight for k, v in aux.items()}}
   return new_state, metrics
 
 
-def eval_step(params, batch: Batch, *, apply_fn, objective):
-  """Summed loss and weight of one eval batch (combine across batches, then divide)."""
-  total, weight = objective(apply_fn, params, batch, None, True)
-  return {"loss_sum": total, "weight": weight}
+def eval_step(params, batch: Batch, reference=None, *, apply_fn, objective):
+  """Summed loss and weight of one eval batch (combine across batches, then divide), with the
+  objective's other sums when it returns them (DPO's rewards); `reference`: the reference
+  model's params, for objectives that need them."""
+  if reference is not None:
+    objective = functools.partial(objective, reference=reference)
+  total, aux = objective(apply_fn, params, batch, None, True)
+  aux = dict(aux) if isinstance(aux, dict) else {"weight": aux}
+  return {"loss_sum": total, **aux}
 
 
-def init_state(rng, model, tx) -> TrainState:
-  """A boxed TrainState (params carry logical axis names)."""
+def init_state(rng, model, tx, lora=None, reference: bool = False) -> TrainState:
+  """A boxed TrainState (params carry logical axis names). With `lora` (jaxlm.models.lora.Lora)
+  the params are the adapters (and any head trained in full), the optimizer state covers them
+  alone, and `frozen` holds the base (cast or quantized as the Lora says). Without LoRA,
+  `reference` keeps a copy of the params in `frozen` (DPO's reference model; with LoRA the base
+  is the reference)."""
   params_rng, dropout_rng = jax.random.split(rng)
   params = model.init(params_rng, jnp.zeros((1, 1), jnp.int32))["params"]
-  return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=dropout_rng)
+  if lora is None:
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=dropout_rng,
+                             frozen=params if reference else None)
+  adapters = lora.init(jax.random.fold_in(params_rng, 1), params)
+  return TrainState.create(apply_fn=model.apply, params=adapters, tx=tx, rng=dropout_rng,
+                           frozen=lora.freeze(params), lora=lora)
 
 
-def abstract_state(model, tx, mesh):
+def abstract_state(model, tx, mesh, lora=None, reference: bool = False):
   """(ShapeDtypeStructs with shardings of the state, the shardings); nothing is allocated. The
   first is the target of a checkpoint restore."""
-  return sharding.abstract_tree(functools.partial(init_state, model=model, tx=tx), mesh)
+  return sharding.abstract_tree(functools.partial(init_state, model=model, tx=tx, lora=lora,
+                                                  reference=reference), mesh)
 
 
-def sharded_init(model, tx, rng, mesh):
+def sharded_init(model, tx, rng, mesh, lora=None, reference: bool = False):
   """The state initialised directly into its shardings (no host holds the whole model).
 
   Returns:
     (state, state_shardings) with plain (unboxed) arrays.
   """
-  _, shardings = abstract_state(model, tx, mesh)
+  _, shardings = abstract_state(model, tx, mesh, lora, reference)
   with sharding.mesh_rules(mesh):
-    state = jax.jit(lambda r: nn.unbox(init_state(r, model, tx)), out_shardings=shardings)(rng)
+    state = jax.jit(lambda r: nn.unbox(init_state(r, model, tx, lora, reference)),
+                    out_shardings=shardings)(rng)
   return state, shardings
 
 
-def jit_train_step(state_shardings, objective, *, grad_accum: int = 1, dropout: bool = False):
+def jit_train_step(state_shardings, objective, *, grad_accum: int = 1, dropout: bool = False,
+                   reference: bool = False):
   """train_step jitted: the state in and out with its shardings (donated); the batch arrives as
   global arrays already placed on the mesh (jaxlm.sharding.global_batch)."""
   step = functools.partial(train_step, objective=objective, grad_accum=grad_accum,
-                           dropout=dropout)
+                           dropout=dropout, reference=reference)
   return jax.jit(step, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
                  donate_argnums=0)
 

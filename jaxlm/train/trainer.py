@@ -1,4 +1,4 @@
-"""The one trainer. Every kind of run (lm, sft, mlm, finetune) is set up here and goes through one
+"""The one trainer. Every kind of run (lm, sft, dpo, mlm, finetune) is set up here and goes through one
 loop: a pure jitted step over a resumable batch iterator, with hooks for evaluation, metrics, the
 NaN guard, checkpoints, preemption and a closing sample.
 
@@ -21,6 +21,7 @@ from jaxlm.data import sources
 from jaxlm.data import tokenizers as tok_lib
 from jaxlm.data.iterators import Prefetch
 from jaxlm.models import heads
+from jaxlm.models import lora as lora_lib
 from jaxlm.train import metrics as metrics_lib
 from jaxlm.train import modes, objectives, optim, preemption
 from jaxlm.train import step as step_lib
@@ -39,6 +40,7 @@ class Run:
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   mode: modes.Mode
+  lora: lora_lib.Lora | None = None  # LoRA: the adapted kernels (None: every param trained)
 
 
 def train(config, workdir) -> dict:
@@ -78,7 +80,8 @@ def check_kind(config) -> str:
 
 def check_model(kind: str, model_cfg) -> None:
   """A kind trains one sort of model: say so before anything is built."""
-  wanted = {"lm": (True, "lm"), "sft": (True, "lm"), "mlm": (False, "mlm")}.get(kind)
+  wanted = {"lm": (True, "lm"), "sft": (True, "lm"), "dpo": (True, "lm"),
+            "mlm": (False, "mlm")}.get(kind)
   if wanted and (model_cfg.causal, model_cfg.head) != wanted:
     what = "a decoder (model.causal=True, model.head='lm')" if wanted[0] else \
       "an encoder with model.causal=False and model.head='mlm'"
@@ -135,12 +138,28 @@ def setup(config, workdir, *, with_data: bool = True) -> Run:
   mesh = sharding.make_mesh(config.mesh)
   check_batch(config, mesh)
   model = heads.build_model(model_cfg)
+  lora = make_lora(config, model)
   mode = None
   if with_data:
     params_shardings = jax.tree.map(lambda a: a.sharding, rundir.abstract_params(model, mesh))
     mode = modes.build(config, tokenizer, model, mesh, params_shardings)
   tx, schedule = _optimizer(config, mode.total_steps if mode else max(config.train.steps, 1))
-  return Run(config, workdir, tokenizer, model, mesh, tx, schedule, mode)
+  return Run(config, workdir, tokenizer, model, mesh, tx, schedule, mode, lora)
+
+
+def make_lora(config, model) -> lora_lib.Lora | None:
+  """The run's Lora when lora.rank > 0 (None otherwise). A PEFT adapter named by
+  lora.init_adapter sets rank, alpha, rslora and targets (recorded in the config); a task head
+  new to the imported encoder is trained in full beside the adapters."""
+  if not config.lora.rank and not config.lora.init_adapter:
+    return None
+  if config.lora.init_adapter:
+    from jaxlm.hf import adapters
+
+    with config.unlocked():
+      config.lora.update(adapters.adapter_settings(config.lora.init_adapter, model.cfg,
+                                               config.model.init_from))
+  return lora_lib.for_model(config, model)
 
 
 class Trainer:
@@ -150,20 +169,48 @@ class Trainer:
     self.run, self.ckpt, self.writer, self.guard = run, ckpt, writer, guard
     self.clock = clock or metrics_lib.Goodput()
     self.profile = _Profile(run.config.profile.steps, run.workdir)
+    merged = None
+    if run.lora is not None:  # placed as the evaluator's jit expects the params
+      merged = jax.tree.map(lambda a: a.sharding, rundir.abstract_params(run.model, run.mesh))
+    self._merge = jax.jit(lambda state: state.model_params(), out_shardings=merged)
+
+  def model_params(self, state):
+    """The params the model applies (LoRA: the adapters merged into the frozen base)."""
+    return state.params if state.lora is None else self._merge(state)
+
+  def parameter_summary(self, state) -> str:
+    """'N parameters', or with LoRA the trainable share and the optimizer state's bytes against
+    a full fine-tune's."""
+    n_train = sum(x.size for x in jax.tree.leaves(state.params))
+    if state.lora is None:
+      return f"{n_train:,} parameters"
+    full = jax.eval_shape(self._merge, state)
+    n_full = sum(x.size for x in jax.tree.leaves(full))
+    opt_bytes = _nbytes(state.opt_state)
+    full_opt_bytes = _nbytes(jax.eval_shape(self.run.tx.init, full))
+    return (f"LoRA r={state.lora.rank} on {len(state.lora.targets)} kernels: {n_train:,} trainable "
+            f"parameters ({100 * n_train / n_full:.2f}% of {n_full:,}); optimizer state "
+            f"{opt_bytes / 2**20:.2f} MiB ({100 * opt_bytes / max(full_opt_bytes, 1):.2f}% of a "
+            f"full fine-tune's {full_opt_bytes / 2**20:.2f} MiB)")
 
   def start_state(self, step0: int | None):
     """(state, shardings, data iterator state) by rundir's precedence (resume > init_from >
     scratch); then the run directory records the config and tokenizer."""
     run, cfg = self.run, self.run.config
-    abstract, shardings = step_lib.abstract_state(run.model, run.tx, run.mesh)
+    # full-parameter DPO keeps the starting weights as its reference (with LoRA: the base)
+    copy_ref = bool(run.mode and run.mode.reference) and run.lora is None
+    abstract, shardings = step_lib.abstract_state(run.model, run.tx, run.mesh, run.lora,
+                                                  copy_ref)
 
     def scratch():
       return step_lib.sharded_init(run.model, run.tx, jax.random.PRNGKey(cfg.train.seed),
-                                   run.mesh)[0]
+                                   run.mesh, run.lora, copy_ref)[0]
 
     state, data_state = rundir.initial_state(self.ckpt, step0, cfg, run.model.cfg,
                                              abstract=abstract, init=scratch,
                                              message=self.writer.message)
+    if copy_ref and step0 is None:  # the starting weights (a resume restores them)
+      state = state.replace(frozen=jax.tree.map(lambda x: x.copy(), state.params))
     if jax.process_index() == 0:
       rundir.write_config(run.workdir, cfg)
       if not (run.workdir / rundir.TOKENIZER_DIR).exists():
@@ -185,12 +232,12 @@ class Trainer:
     batches = Prefetch(mode.batches, lambda b: sharding.global_batch(b, run.mesh), size=2)
     self.writer.bar.reset(mode.total_steps)
     self.writer.bar.update(start)
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    self.writer.message(f"{run.config.kind}: {n_params:,} parameters; mesh "
+    self.writer.message(f"{run.config.kind}: {self.parameter_summary(state)}; mesh "
                         f"{dict(run.mesh.shape)}; {mode.summary}")
-    train_fn = step_lib.jit_train_step(shardings, objectives.for_head(run.model.cfg.head),
-                                       grad_accum=cfg_t.grad_accum,
-                                       dropout=run.model.cfg.dropout > 0)
+    objective = mode.objective or objectives.for_head(run.model.cfg.head)
+    train_fn = step_lib.jit_train_step(shardings, objective, grad_accum=cfg_t.grad_accum,
+                                       dropout=run.model.cfg.dropout > 0,
+                                       reference=mode.reference)
     peak, device = devices.run_peak_flops(run.model.cfg.dtype, run.config.runtime.peak_flops)
     report = _Reporter(self.writer, self.ckpt, run.schedule, cfg_t.log_every, start,
                        cfg_t.skip_nonfinite, peak=peak, clock=self.clock,
@@ -202,14 +249,14 @@ class Trainer:
     final = {}
     with sharding.mesh_rules(run.mesh), contextlib.closing(batches):
       if start == 0 and mode.eval_at_start:  # the imported model's score, before training
-        self.evaluate(state.params, 0, "(imported weights)")
+        self.evaluate(state, 0, "(imported weights)")
       state, final = self.loop(state, train_fn, batches, report, meta, start)
       if not final:  # no evaluation since the last start (e.g. resumed at the end)
-        final = self.evaluate(state.params, int(jax.device_get(state.step)))
+        final = self.evaluate(state, int(jax.device_get(state.step)))
     with self.clock.timing("checkpoint"):
       self.ckpt.wait()
     with self.clock.timing("sample"):
-      self.sample(state.params)
+      self.sample(self.model_params(state))
     step = int(jax.device_get(state.step))
     summary = report.summary(device)
     if summary:
@@ -239,7 +286,7 @@ class Trainer:
       pending = (step, step_metrics, batch.inputs.size, flops(batch.inputs.shape))
       evaluated = None
       if step % mode.eval_every == 0 or step == mode.total_steps:
-        final = evaluated = self.evaluate(state.params, step)
+        final = evaluated = self.evaluate(state, step)
       stop = self.guard.should_stop(step)
       if stop or evaluated is not None or step % every == 0 or step == mode.total_steps:
         with clock.timing("step"):
@@ -256,10 +303,12 @@ class Trainer:
     self.profile.close()
     return state, final
 
-  def evaluate(self, params, step: int, note: str = "") -> dict:
-    """Scores `params` (the mode's evaluator), logs the record and a line."""
+  def evaluate(self, state, step: int, note: str = "") -> dict:
+    """Scores the state's model params (the mode's evaluator; DPO's also reads the reference),
+    logs the record and a line."""
     with self.clock.timing("eval"):
-      scores = self.run.mode.evaluate(params)
+      reference = state.reference_params() if self.run.mode.reference else None
+      scores = self.run.mode.evaluate(self.model_params(state), reference)
     if scores:
       prefix = self.run.mode.record_prefix
       self.writer.write(step, {f"{prefix}{k}": v for k, v in scores.items()})
@@ -301,7 +350,8 @@ class _Reporter:
     values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
     self._guard(step, values)
     now = time.perf_counter()
-    record = {"loss": values["loss"], "lr": 0.0, "grad_norm": values["grad_norm"]}
+    record = {"loss": values["loss"], "lr": 0.0, "grad_norm": values["grad_norm"],
+              **{k: v for k, v in values.items() if "/" in k}}  # an objective's own (DPO's)
     if self.skip_nonfinite:
       record["skipped_nonfinite"] = self.skipped
     if step == self.start_step + 1:  # leave compilation out of the throughput
@@ -444,6 +494,8 @@ class _Profile:
     if self.active:
       jax.profiler.stop_trace()
       self.active = False
+def _nbytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def convert_from_hf(src: str, workdir) -> str:

@@ -1,0 +1,310 @@
+"""LoRA as a parameter transform: low-rank adapters kept as a plain pytree beside a frozen base,
+merged into the base's kernels before the model's apply (`Lora.merge`), so the model code,
+scanned layers, remat and the KV cache are untouched.
+
+For a kernel W whose leading dims are its inputs I and the rest its outputs O, the adapter is
+A [*I, r] and B [r, *O] (a leading layers axis L first when layers are scanned), and the merged
+kernel is W + scale * A @ B with PEFT's scale: alpha / r, or alpha / sqrt(r) with rsLoRA. A is
+drawn as PEFT draws it (kaiming-uniform, bound 1 / sqrt(fan_in)) and B is zero, so at step 0 the
+merged model is bitwise the base. The trainable tree mirrors the param paths:
+`block_0/attn/q/lora_a`, `block_0/attn/q/lora_b` (and, for task heads, the head's own params,
+trained in full); the frozen base may be bf16 or int8 (Qwix per-channel quantization).
+
+Shape letters as in layers.py, plus L layers, I inputs, O outputs, R rank.
+"""
+
+import dataclasses
+import math
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import qwix
+from flax import traverse_util
+
+# lora.targets presets: regexes over '/'-joined param paths (unscanned layout: block_{i}/...)
+PRESETS = {
+  "attention": r"block_\d+/attn/(q|k|v|o)/kernel",
+  "mlp": r"block_\d+/mlp/(gate|up|down)/kernel",
+  "all": r"block_\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel",
+}
+QUANTIZE = ("", "int8")
+BASE_DTYPES = ("", "float32", "bfloat16", "float16")
+# kinds whose runs may use LoRA (they start from model.init_from); "dpo" joins when it lands
+KINDS = ("lm", "sft", "finetune", "dpo")
+LORA_A, LORA_B = "lora_a", "lora_b"
+
+
+def pattern(targets: str) -> re.Pattern:
+  """The regex `lora.targets` names: a preset ("attention", "mlp", "all"), presets joined by
+  commas ("attention,mlp"), or a regex over '/'-joined param paths."""
+  names = [t.strip() for t in targets.split(",")]
+  if targets and all(n in PRESETS for n in names):
+    return re.compile("|".join(f"(?:{PRESETS[n]})" for n in names))
+  try:
+    return re.compile(targets)
+  except re.error as e:
+    raise ValueError(
+      f"lora.targets={targets!r} is neither a preset {tuple(PRESETS)} nor a valid regex ({e})"
+    ) from None
+
+
+def scale_of(rank: int, alpha: float, rslora: bool) -> float:
+  """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+  return alpha / (math.sqrt(rank) if rslora else rank)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """One adapted kernel: its '/'-joined path, how many of its leading dims are inputs, whether it
+  carries a leading layers axis, and its logical axis names (without the layers axis)."""
+
+  path: str
+  n_in: int
+  stacked: bool
+  names: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Lora:
+  """What a LoRA run adapts and how; hashable, so it can be a static field of the TrainState.
+
+  Attributes:
+    targets: the adapted kernels.
+    rank, alpha, rslora: as PEFT's r, lora_alpha, use_rslora.
+    full: param paths trained in full beside the adapters (a new task head), as PEFT's
+      modules_to_save.
+    base_dtype: "" keeps the base in the model's param dtype; else the frozen base's dtype.
+    quantize: "" | "int8": the frozen base's block kernels stored as int8 (Qwix, per output
+      channel) and dequantized on the fly.
+  """
+
+  targets: tuple[Target, ...]
+  rank: int
+  alpha: float
+  rslora: bool = False
+  full: tuple[str, ...] = ()
+  base_dtype: str = ""
+  quantize: str = ""
+
+  @property
+  def scale(self) -> float:
+    return scale_of(self.rank, self.alpha, self.rslora)
+
+  def init(self, rng, boxed_params) -> dict:
+    """The trainable tree: A kaiming-uniform, B zero, boxed with logical axis names (the
+    sharding rules place them like their kernels, the rank axis replicated); plus the `full`
+    params, as initialised."""
+    flat = traverse_util.flatten_dict(boxed_params, sep="/")
+    out = {}
+    for i, t in enumerate(self.targets):
+      box = flat[t.path]
+      shape = box.value.shape if isinstance(box, nn.meta.AxisMetadata) else box.shape
+      dtype = (box.value if isinstance(box, nn.meta.AxisMetadata) else box).dtype
+      lead, core = (shape[:1], shape[1:]) if t.stacked else ((), shape)
+      lead_names = ("layers",) if t.stacked else ()
+      in_shape, out_shape = core[: t.n_in], core[t.n_in :]
+      bound = 1.0 / math.sqrt(math.prod(in_shape))
+      a = jax.random.uniform(
+        jax.random.fold_in(rng, i), (*lead, *in_shape, self.rank), dtype, -bound, bound
+      )
+      b = jnp.zeros((*lead, self.rank, *out_shape), dtype)
+      module = t.path.rsplit("/", 1)[0]
+      out[f"{module}/{LORA_A}"] = nn.LogicallyPartitioned(
+        a, (*lead_names, *t.names[: t.n_in], "lora_rank")
+      )
+      out[f"{module}/{LORA_B}"] = nn.LogicallyPartitioned(
+        b, (*lead_names, "lora_rank", *t.names[t.n_in :])
+      )
+    for path, leaf in flat.items():
+      if self.is_full(path):
+        out[path] = leaf
+    return traverse_util.unflatten_dict(out, sep="/")
+
+  def is_full(self, path: str) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in self.full)
+
+  def freeze(self, params) -> dict:
+    """The frozen base of full `params` (boxed or not): the `full` params left out, cast to
+    base_dtype, block kernels quantized when `quantize` says."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    out = {}
+    for path, leaf in flat.items():
+      if self.is_full(path):
+        continue
+      out[path] = _map_boxed(lambda x, path=path: self._freeze_leaf(path, x), leaf)
+    return traverse_util.unflatten_dict(out, sep="/")
+
+  def _freeze_leaf(self, path: str, x):
+    if self.base_dtype:
+      x = x.astype(self.base_dtype)
+    if self.quantize and _is_block_kernel(path):
+      n_in = self._n_in(path, x.ndim)
+      lead = 1 if path.startswith("blocks/") else 0
+      channels = tuple(a for a in range(x.ndim) if not lead <= a < lead + n_in)
+      return qwix.quantize(x, self.quantize, channelwise_axes=channels)
+    return x
+
+  def _n_in(self, path: str, ndim: int) -> int:
+    for t in self.targets:
+      if t.path == path:
+        return t.n_in
+    # a kernel that is not adapted: its inputs by the model's layout (o: heads, head_dim in)
+    return 2 if path.endswith("attn/o/kernel") else 1
+
+  def base(self, frozen) -> dict:
+    """The base params with the adapters switched off (dequantized): the reference model."""
+    return jax.tree.map(_dequantize, frozen, is_leaf=_is_qarray)
+
+  def merge(self, frozen, trainable) -> dict:
+    """The full params the model applies: each adapted kernel W + scale * A @ B (in the
+    adapters' dtype), the `full` params from `trainable`, the rest of the base as it is."""
+    flat = traverse_util.flatten_dict(self.base(frozen), sep="/")
+    train = traverse_util.flatten_dict(trainable, sep="/")
+    for t in self.targets:
+      module = t.path.rsplit("/", 1)[0]
+      a, b = train[f"{module}/{LORA_A}"], train[f"{module}/{LORA_B}"]
+      w = flat[t.path]
+      flat[t.path] = w.astype(a.dtype) + self.scale * delta(a, b, t.n_in, t.stacked)
+    for path, leaf in train.items():
+      if not path.endswith((LORA_A, LORA_B)):
+        flat[path] = leaf
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def delta(a, b, n_in: int, stacked: bool) -> jax.Array:
+  """A @ B over the rank axis, shaped as the kernel: [L?, *I, R] x [L?, R, *O] -> [L?, *I, *O]."""
+  lead = a.shape[:1] if stacked else ()
+  in_shape, out_shape = a.shape[len(lead) : -1], b.shape[len(lead) + 1 :]
+  r = a.shape[-1]
+  a_2 = a.reshape(*lead, math.prod(in_shape), r)
+  b_2 = b.reshape(*lead, r, math.prod(out_shape))
+  return jnp.matmul(a_2, b_2, precision=jax.lax.Precision.HIGHEST).reshape(
+    *lead, *in_shape, *out_shape
+  )
+
+
+def _is_qarray(x) -> bool:
+  return isinstance(x, qwix.QArray)
+
+
+def _dequantize(x):
+  return qwix.dequantize(x) if _is_qarray(x) else x
+
+
+def _is_block_kernel(path: str) -> bool:
+  return path.endswith("/kernel") and path.split("/")[0].startswith("block")
+
+
+def _map_boxed(fn, leaf):
+  """`fn` of a leaf's value, boxed again with the same logical names (a quantized leaf's
+  int8 values and scales both named like the kernel)."""
+  if not isinstance(leaf, nn.meta.AxisMetadata):
+    return fn(leaf)
+  out = fn(leaf.value)
+  if _is_qarray(out):
+    return dataclasses.replace(
+      out, qvalue=leaf.replace_boxed(out.qvalue), scale=leaf.replace_boxed(out.scale)
+    )
+  return leaf.replace_boxed(out)
+
+
+def kernel_inputs(names: tuple[str, ...]) -> int:
+  """How many leading dims of a kernel with logical axis `names` are its inputs: every dim but
+  the last when it maps into the residual stream (attention o: heads, head_dim -> embed), else
+  the first (q: embed -> heads, head_dim; up: embed -> mlp)."""
+  return len(names) - 1 if names[-1] == "embed" else 1
+
+
+def _unscanned_paths(path: str, num_layers: int) -> list[str]:
+  if path.startswith("blocks/"):
+    return [f"block_{i}/" + path[len("blocks/") :] for i in range(num_layers)]
+  return [path]
+
+
+def build(lora_cfg, boxed_params, *, num_layers: int, full: tuple[str, ...] = ()) -> Lora:
+  """The Lora of a `lora` config section over a model's boxed (abstract) params.
+
+  Raises:
+    ValueError: a pattern matching no kernel, a rank above a kernel's dims, scanned layers
+      matched only in part, a bad quantize/base_dtype/dropout value (one line each).
+  """
+  c = lora_cfg
+  if c.dropout:
+    raise ValueError(
+      f"lora.dropout={c.dropout}: jaxlm merges adapters into the kernels (a parameter "
+      "transform), where dropout on the adapter's input cannot be expressed; set lora.dropout=0 "
+      "(model.dropout still drops activations)"
+    )
+  if c.quantize not in QUANTIZE:
+    raise ValueError(f"lora.quantize={c.quantize!r} is not one of {QUANTIZE}")
+  if c.base_dtype not in BASE_DTYPES:
+    raise ValueError(f"lora.base_dtype={c.base_dtype!r} is not one of {BASE_DTYPES}")
+  if c.alpha <= 0:
+    raise ValueError(f"lora.alpha={c.alpha} must be > 0 (PEFT's lora_alpha; scale alpha/rank)")
+  regex = pattern(c.targets)
+  flat = traverse_util.flatten_dict(boxed_params, sep="/")
+  targets = []
+  for path, box in flat.items():
+    if not path.endswith("/kernel") or any(path.startswith(p + "/") for p in full):
+      continue
+    hits = [bool(regex.fullmatch(p)) for p in _unscanned_paths(path, num_layers)]
+    if not any(hits):
+      continue
+    if not all(hits):
+      raise ValueError(
+        f"lora.targets={c.targets!r} matches only some layers of the scanned "
+        f"{path}; with model.scan_layers=True adapt all layers or none"
+      )
+    stacked = path.startswith("blocks/")
+    names = tuple(box.names[1:] if stacked else box.names)
+    n_in = kernel_inputs(names)
+    core = box.value.shape[1:] if stacked else box.value.shape
+    fan_in, fan_out = math.prod(core[:n_in]), math.prod(core[n_in:])
+    if c.rank > min(fan_in, fan_out):
+      raise ValueError(
+        f"lora.rank={c.rank} exceeds {path}'s dims ({fan_in} in, {fan_out} "
+        f"out); use a rank of at most {min(fan_in, fan_out)}"
+      )
+    targets.append(Target(path, n_in, stacked, names))
+  if not targets:
+    kernels = sorted({re.sub(r"block_\d+", "block_{i}", p) for p in flat if p.endswith("kernel")})
+    raise ValueError(
+      f"lora.targets={c.targets!r} matches no layer; presets: {tuple(PRESETS)}, "
+      f"or a regex over paths such as {', '.join(kernels[:6])}"
+    )
+  return Lora(
+    tuple(targets), c.rank, float(c.alpha), bool(c.rslora), tuple(full), c.base_dtype, c.quantize
+  )
+
+
+def check_allowed(config) -> None:
+  """LoRA tunes an imported model: refuse it on kinds and runs that do not start from
+  model.init_from (one line)."""
+  if config.lora.rank < 0:
+    raise ValueError(f"lora.rank={config.lora.rank} must be >= 0 (0: LoRA off)")
+  if config.kind not in KINDS:
+    raise ValueError(
+      f"lora.rank={config.lora.rank} on kind={config.kind!r}: LoRA tunes a "
+      f"pretrained model, kinds {KINDS}; set lora.rank=0"
+    )
+  if not config.model.init_from:
+    raise ValueError(
+      f"lora.rank={config.lora.rank} needs model.init_from (the base model to "
+      "adapt: an HF checkpoint or a jaxlm run); set it, or lora.rank=0"
+    )
+
+
+def for_model(config, model) -> Lora | None:
+  """The Lora of a run's config (its `lora` section resolved, as config.json records it) over
+  `model`; None when the run has no LoRA (lora.rank=0 or no section: older runs)."""
+  section = config.get("lora")
+  if not section or not section.get("rank"):
+    return None
+  check_allowed(config)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))[
+    "params"
+  ]
+  full = tuple(k for k in boxed if k != "transformer") if config.kind == "finetune" else ()
+  return build(section, boxed, num_layers=model.cfg.num_layers, full=full)
