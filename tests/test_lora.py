@@ -4,6 +4,8 @@ one, a preempted QLoRA run with scanned layers resumes bitwise, its checkpoints 
 generate, the optimizer state of SmolLM2's LoRA is a small share of a full fine-tune's, and bad
 settings are one-line errors."""
 
+import dataclasses
+import functools
 import json
 
 import flax.linen as nn
@@ -33,9 +35,15 @@ def base_dir(tmp_path_factory):
   """A tiny random HF Llama (GQA, untied) with a character tokenizer saved beside it."""
   from hf_testing import random_hf_model
 
-  cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                 num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=64)
+  cfg = transformers.LlamaConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+  )
   out = tmp_path_factory.mktemp("lora") / "tiny-llama"
   random_hf_model(cfg, seed=0).save_pretrained(out)
   tok_lib.char_tokenizer(TEXT).save_pretrained(out)
@@ -46,10 +54,12 @@ def base_dir(tmp_path_factory):
 def lora_config(base_dir: str, **lora):
   c = base_config()
   c.model.init_from = base_dir
-  c.data.update({"source": "file", "path": base_dir + "/../text.txt", "seq_len": 16,
-                 "tokenizer": ""})
-  c.train.update({"steps": 4, "batch_size": 8, "log_every": 1, "eval_every": 100,
-                  "eval_batches": 1})
+  c.data.update(
+    {"source": "file", "path": base_dir + "/../text.txt", "seq_len": 16, "tokenizer": ""}
+  )
+  c.train.update(
+    {"steps": 4, "batch_size": 8, "log_every": 1, "eval_every": 100, "eval_batches": 1}
+  )
   c.optim.update({"warmup_steps": 0, "lr": 1e-2})
   c.checkpoint.update({"every": 1, "use_async": False})
   c.sample.max_new_tokens = 0
@@ -77,7 +87,8 @@ def unmerged_logits(model, base, lora, adapters, tokens):
 
 
 def test_lora_starts_at_the_base_bitwise_trains_only_adapters_and_merged_equals_unmerged(
-    base_dir, tmp_path):
+  base_dir, tmp_path
+):
   config = lora_config(base_dir)
   run = trainer.setup(config, str(tmp_path / "run"))
   abstract, shardings = step_lib.abstract_state(run.model, run.tx, run.mesh, run.lora)
@@ -96,8 +107,9 @@ def test_lora_starts_at_the_base_bitwise_trains_only_adapters_and_merged_equals_
     adapter_shapes = sorted(x.shape for x in jax.tree.leaves(state.params))
     moment_shapes = sorted(x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim)
     assert moment_shapes == sorted(adapter_shapes * 2)
-    assert all(p.endswith(("lora_a", "lora_b"))
-               for p in traverse_util.flatten_dict(state.params, sep="/"))
+    assert all(
+      p.endswith(("lora_a", "lora_b")) for p in traverse_util.flatten_dict(state.params, sep="/")
+    )
 
     frozen = jax.tree.map(np.asarray, state.frozen)
     before = jax.tree.map(np.asarray, state.params)
@@ -110,8 +122,10 @@ def test_lora_starts_at_the_base_bitwise_trains_only_adapters_and_merged_equals_
     for path, x in traverse_util.flatten_dict(before, sep="/").items():
       y = traverse_util.flatten_dict(state.params, sep="/")[path]
       assert (x != np.asarray(y)).any(), f"{path} did not train"
-    assert (jax.tree.map(np.asarray, state.reference_params())["block_0"]["attn"]["q"]["kernel"]
-            == base["block_0"]["attn"]["q"]["kernel"]).all(), "reference = adapters off"
+    assert (
+      jax.tree.map(np.asarray, state.reference_params())["block_0"]["attn"]["q"]["kernel"]
+      == base["block_0"]["attn"]["q"]["kernel"]
+    ).all(), "reference = adapters off"
 
     merged = np.asarray(run.model.apply({"params": state.model_params()}, tokens))
     unmerged = unmerged_logits(run.model, base, run.lora, jax.device_get(state.params), tokens)
@@ -120,12 +134,15 @@ def test_lora_starts_at_the_base_bitwise_trains_only_adapters_and_merged_equals_
 
 
 def test_a_preempted_qlora_run_with_scanned_layers_resumes_bitwise_exports_and_generates(
-    base_dir, tmp_path, monkeypatch, capsys):
+  base_dir, tmp_path, monkeypatch, capsys
+):
   """int8 base (Qwix), bf16 non-quantized base leaves, scanned layers: stopped at step 2 and
   resumed, the run ends with the same losses and bitwise the same adapters as one never stopped;
-  its checkpoint exports merged (transformers reproduces jaxlm's logits) and generates."""
+  its checkpoint exports merged (transformers reproduces jaxlm's logits) and as a PEFT adapter
+  (peft on the fp32 base reproduces jaxlm's fp32-base logits), and generates."""
   config = lora_config(base_dir, quantize="int8", base_dtype="bfloat16", targets="attention")
   config.model.scan_layers = True
+  config.train.steps = 3
   whole = trainer.train(config, str(tmp_path / "whole"))
   out = capsys.readouterr().out + capsys.readouterr().err
   assert "trainable parameters" in out and "of a full fine-tune's" in out
@@ -134,34 +151,64 @@ def test_a_preempted_qlora_run_with_scanned_layers_resumes_bitwise_exports_and_g
     trainer.train(config, str(tmp_path / "cut"))
   monkeypatch.undo()
   resumed = trainer.train(config, str(tmp_path / "cut"))
-  assert resumed["step"] == whole["step"] == 4
+  assert resumed["step"] == whole["step"] == 3
 
   def losses(run):
     lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
     return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
 
-  assert losses("cut") == losses("whole") and len(losses("whole")) == 4
+  assert losses("cut") == losses("whole") and len(losses("whole")) == 3
   _, lora, a, frozen_a = rundir.load_lora_run(str(tmp_path / "whole"))
-  _, _, b, frozen_b = rundir.load_lora_run(str(tmp_path / "cut"))
+  saved, _, b, frozen_b = rundir.load_lora_run(str(tmp_path / "cut"))
   assert lora.quantize == "int8" and all(t.stacked for t in lora.targets)
-  assert jax.tree.leaves(frozen_a)[0].dtype == jnp.int8 or any(
-    x.dtype == jnp.int8 for x in jax.tree.leaves(frozen_a))
+  assert {str(x.dtype) for x in jax.tree.leaves(frozen_a)} == {"int8", "float32", "bfloat16"}
   for x, y in zip(jax.tree.leaves((a, frozen_a)), jax.tree.leaves((b, frozen_b))):
     assert (np.asarray(x) == np.asarray(y)).all()
 
-  saved, params = rundir.load_run(str(tmp_path / "cut"))  # merged: what generate and eval use
-  merged_dir = str(tmp_path / "merged")
-  cli.main(["jaxlm", "convert", "--workdir", str(tmp_path / "cut"), "--to-hf", merged_dir,
-            "--merge"])
   tokens = np.random.RandomState(1).randint(0, 40, (2, 12))
-  ours = np.asarray(saved.model.apply({"params": params}, jnp.asarray(tokens)))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def logits(lora, frozen, trainable):
+    return saved.model.apply({"params": lora.merge(frozen, trainable)}, jnp.asarray(tokens))
+
+  run_dir, merged_dir, adapter_dir = (str(tmp_path / n) for n in ("cut", "merged", "adapter"))
+  # --merge: the whole merged model (int8 base dequantized), which transformers loads alone
+  cli.main(["jaxlm", "convert", "--workdir", run_dir, "--to-hf", merged_dir, "--merge"])
   hf = transformers.AutoModelForCausalLM.from_pretrained(merged_dir).eval()
   with torch.no_grad():
-    theirs = hf(torch.tensor(tokens)).logits.numpy()
-  assert np.abs(ours - theirs).max() <= 1e-4
+    assert (
+      np.abs(np.asarray(logits(lora, frozen_b, b)) - hf(torch.tensor(tokens)).logits.numpy()).max()
+      <= 1e-4
+    )
+  # a PEFT adapter, applied by peft to the original fp32 base
+  peft = pytest.importorskip("peft")
+  cli.main(["jaxlm", "convert", "--workdir", run_dir, "--to-hf", adapter_dir])
+  with torch.no_grad():
+    theirs = (
+      peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir
+      )
+      .eval()(torch.tensor(tokens))
+      .logits.numpy()
+    )
+  fp32 = dataclasses.replace(lora, quantize="", base_dtype="")
+  base = rundir.init_params(base_dir, saved.model_cfg)
+  assert np.abs(np.asarray(logits(fp32, fp32.freeze(base), b)) - theirs).max() <= 1e-4
   capsys.readouterr()
-  cli.main(["jaxlm", "generate", "--workdir", str(tmp_path / "cut"), "--prompt", "the quick",
-            "--max_new_tokens", "4", "--temperature", "0"])
+  cli.main(
+    [
+      "jaxlm",
+      "generate",
+      "--workdir",
+      run_dir,
+      "--prompt",
+      "the quick",
+      "--max_new_tokens",
+      "2",
+      "--temperature",
+      "0",
+    ]
+  )
   assert capsys.readouterr().out.startswith("the quick")
 
 
@@ -176,8 +223,9 @@ def test_smollm2_lora_optimizer_state_is_under_5_percent_of_a_full_fine_tune():
   tx, _ = optim.make_optimizer(base_config().optim, 1000)
 
   def opt_bytes(lora_or_none):
-    state = jax.eval_shape(lambda: step_lib.init_state(jax.random.PRNGKey(0), model, tx,
-                                                       lora_or_none))
+    state = jax.eval_shape(
+      lambda: step_lib.init_state(jax.random.PRNGKey(0), model, tx, lora_or_none)
+    )
     leaves = jax.tree.leaves(sharding.strip_boxes(state.opt_state))
     return sum(x.size * x.dtype.itemsize for x in leaves)
 
@@ -186,20 +234,34 @@ def test_smollm2_lora_optimizer_state_is_under_5_percent_of_a_full_fine_tune():
 
 
 def _abstract(scan: bool = False):
-  cfg = model_config.ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4,
-                                 mlp_dim=48, max_seq_len=32, scan_layers=scan)
+  cfg = model_config.ModelConfig(
+    vocab_size=64,
+    num_layers=2,
+    embed_dim=32,
+    num_heads=4,
+    mlp_dim=48,
+    max_seq_len=32,
+    scan_layers=scan,
+  )
   model = heads.build_model(cfg)
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                           jnp.zeros((1, 1), "int32")))["params"]
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), "int32")))[
+    "params"
+  ]
 
 
-@pytest.mark.parametrize("settings, message", [
-  ({"targets": "attn/nothing"}, r"lora.targets='attn/nothing' matches no layer; presets"),
-  ({"rank": 40}, r"lora.rank=40 exceeds block_0/attn/k/kernel's dims \(32 in, 32 out\)"),
-  ({"dropout": 0.1}, r"lora.dropout=0.1: jaxlm merges adapters into the kernels"),
-  ({"quantize": "nf4"}, r"lora.quantize='nf4' is not one of"),
-  ({"targets": "block_0/attn/q/kernel", "scan": True}, r"matches only some layers of the scanned"),
-])
+@pytest.mark.parametrize(
+  "settings, message",
+  [
+    ({"targets": "attn/nothing"}, r"lora.targets='attn/nothing' matches no layer; presets"),
+    ({"rank": 40}, r"lora.rank=40 exceeds block_0/attn/k/kernel's dims \(32 in, 32 out\)"),
+    ({"dropout": 0.1}, r"lora.dropout=0.1: jaxlm merges adapters into the kernels"),
+    ({"quantize": "nf4"}, r"lora.quantize='nf4' is not one of"),
+    (
+      {"targets": "block_0/attn/q/kernel", "scan": True},
+      r"matches only some layers of the scanned",
+    ),
+  ],
+)
 def test_bad_lora_settings_are_one_line_errors(settings, message):
   c = base_config().lora
   scan = settings.pop("scan", False)
@@ -220,3 +282,26 @@ def test_lora_needs_a_model_to_start_from_and_a_kind_that_tunes_one(base_dir, tm
   config.kind = "mlm"
   with pytest.raises(ValueError, match=r"lora.rank=4 on kind='mlm': LoRA tunes a pretrained"):
     lora_lib.check_allowed(config)
+
+
+def test_an_encoder_task_head_trains_in_full_beside_the_adapters():
+  cfg = model_config.preset(
+    "bert-mini", head="seq_cls", num_labels=3, num_layers=2, vocab_size=64, scan_layers=True
+  )
+  model = heads.build_model(cfg)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), "int32")))
+  c = base_config().lora
+  c.update({"rank": 2, "targets": "attention"})
+  full = tuple(k for k in boxed["params"] if k != "transformer")
+  lora = lora_lib.build(c, boxed["params"], num_layers=2, full=full)
+  assert {t.path for t in lora.targets} == {f"transformer/blocks/attn/{n}/kernel" for n in "qkvo"}
+  assert all(t.stacked for t in lora.targets)
+  trainable = traverse_util.flatten_dict(
+    sharding.strip_boxes(jax.eval_shape(lambda: lora.init(jax.random.PRNGKey(0), boxed["params"]))),
+    sep="/",
+  )
+  assert "classifier/kernel" in trainable and "transformer/blocks/attn/q/lora_a" in trainable
+  a_shape = trainable["transformer/blocks/attn/q/lora_a"].shape  # [L, D, r]
+  assert (a_shape[0], a_shape[-1]) == (2, 2)
+  frozen = lora.freeze(sharding.strip_boxes(boxed["params"]))
+  assert "classifier" not in frozen and "transformer" in frozen
