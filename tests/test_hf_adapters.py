@@ -4,31 +4,29 @@ random Llama and GPT-2 models (GPT-2's fused c_attn included): a jaxlm adapter l
 an adapter made for another base is a one-line error."""
 
 import json
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 torch = pytest.importorskip("torch", reason="the PEFT side runs in torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft", reason="pip install peft --no-deps (the test extra)")
 
-from hf_testing import random_hf_model  # noqa: E402
+from hf_testing import random_hf_model
 
-import jaxlm  # noqa: E402
-from jaxlm.config import base_config  # noqa: E402
-from jaxlm.hf import adapters  # noqa: E402
-from jaxlm.models import lora as lora_lib  # noqa: E402
+import jaxlm
+from jaxlm.config import base_config
+from jaxlm.hf import adapters
+from jaxlm.models import lora as lora_lib
 
 V = 97
 TOKENS = np.random.RandomState(0).randint(0, V, (2, 12))
 FAMILIES = {
-  "llama": dict(
-    config=lambda: transformers.LlamaConfig(
+  "llama": {
+    "config": lambda: transformers.LlamaConfig(
       vocab_size=V,
       hidden_size=32,
       intermediate_size=48,
@@ -37,18 +35,18 @@ FAMILIES = {
       num_key_value_heads=2,
       max_position_embeddings=64,
     ),
-    modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    scan=True,
-    rslora=False,
-  ),
-  "gpt2": dict(
-    config=lambda: transformers.GPT2Config(
+    "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "scan": True,
+    "rslora": False,
+  },
+  "gpt2": {
+    "config": lambda: transformers.GPT2Config(
       vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=4
     ),
-    modules=["c_attn", "c_proj", "c_fc"],
-    scan=False,
-    rslora=True,
-  ),
+    "modules": ["c_attn", "c_proj", "c_fc"],
+    "scan": False,
+    "rslora": True,
+  },
 }
 
 
@@ -93,7 +91,7 @@ def test_adapters_travel_both_ways_between_jaxlm_and_peft(family, tmp_path):
   ours = _jax_logits(model, lora, params, trainable)
   out = str(tmp_path / "adapter")
   adapters.export_adapter(model.cfg, lora, trainable, out, base=src)
-  config = json.load(open(os.path.join(out, "adapter_config.json")))
+  config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
   assert config["r"] == 4 and config["use_rslora"] == spec["rslora"]
   assert sorted(config["target_modules"]) == sorted(spec["modules"])
   loaded = peft.PeftModel.from_pretrained(
@@ -137,7 +135,7 @@ def test_an_adapter_for_another_base_is_a_one_line_error(tmp_path):
   spec = FAMILIES["llama"]
   src = str(tmp_path / "tiny-llama")
   random_hf_model(spec["config"]()).save_pretrained(src)
-  model, params = jaxlm.from_hf(src)
+  model, _ = jaxlm.from_hf(src)
   lora, boxed = _lora(model, targets="attention")
   out = str(tmp_path / "adapter")
   adapters.export_adapter(
