@@ -209,8 +209,13 @@ def load_run(workdir, step: int | None = None, mesh=None) -> tuple[SavedRun, dic
   if lora is None:
     return saved, _restore(workdir, step, {"params": abstract_params(model, mesh)})["params"]
   parts = _restore(workdir, step, abstract_lora_parts(model, lora, mesh))
-  merged = jax.tree.map(lambda a: a.sharding, abstract_params(model, mesh))
-  return saved, jax.jit(lora.merge, out_shardings=merged)(parts["frozen"], parts["params"])
+  target = abstract_params(model, mesh)
+
+  def merge(frozen, trainable):  # in the model's param dtype, as a full run's params are
+    return jax.tree.map(lambda x, a: x.astype(a.dtype), lora.merge(frozen, trainable), target)
+
+  shardings = jax.tree.map(lambda a: a.sharding, target)
+  return saved, jax.jit(merge, out_shardings=shardings)(parts["frozen"], parts["params"])
 
 
 def _default_mesh():

@@ -17,6 +17,7 @@ import re
 import numpy as np
 
 from jaxlm.hf import convert, families
+from jaxlm.models.lora import scale_of, unscanned_paths
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -40,12 +41,6 @@ def _fan_in_fan_out(rule, n_in: int) -> bool:
   rhs_names = rhs.split()[1:] if rule.part is not None else rhs.split()
   first = convert._parse_side(lhs)[0]
   return set(first) <= set(rhs_names[:n_in])
-
-
-def _unscanned(path: str, num_layers: int) -> list[str]:
-  if path.startswith("blocks/"):
-    return [f"block_{i}/{path[len('blocks/') :]}" for i in range(num_layers)]
-  return [path]
 
 
 def _layer(path: str, stacked: bool, i: int, x: np.ndarray) -> np.ndarray:
@@ -92,7 +87,7 @@ def export_adapter(model_cfg, lora, trainable, out_dir: str, *, base: str, token
   for t in lora.targets:
     base_path = t.path.rsplit("/", 1)[0]
     a, b = np.asarray(flat[f"{base_path}/lora_a"]), np.asarray(flat[f"{base_path}/lora_b"])
-    for i, path in enumerate(_unscanned(t.path, model_cfg.num_layers)):
+    for i, path in enumerate(unscanned_paths(t.path, model_cfg.num_layers)):
       rule, fields = convert.match(family.rules, path)
       a_i, b_i = _layer(path, t.stacked, i, a), _layer(path, t.stacked, i, b)
       entry = modules.setdefault(_module(rule, fields), {"rule": rule, "n_in": t.n_in, "parts": {}})
@@ -104,7 +99,7 @@ def export_adapter(model_cfg, lora, trainable, out_dir: str, *, base: str, token
     tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b_t, np.float32)
     rank = a_t.shape[0]
     if rank != lora.rank:  # a fused module: rank parts x r, alpha keeping our scale
-      short = name.rsplit(".", 1)[1]
+      short = name.rsplit(".", 1)[-1]
       rank_pattern[short] = rank
       alpha_pattern[short] = lora.scale * (math.sqrt(rank) if lora.rslora else rank)
   fan = {_fan_in_fan_out(e["rule"], e["n_in"]) for e in modules.values()}
@@ -156,9 +151,9 @@ def _fuse(rule, parts: dict) -> tuple[np.ndarray, np.ndarray]:
 def _target_modules(family, cfg, names: set) -> list[str]:
   """Short module names (q_proj, c_attn) when every layer's module of that name is adapted,
   else the full module names."""
-  short = {n.rsplit(".", 1)[1] for n in names}
+  short = {n.rsplit(".", 1)[-1] for n in names}
   every = {
-    n for n in _hf_modules(family, cfg.replace(scan_layers=False)) if n.rsplit(".", 1)[1] in short
+    n for n in _hf_modules(family, cfg.replace(scan_layers=False)) if n.rsplit(".", 1)[-1] in short
   }
   return sorted(short) if every == names else sorted(names)
 
@@ -196,7 +191,10 @@ def read_adapter(path: str) -> tuple[dict, dict]:
 
 
 def _base_name(src: str) -> str:
-  return os.path.basename(os.path.normpath(src or "")).lower()
+  """The model's name in a path or hub id, a GGUF file's quantization suffix dropped:
+  'HuggingFaceTB/SmolLM2-135M-Instruct' and '.../SmolLM2-135M-Instruct.Q4_1.gguf' agree."""
+  name = os.path.basename(os.path.normpath(src or "")).lower()
+  return re.sub(r"(\.(q\d\w*|f16|f32|bf16))?\.gguf$", "", name)
 
 
 def adapter_settings(path: str, model_cfg, init_from: str) -> dict:
@@ -255,13 +253,13 @@ def import_adapter(path: str, model_cfg, lora) -> dict:
   out, shapes = {}, _kernel_shapes(model_cfg)
   for t in lora.targets:
     a_layers, b_layers = [], []
-    for i, upath in enumerate(_unscanned(t.path, model_cfg.num_layers)):
+    for i, upath in enumerate(unscanned_paths(t.path, model_cfg.num_layers)):
       rule, fields = convert.match(family.rules, upath)
       name = _module(rule, fields)
       a, b = _split(name, modules[name], rule, config, lora, path)
       a_layers.append(a)
       b_layers.append(b)
-    shape = shapes[_unscanned(t.path, model_cfg.num_layers)[0]]
+    shape = shapes[unscanned_paths(t.path, model_cfg.num_layers)[0]]
     in_shape, out_shape = shape[: t.n_in], shape[t.n_in :]
     a = np.stack(a_layers) if t.stacked else a_layers[0]
     b = np.stack(b_layers) if t.stacked else b_layers[0]
@@ -288,8 +286,6 @@ def _kernel_shapes(model_cfg) -> dict:
 def _split(name: str, ab: dict, rule, config: dict, lora, path: str):
   """Our (A [I, r], B [r, O]) of one kernel from PEFT's module `name` (one part of it when fused),
   with B rescaled from the module's PEFT scale to ours."""
-  from jaxlm.models.lora import scale_of
-
   a_t, b_t = ab["A"], ab["B"]
   rank = a_t.shape[0]
   r_m = int(_pattern_value(config.get("rank_pattern"), name, config["r"]))

@@ -24,11 +24,12 @@ import qwix
 from flax import traverse_util
 
 # lora.targets presets: regexes over '/'-joined param paths (unscanned layout: block_{i}/...)
-PRESETS = {
-  "attention": r"block_\d+/attn/(q|k|v|o)/kernel",
-  "mlp": r"block_\d+/mlp/(gate|up|down)/kernel",
-  "all": r"block_\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel",
+PRESETS = {  # an encoder's stack sits under transformer/
+  "attention": r"(transformer/)?block_\d+/attn/(q|k|v|o)/kernel",
+  "mlp": r"(transformer/)?block_\d+/mlp/(gate|up|down)/kernel",
+  "all": r"(transformer/)?block_\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel",
 }
+_STACKED = re.compile(r"(^|/)blocks/")
 QUANTIZE = ("", "int8")
 BASE_DTYPES = ("", "float32", "bfloat16", "float16")
 # kinds whose runs may use LoRA (they start from model.init_from); "dpo" joins when it lands
@@ -137,14 +138,13 @@ class Lora:
     return traverse_util.unflatten_dict(out, sep="/")
 
   def _freeze_leaf(self, path: str, x):
-    if self.base_dtype:
-      x = x.astype(self.base_dtype)
-    if self.quantize and _is_block_kernel(path):
-      n_in = self._n_in(path, x.ndim)
-      lead = 1 if path.startswith("blocks/") else 0
-      channels = tuple(a for a in range(x.ndim) if not lead <= a < lead + n_in)
-      return qwix.quantize(x, self.quantize, channelwise_axes=channels)
-    return x
+    if not (self.quantize and _is_block_kernel(path)):
+      return x.astype(self.base_dtype) if self.base_dtype else x
+    # quantized from the full-precision kernel, one fp32 scale per output channel (and layer)
+    n_in = self._n_in(path, x.ndim)
+    lead = 1 if _STACKED.search(path) else 0
+    channels = tuple(a for a in range(x.ndim) if not lead <= a < lead + n_in)
+    return qwix.quantize(x, self.quantize, channelwise_axes=channels, scale_dtype=jnp.float32)
 
   def _n_in(self, path: str, ndim: int) -> int:
     for t in self.targets:
@@ -194,7 +194,7 @@ def _dequantize(x):
 
 
 def _is_block_kernel(path: str) -> bool:
-  return path.endswith("/kernel") and path.split("/")[0].startswith("block")
+  return path.endswith("/kernel") and re.search(r"(^|/)blocks?(_\d+)?/", path) is not None
 
 
 def _map_boxed(fn, leaf):
@@ -217,9 +217,10 @@ def kernel_inputs(names: tuple[str, ...]) -> int:
   return len(names) - 1 if names[-1] == "embed" else 1
 
 
-def _unscanned_paths(path: str, num_layers: int) -> list[str]:
-  if path.startswith("blocks/"):
-    return [f"block_{i}/" + path[len("blocks/") :] for i in range(num_layers)]
+def unscanned_paths(path: str, num_layers: int) -> list[str]:
+  """A param path per layer: `blocks/...` (scanned, stacked) -> block_0/..., block_1/..."""
+  if _STACKED.search(path):
+    return [_STACKED.sub(rf"\g<1>block_{i}/", path, count=1) for i in range(num_layers)]
   return [path]
 
 
@@ -249,7 +250,7 @@ def build(lora_cfg, boxed_params, *, num_layers: int, full: tuple[str, ...] = ()
   for path, box in flat.items():
     if not path.endswith("/kernel") or any(path.startswith(p + "/") for p in full):
       continue
-    hits = [bool(regex.fullmatch(p)) for p in _unscanned_paths(path, num_layers)]
+    hits = [bool(regex.fullmatch(p)) for p in unscanned_paths(path, num_layers)]
     if not any(hits):
       continue
     if not all(hits):
@@ -257,7 +258,7 @@ def build(lora_cfg, boxed_params, *, num_layers: int, full: tuple[str, ...] = ()
         f"lora.targets={c.targets!r} matches only some layers of the scanned "
         f"{path}; with model.scan_layers=True adapt all layers or none"
       )
-    stacked = path.startswith("blocks/")
+    stacked = _STACKED.search(path) is not None
     names = tuple(box.names[1:] if stacked else box.names)
     n_in = kernel_inputs(names)
     core = box.value.shape[1:] if stacked else box.value.shape
