@@ -1,12 +1,52 @@
-"""Run metrics: one JSON object per line in metrics.jsonl, TensorBoard events, a progress bar."""
+"""Run metrics: one JSON object per line in metrics.jsonl, TensorBoard events, a progress bar.
+
+Object storage (gs://) has no append: for a remote run directory, metrics.jsonl is rewritten
+whole and the TensorBoard events (written to a local temporary directory) are copied up, at most
+every SYNC_SECONDS and when the writer closes.
+"""
 
 import json
 import math
 import os
+import shutil
+import tempfile
+import time
 
 import tqdm
 
 from jaxlm import rundir
+
+
+SYNC_SECONDS = 10.0
+
+
+class _RemoteLog:
+  """metrics.jsonl and TensorBoard events of a run directory on object storage: appended to in
+  memory and a local temporary directory, written up whole by sync()."""
+
+  def __init__(self, p):
+    self.file, self.tb_dest = p / rundir.METRICS_FILE, p / rundir.TENSORBOARD_DIR
+    self.text = self.file.read_text() if self.file.exists() else ""
+    self.tb_local = tempfile.mkdtemp(prefix="jaxlm-tb-")
+    self.last = 0.0
+
+  def write(self, line: str):
+    self.text += line
+
+  def flush(self):
+    if time.monotonic() - self.last >= SYNC_SECONDS:
+      self.sync()
+
+  def sync(self):
+    self.file.write_text(self.text)
+    for name in os.listdir(self.tb_local):
+      with open(os.path.join(self.tb_local, name), "rb") as f:
+        (self.tb_dest / name).write_bytes(f.read())
+    self.last = time.monotonic()
+
+  def close(self):
+    self.sync()
+    shutil.rmtree(self.tb_local, ignore_errors=True)
 
 
 class MetricsWriter:
@@ -20,8 +60,12 @@ class MetricsWriter:
       from tensorboardX import SummaryWriter
 
       p.mkdir(parents=True, exist_ok=True)
-      self.jsonl = (p / rundir.METRICS_FILE).open("a")
-      self.tb = SummaryWriter(os.fspath(p / rundir.TENSORBOARD_DIR))
+      if rundir.is_local(p):
+        self.jsonl = (p / rundir.METRICS_FILE).open("a")
+        self.tb = SummaryWriter(os.fspath(p / rundir.TENSORBOARD_DIR))
+      else:
+        self.jsonl = _RemoteLog(p)
+        self.tb = SummaryWriter(self.jsonl.tb_local)
     self.bar = tqdm.tqdm(
       total=total_steps, initial=start_step, disable=not enabled, dynamic_ncols=True,
       unit="step", mininterval=0.5,
@@ -49,8 +93,8 @@ class MetricsWriter:
   def close(self):
     if self.enabled:
       self.bar.close()
-      self.jsonl.close()
       self.tb.close()
+      self.jsonl.close()
 
 
 def _plain(value):
