@@ -19,7 +19,6 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from conftest import REPO
 
 STEPS = 8
@@ -61,17 +60,17 @@ def launch(n: int, devices: int, args: list[str], logdir) -> list[subprocess.Pop
   (train; other commands take the run's saved count); output to logdir/proc-I.log."""
   port, procs = _free_port(), []
   for i in range(n):
-    extra = {} if n == 1 else dict(JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                                   JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i))
-    log = open(os.path.join(logdir, f"proc-{i}.log"), "w")
-    procs.append(subprocess.Popen(
-      [sys.executable, "-m", "jaxlm.cli", *args,
-       *([f"--config.runtime.cpu_devices={devices}"] if args[0] == "train" else [])],
-      env=_env(**extra), stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+    extra = {} if n == 1 else {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+                               "JAX_NUM_PROCESSES": str(n), "JAX_PROCESS_ID": str(i)}
+    with open(os.path.join(logdir, f"proc-{i}.log"), "w") as log:  # the child keeps its copy
+      procs.append(subprocess.Popen(
+        [sys.executable, "-m", "jaxlm.cli", *args,
+         *([f"--config.runtime.cpu_devices={devices}"] if args[0] == "train" else [])],
+        env=_env(**extra), stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
   return procs
 
 
-def wait(procs, logdir, timeout=300, codes=(0,)) -> list[str]:
+def wait(procs, logdir, timeout=1200, codes=(0,)) -> list[str]:
   """Waits for every process; returns their logs, failing with them on an unexpected code."""
   deadline, out = time.time() + timeout, []
   for p in procs:
@@ -80,21 +79,23 @@ def wait(procs, logdir, timeout=300, codes=(0,)) -> list[str]:
     except subprocess.TimeoutExpired:
       for q in procs:
         q.kill()
-  for i, p in enumerate(procs):
-    out.append(open(os.path.join(logdir, f"proc-{i}.log")).read())
+  for i in range(len(procs)):
+    with open(os.path.join(logdir, f"proc-{i}.log")) as f:
+      out.append(f.read())
   for p, log in zip(procs, out):
     assert p.returncode in codes, f"exit {p.returncode}:\n{log[-3000:]}"
   return out
 
 
-def train(n, devices, cfg_file, workdir, *overrides, timeout=300):
+def train(n, devices, cfg_file, workdir, *overrides, timeout=1200):
   os.makedirs(workdir, exist_ok=True)
   args = ["train", "--config", cfg_file, "--workdir", workdir, *overrides]
   return wait(launch(n, devices, args, workdir), workdir, timeout)
 
 
 def losses(workdir, key="loss") -> list[float]:
-  lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    lines = f.read().splitlines()
   return [r[key] for r in map(json.loads, lines) if key in r]
 
 
@@ -190,7 +191,7 @@ def test_a_killed_packed_run_relaunched_continues_exactly(packed_runs):
   cut = os.path.join(os.path.dirname(two), "cut")
   os.makedirs(cut)
   procs = launch(2, 4, ["train", "--config", cfg, "--workdir", cut], cut)
-  ckpts, deadline = os.path.join(cut, "checkpoints"), time.time() + 300
+  ckpts, deadline = os.path.join(cut, "checkpoints"), time.time() + 1200
   while not (os.path.isdir(ckpts) and any(s.isdigit() for s in os.listdir(ckpts))):
     assert time.time() < deadline and all(p.poll() is None for p in procs)
     time.sleep(0.05)
@@ -213,7 +214,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_one_process_resumes(p
   cut = os.path.join(os.path.dirname(two), "term")
   os.makedirs(cut)
   procs = launch(2, 4, ["train", "--config", cfg, "--workdir", cut], cut)
-  deadline = time.time() + 300
+  deadline = time.time() + 1200
   while not os.path.exists(os.path.join(cut, "metrics.jsonl")) or not losses(cut):
     assert time.time() < deadline and all(p.poll() is None for p in procs)
     time.sleep(0.05)
@@ -264,6 +265,7 @@ def tiny_bert(tmp_path_factory):
 
 def test_finetune_and_eval_on_two_processes_score_as_on_one(tiny_bert, tmp_path):
   from conftest import SHARED_DATA
+
   from jaxlm.train import trainer
 
   data = os.path.join(SHARED_DATA, "glue")

