@@ -1,7 +1,7 @@
 """A run directory in a bucket: `--workdir gs://bucket/run` against a local GCS emulator (the Go
-fake-gcs-server the test starts): config, tokenizer, metrics, TensorBoard events and Orbax
-checkpoints (TensorStore's gcs driver) land in the bucket, the run resumes from it and exports
-from it, and no local `gs:` folder appears."""
+fake-gcs-server the test starts): the training text is read from the bucket; config, tokenizer,
+metrics, TensorBoard events and Orbax checkpoints (TensorStore's gcs driver) land in the bucket,
+the run resumes from it and exports from it, and no local `gs:` folder appears."""
 
 import json
 import os
@@ -67,17 +67,17 @@ def test_a_run_in_a_bucket_writes_resumes_and_exports_there(bucket, tmp_path, mo
   from jaxlm.train import trainer
 
   monkeypatch.chdir(tmp_path)
-  text = tmp_path / "text.txt"
-  text.write_text("to be or not to be, that is the question\n" * 60)
+  text = f"{bucket}/data/text.txt"  # the training text is read from the bucket too
+  epath.Path(text).write_text("to be or not to be, that is the question\n" * 60)
   workdir = f"{bucket}/runs/tiny"
-  first = trainer.train(_config(str(text), 4), workdir)
+  first = trainer.train(_config(text, 4), workdir)
   assert first["step"] == 4
   run = epath.Path(workdir)
   names = {p.name for p in run.iterdir()}
   assert {"config.json", "tokenizer", "metrics.jsonl", "tensorboard", "checkpoints"} <= names
   assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
   assert {"2", "4"} <= {p.name for p in (run / "checkpoints").iterdir()}
-  resumed = trainer.train(_config(str(text), 6), workdir)  # the same run, two steps longer
+  resumed = trainer.train(_config(text, 6), workdir)  # the same run, two steps longer
   assert resumed["step"] == 6
   records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
