@@ -168,8 +168,8 @@ def test_two_processes_train_like_one_and_log_sample_only_on_process_0(packed_ru
     np.testing.assert_allclose(x, y, atol=1e-5)
   assert "parameters; mesh" in logs[0] and "parameters; mesh" not in logs[1]
   # every process wrote its own data iterator state into the checkpoint
-  names = sorted(os.listdir(os.path.join(two, "checkpoints", str(STEPS), "data")))
-  assert names[:2] == ["process_0-of-2.json", "process_1-of-2.json"]
+  names = set(os.listdir(os.path.join(two, "checkpoints", str(STEPS), "data")))
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= names
   assert not os.path.exists(os.path.join(REPO, "gs:"))
 
 
