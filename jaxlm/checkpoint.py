@@ -1,10 +1,14 @@
 """Orbax checkpoints of a run: train state, data iterator state and run metadata, per step.
 
-Async saves, keep-last-N / best-N / every-Kth retention, restore onto any mesh, params-only
+Every process writes its own data iterator state (`data/process_I-of-N.json`, as Grain's Orbax
+handler does) while the train state is written cooperatively by all processes. Async saves, keep-last-N / best-N / every-Kth retention, restore onto any mesh, params-only
 restore for inference, and clear errors for unreadable checkpoints or failed saves.
 """
 
+import dataclasses
+import json
 import os
+import re
 
 import jax
 import orbax.checkpoint as ocp
@@ -32,6 +36,42 @@ def _preservation(keep: int, keep_best: int, best_metric: str, best_mode: str, k
   if keep_period:
     kept.append(policies.EveryNSteps(keep_period))
   return policies.AnyPreservationPolicy(kept)
+
+
+class ProcessJsonHandler(ocp.JsonCheckpointHandler):
+  """Each process saves its own JSON dict as `process_I-of-N.json`; restore returns this
+  process's (same I and N), else process 0's of the saving run (its iterator decides whether a
+  state from another process count continues it), else a single-file `metadata` (older runs)."""
+
+  async def _save_fn(self, x, directory):
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    (directory / name).write_text(json.dumps(x))
+
+  def restore(self, directory: epath.Path, item=None, args=None) -> dict:
+    del item, args
+    own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if own.exists():
+      return json.loads(own.read_text())
+    first = sorted(f for f in directory.iterdir() if re.fullmatch(r"process_0-of-\d+\.json", f.name))
+    if first:
+      return json.loads(first[0].read_text())
+    return super().restore(directory)
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessJsonSave(ocp.args.CheckpointArgs):
+  """This process's JSON dict (e.g. its data iterator state)."""
+
+  item: dict
+
+
+@ocp.args.register_with_handler(ProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessJsonRestore(ocp.args.CheckpointArgs):
+  """Restores the JSON dict this process saved (see ProcessJsonHandler)."""
+
+  item: dict | None = None
 
 
 class SaveError(OSError):
@@ -92,7 +132,7 @@ class Checkpointer:
     `wait`. `metrics` (e.g. eval_loss) rank the checkpoint for keep_best.
     """
     self._check_previous()
-    items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data or {}),
+    items = {"state": ocp.args.StandardSave(state), "data": ProcessJsonSave(data or {}),
              "meta": ocp.args.JsonSave(meta or {})}
     self._saving = step
     try:
@@ -121,9 +161,10 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state):
     """(state, data iterator state, meta) of `step`, the state placed as `abstract_state` says
-    (its shapes, dtypes and shardings: any mesh, resharded while loading)."""
+    (its shapes, dtypes and shardings: any mesh, resharded while loading); the data iterator
+    state is this process's (see ProcessJsonHandler)."""
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                              data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+                              data=ProcessJsonRestore(), meta=ocp.args.JsonRestore())
     out = self._restore(step, args)
     data = dict(out["data"]) if out["data"] else None  # None: saved without an iterator state
     return out["state"], data, dict(out["meta"] or {})

@@ -138,6 +138,10 @@ def _eval():
 
   scores = trainer.evaluate_run(FLAGS.workdir, FLAGS.split)
   prefix = f"{FLAGS.split}_" if config.kind == "finetune" else ""
+  import jax
+
+  if jax.process_index():  # every process scores (collectively); process 0 prints
+    return
   print(" ".join(f"{prefix}{k}={v:.4f}" for k, v in scores.items()))
 
 

@@ -97,6 +97,9 @@ def init_distributed() -> None:
   """Joins the multi-process run (jax.distributed) when launched as one; a no-op otherwise."""
   if not is_multiprocess_launch():
     return
+  # CPU devices of different processes talk through gloo (the CPU backend's collectives); set
+  # before any backend starts. Accelerator backends ignore it.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     jax.distributed.initialize(
       coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],

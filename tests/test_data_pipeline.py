@@ -99,18 +99,23 @@ def test_best_fit_keeps_whole_documents(lengths, with_mask):
 
 
 @pytest.mark.parametrize("mode", ["concat", "best_fit"])
-def test_two_processes_read_disjoint_shards_covering_the_epoch(mode):
+def test_each_process_reads_its_block_of_the_one_global_batch_stream(mode):
+  """Process p of 2 reads rows p*B/2:(p+1)*B/2 of exactly the global batches one process reads
+  (packing included), and its iterator state equals the one process's."""
   docs = _docs([5, 9, 3, 14, 7, 2, 11, 6, 8, 4, 13, 10])
   cfg = _cfg(packing=mode, seq_len=16)
-  seen = []
+  whole = list(pipeline.batches([(1.0, docs)], cfg, 4, 7, pipeline.Shard(), num_epochs=3))
+  assert len(whole) >= 2
   for p in range(2):
-    stream = pipeline.batches([(1.0, docs)], cfg, 1, 7, pipeline.Shard(p, 2), num_epochs=1)
-    seen.append([tuple(b["inputs"][0][b["segment_ids"][0] > 0]) for b in stream])
-  tokens = [set(np.concatenate(s)) for s in seen]
-  assert tokens[0] and tokens[1] and not tokens[0] & tokens[1]
-  assert tokens[0] | tokens[1] == set(docs.tokens[:-1]) if mode == "concat" else \
-    tokens[0] | tokens[1] == set(np.concatenate(
-      [docs.tokens[a : b - 1] for a, b in zip(docs.offsets[:-1], docs.offsets[1:])]))
+    halves = list(pipeline.batches([(1.0, docs)], cfg, 4, 7, pipeline.Shard(p, 2), num_epochs=3))
+    assert len(halves) == len(whole)
+    for w, h in zip(whole, halves):
+      for k in packing.ROW_KEYS:
+        np.testing.assert_array_equal(h[k], w[k][2 * p:2 * p + 2])
+  one = iter(pipeline.batches([(1.0, docs)], cfg, 4, 7, pipeline.Shard()))
+  two = iter(pipeline.batches([(1.0, docs)], cfg, 4, 7, pipeline.Shard(1, 2)))
+  next(one), next(two)
+  assert one.get_state() == two.get_state()
 
 
 def _text_file(tmp_path, name="corpus.txt", n=400, seed=0):
@@ -153,25 +158,31 @@ def test_resume_yields_exactly_the_uninterrupted_batches(tmp_path, gpt2, mode):
     got = next(resumed)
     for k in packing.ROW_KEYS:
       np.testing.assert_array_equal(got[k], want[k])
-  moved = build().train
-  moved.process_count = 4  # as if the run restarted on 4 hosts
-  with pytest.raises(ValueError, match="saved by process 1 of 2"):
-    moved.set_state(state)
+  one = pipeline.build(cfg, gpt2, batch_size=4, seed=3, eval_batches=2,
+                       shard=pipeline.Shard()).train  # the run restarted as one process
+  one.set_state(state)
+  got = next(one)
+  for k in packing.ROW_KEYS:
+    np.testing.assert_array_equal(got[k][2:], expected[5][k])
+  other = pipeline.build(cfg, gpt2, batch_size=8, seed=3, eval_batches=2,
+                         shard=pipeline.Shard()).train
+  with pytest.raises(ValueError, match="global batches of 4 rows"):
+    other.set_state(state)
 
 
 def test_random_windows_are_one_global_sequence_for_any_process_count():
   """Row i of the window source depends on (seed, i) alone: one process and two processes see
-  the same rows in each global batch, and a restored iterator continues exactly."""
+  the same global batches (process p its block of rows), and a restored iterator continues."""
   tokens = np.arange(500, dtype=np.int32)
   cfg = _cfg(packing="none")
   one = iter(pipeline.window_batches(tokens, 8, 4, 0, pipeline.Shard(), cfg))
-  two = [iter(pipeline.window_batches(tokens, 8, 2, 0, pipeline.Shard(p, 2), cfg))
+  two = [iter(pipeline.window_batches(tokens, 8, 4, 0, pipeline.Shard(p, 2), cfg))
          for p in range(2)]
   for _ in range(3):
     whole = next(one)
     halves = [next(it) for it in two]
-    np.testing.assert_array_equal(np.sort(whole["inputs"], axis=0),
-                                  np.sort(np.concatenate([h["inputs"] for h in halves]), axis=0))
+    np.testing.assert_array_equal(whole["inputs"],
+                                  np.concatenate([h["inputs"] for h in halves]))
     np.testing.assert_array_equal(whole["targets"][:, :-1], whole["inputs"][:, 1:])
   it = pipeline.DataIterator(pipeline.window_batches(tokens, 8, 4, 0, pipeline.Shard(), cfg), 0, 1)
   [next(it) for _ in range(3)]

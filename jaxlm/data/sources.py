@@ -84,15 +84,42 @@ def resolve_files(pattern: str) -> list[str]:
   Raises:
     FileNotFoundError: when nothing matches.
   """
-  if os.path.isdir(pattern):
-    pattern = os.path.join(pattern, "*")
-  files = sorted(f for f in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(f))
+  if "://" in pattern:  # object storage (gs://...) through etils.epath
+    files = _remote_files(pattern)
+  else:
+    if os.path.isdir(pattern):
+      pattern = os.path.join(pattern, "*")
+    files = sorted(f for f in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(f))
   if not files:
     raise FileNotFoundError(
       f"data file not found: {pattern!r} matches no file; set data.path / data.mixture to "
       "existing files or a glob"
     )
   return files
+
+
+def _remote_files(pattern: str) -> list[str]:
+  """The files a remote path, directory or glob (in its last component) names, sorted."""
+  from etils import epath
+
+  p = epath.Path(pattern)
+  if p.is_dir():
+    found = p.iterdir()
+  elif any(c in p.name for c in "*?["):
+    found = p.parent.glob(p.name)
+  else:
+    found = [p] if p.exists() else []
+  return sorted(os.fspath(f) for f in found if not f.is_dir())
+
+
+def _stat(f: str) -> tuple:
+  """(path, size, mtime) of a local or remote file: the cache fingerprint."""
+  if "://" in f:
+    from etils import epath
+
+    st = epath.Path(f).stat()
+    return f, st.length, st.mtime
+  return os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns
 
 
 def file_format(files: list[str], fmt: str) -> str:
@@ -148,7 +175,7 @@ def read_texts(cfg) -> list[str]:
 def _open_files(source: Source, cfg) -> Opened:
   files = resolve_files(source.name)
   fmt = file_format(files, cfg.format)
-  stats = [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+  stats = [_stat(f) for f in files]
   fingerprint = {"files": stats, "format": fmt}
   if FORMATS[fmt] == "text":
     if cfg.sample_by not in SAMPLE_BY:
@@ -185,8 +212,13 @@ def _text_batches(files: list[str], sample_by: str, columns: list[str], size: in
   """Documents of plain-text files (as column `columns[0]`): lines with their newline,
   paragraphs, or whole files."""
   for path in files:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
+    if "://" in path:
+      from etils import epath
+
+      text = epath.Path(path).read_text(encoding="utf-8")
+    else:
+      with open(path, encoding="utf-8") as f:
+        text = f.read()
     if sample_by == "line":
       docs = text.splitlines(keepends=True)
     elif sample_by == "paragraph":

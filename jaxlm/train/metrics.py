@@ -1,5 +1,9 @@
 """Run metrics: one JSON object per line in metrics.jsonl, TensorBoard events, optionally Weights &
 Biases, a progress bar; and where the wall time goes (compilation, goodput).
+
+Object storage (gs://) has no append: for a remote run directory, metrics.jsonl is rewritten
+whole and the TensorBoard events (written to a local temporary directory) are copied up, at most
+every SYNC_SECONDS and when the writer closes.
 """
 
 import collections
@@ -8,6 +12,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 
 import tqdm
@@ -54,6 +60,37 @@ class Goodput:
     out.update({f"{b}_frac": self.spent[b] / wall for b in self.BUCKETS})
     return out
 
+SYNC_SECONDS = 10.0
+
+
+class _RemoteLog:
+  """metrics.jsonl and TensorBoard events of a run directory on object storage: appended to in
+  memory and a local temporary directory, written up whole by sync()."""
+
+  def __init__(self, p):
+    self.file, self.tb_dest = p / rundir.METRICS_FILE, p / rundir.TENSORBOARD_DIR
+    self.text = self.file.read_text() if self.file.exists() else ""
+    self.tb_local = tempfile.mkdtemp(prefix="jaxlm-tb-")
+    self.last = 0.0
+
+  def write(self, line: str):
+    self.text += line
+
+  def flush(self):
+    if time.monotonic() - self.last >= SYNC_SECONDS:
+      self.sync()
+
+  def sync(self):
+    self.file.write_text(self.text)
+    for name in os.listdir(self.tb_local):
+      with open(os.path.join(self.tb_local, name), "rb") as f:
+        (self.tb_dest / name).write_bytes(f.read())
+    self.last = time.monotonic()
+
+  def close(self):
+    self.sync()
+    shutil.rmtree(self.tb_local, ignore_errors=True)
+
 
 class MetricsWriter:
   """Writes step and eval records to `<workdir>/metrics.jsonl` and TensorBoard (process 0 only)."""
@@ -67,8 +104,12 @@ class MetricsWriter:
     self.jsonl = self.tb = self.wandb = None
     if enabled:
       p.mkdir(parents=True, exist_ok=True)
-      self.jsonl = (p / rundir.METRICS_FILE).open("a")
-      self.tb = _TensorBoard(os.fspath(p / rundir.TENSORBOARD_DIR))
+      if rundir.is_local(p):
+        self.jsonl = (p / rundir.METRICS_FILE).open("a")
+        self.tb = _TensorBoard(os.fspath(p / rundir.TENSORBOARD_DIR))
+      else:
+        self.jsonl = _RemoteLog(p)
+        self.tb = _TensorBoard(self.jsonl.tb_local)
       if wandb_cfg is not None and wandb_cfg.project:
         self.wandb = _wandb_run(p, wandb_cfg, config)
     self.bar = tqdm.tqdm(
@@ -103,8 +144,8 @@ class MetricsWriter:
   def close(self):
     if self.enabled:
       self.bar.close()
-      self.jsonl.close()
       self.tb.close()
+      self.jsonl.close()
       if self.wandb is not None:
         self.wandb.finish()
 

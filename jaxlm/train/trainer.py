@@ -13,6 +13,7 @@ import time
 import jax
 import ml_collections
 import optax
+from jax.experimental import multihost_utils
 
 from jaxlm import config as config_lib
 from jaxlm import devices, rundir, sharding, textgen
@@ -317,10 +318,16 @@ class Trainer:
     return scores
 
   def sample(self, params):
-    """The closing text sample (decoders, process 0, when sample.max_new_tokens > 0)."""
+    """The closing text sample (decoders, when sample.max_new_tokens > 0), printed by process 0;
+    on several processes the params are gathered to process 0's first device for it."""
     c = self.run.config.sample
-    if jax.process_index() or c.max_new_tokens <= 0 or not self.run.model.cfg.causal:
+    if c.max_new_tokens <= 0 or not self.run.model.cfg.causal:
       return
+    if jax.process_count() > 1:  # every process joins the gather; process 0 samples on its device
+      params = multihost_utils.process_allgather(params, tiled=True)
+      if jax.process_index():
+        return
+      params = jax.device_put(params, jax.local_devices()[0])
     sampler = gen.Sampler(c.temperature, c.top_k, c.top_p)
     text = textgen.complete(self.run.model, params, self.run.tokenizer, [c.prompt],
                             max_new_tokens=c.max_new_tokens, sampler=sampler, seed=c.seed)[0]
