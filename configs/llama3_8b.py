@@ -1,17 +1,19 @@
 """A Llama-3-8B-class decoder pretrained from scratch on FineWeb, for a TPU pod slice or GPU nodes.
 
   jaxlm plan --config configs/llama3_8b.py --device v5p-64
-  launch/tpu_vm.sh run -- jaxlm train --config configs/llama3_8b.py --workdir gs://BUCKET/runs/l3
   jaxlm train --config configs/llama3_8b.py --workdir gs://BUCKET/runs/llama3_8b
+  (on every worker: launch/tpu_vm.sh run configs/llama3_8b.py gs://BUCKET/runs/llama3_8b;
+   4 GPU nodes: sbatch --nodes=4 launch/slurm.sbatch configs/llama3_8b.py /shared/runs/l3)
 
 The Llama-3-8B shape (32 layers, 4096 wide, 32 query / 8 key-value heads, SwiGLU 14336, RoPE
 theta 500k, vocabulary 128,256, 8.03B parameters) with the Llama-3 tokenizer; bf16 compute on fp32
-parameters and AdamW state, FSDP over every device (mesh.fsdp=-1), scanned layers. 2M tokens a
-step (256 rows of 8192), as 4 micro-batches: the sizes `jaxlm plan` fits in a v5p-64 (32 chips,
-95 GiB each); on 4 x 8 H100 (80 GiB) pass --config.train.grad_accum=8 (docs/scaling.md).
-Cost: not a CPU config. ~4.9e10 FLOPs a token, ~1.0e17 a step: 7.0 s a step at the v5p-64's
-14.7 PFLOP/s bf16 peak, ~17 s at 40% MFU; 10,000 steps (21B tokens) ~2 days. Estimates from
-`jaxlm plan`, not timed.
+parameters and AdamW state, FSDP over every device (mesh.fsdp=-1), scanned layers, full remat.
+2M tokens a step (256 rows of 8192) as 4 micro-batches: 2 rows per device on a v5p-64 (32 chips)
+or 4 x 8 H100, which `jaxlm plan` fits (55 GiB a device, analytic); one 8 x H100 node needs
+--config.train.grad_accum=16 (docs/scaling.md).
+Cost: not a CPU config. 5.1e10 FLOPs a token (`jaxlm plan`), 1.1e17 a step: 7.4 s a step at a
+v5p-64's bf16 peak (14.7 PFLOP/s), ~18 s at 40% MFU, so ~50 hours for 10,000 steps (21B tokens);
+3.4 s / ~8.5 s a step on 4 x 8 H100. Estimates from the FLOP count, not timed.
 Expected: not measured.
 """
 

@@ -20,6 +20,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from jaxlm import devices, rundir, sharding
 from jaxlm.data import sources
@@ -158,6 +159,15 @@ class Plan:
     return needed <= self.usable_bytes
 
 
+@functools.lru_cache(maxsize=8)
+def _abstract_state(cfg: ModelConfig, optim_items: tuple, steps: int):
+  """The boxed abstract TrainState (shapes only; remat and dropout do not change them): cached,
+  since `levers` plans the same model several times."""
+  tx, _ = optim.make_optimizer(ml_collections.ConfigDict(dict(optim_items)), max(steps, 1))
+  init = functools.partial(step_lib.init_state, model=heads.build_model(cfg), tx=tx)
+  return jax.eval_shape(init, jax.random.PRNGKey(0))
+
+
 def make_plan(config, tgt: Target, *, compile_step: bool = True) -> Plan:
   """The Plan of `config` on `tgt` (see the module docstring for which figures are analytic).
 
@@ -177,8 +187,8 @@ def make_plan(config, tgt: Target, *, compile_step: bool = True) -> Plan:
                      f"x train.grad_accum={accum}; change one of them")
   model = heads.build_model(cfg)
   tx, _ = optim.make_optimizer(config.optim, max(config.train.steps, 1))
-  boxed = jax.eval_shape(functools.partial(step_lib.init_state, model=model, tx=tx),
-                         jax.random.PRNGKey(0))
+  boxed = _abstract_state(cfg.replace(remat="none", dropout=0.0),
+                          tuple(sorted(config.optim.to_dict().items())), config.train.steps)
   params_bytes = _bytes_per_device(boxed.params, axis_sizes)
   rows = batch // split // accum
   plan = Plan(
@@ -245,9 +255,10 @@ def levers(config, tgt: Target) -> list[tuple[str, Plan]]:
     return plan.fits
 
   state = plan.params_bytes + plan.opt_bytes + plan.grads_bytes
-  if state > plan.usable_bytes and plan.mesh["data"] > plan.slices:
-    if step("--config.mesh.fsdp=-1 --config.mesh.data=1", **{"mesh.fsdp": -1, "mesh.data": 1}):
-      return tried
+  fsdp = {"mesh.fsdp": -1, "mesh.data": 1}
+  if (state > plan.usable_bytes and plan.mesh["data"] > plan.slices
+      and step("--config.mesh.fsdp=-1 --config.mesh.data=1", **fsdp)):
+    return tried
   remat = plan.model.remat
   for policy in REMAT_LADDER[REMAT_LADDER.index(remat) + 1:]:
     if step(f"--config.model.remat={policy}", **{"model.remat": policy}):
@@ -271,11 +282,11 @@ def report(plan: Plan, config_name: str = "", lever_plans=None) -> str:
   peak = devices.peak_flops(t.kind, cfg.dtype) * t.chips
   lines = [
     f"jaxlm plan {config_name} on {t.name}, {t.kind.memory_bytes / GiB:.0f} GiB each",
-    f"model        {plan.params:,} parameters (L={cfg.num_layers} D={cfg.embed_dim} "
+    (f"model        {plan.params:,} parameters (L={cfg.num_layers} D={cfg.embed_dim} "
     f"H={cfg.num_heads} K={cfg.kv_heads} F={cfg.hidden_dim} V={cfg.vocab_size}), "
-    f"{cfg.dtype} compute, {cfg.param_dtype} params, remat={cfg.remat}",
-    f"FLOPs        {plan.flops_per_token:.3e} per token (training = 3 x forward, causal "
-    f"attention counted as half); {step_flops:.3e} per step of {plan.tokens_per_step:,} tokens",
+    f"{cfg.dtype} compute, {cfg.param_dtype} params, remat={cfg.remat}"),
+    (f"FLOPs        {plan.flops_per_token:.3e} per token (training = 3 x forward, causal "
+    f"attention counted as half); {step_flops:.3e} per step of {plan.tokens_per_step:,} tokens"),
   ]
   if peak:
     lines.append(f"step time    {step_flops / peak:.2f} s at the {t.kind.name} peak "
@@ -290,10 +301,10 @@ def report(plan: Plan, config_name: str = "", lever_plans=None) -> str:
     f"  optimizer state  {_gib(plan.opt_bytes)}",
     f"  gradients        {_gib(plan.grads_bytes)}"
     + ("  (with the grad_accum accumulator)" if plan.grad_accum > 1 else ""),
-    f"  activations      {_gib(plan.activation_bytes)}  (estimate: remat={cfg.remat}, logits "
-    "and loss in fp32)",
-    f"  total            {_gib(plan.total_bytes)}  of {plan.usable_bytes / GiB:.1f} GiB usable "
-    f"({USABLE:.0%} of {t.kind.memory_bytes / GiB:.0f} GiB)",
+    (f"  activations      {_gib(plan.activation_bytes)}  (estimate: remat={cfg.remat}, logits "
+     "and loss in fp32)"),
+    (f"  total            {_gib(plan.total_bytes)}  of {plan.usable_bytes / GiB:.1f} GiB usable "
+     f"({USABLE:.0%} of {t.kind.memory_bytes / GiB:.0f} GiB)"),
   ]
   if plan.compiled:
     c = plan.compiled
@@ -311,7 +322,8 @@ def report(plan: Plan, config_name: str = "", lever_plans=None) -> str:
     lines.append(f"  lever: {flag:<45} -> {p.total_bytes / GiB:7.2f} GiB "
                  f"{'fits' if p.fits else 'still over'}")
   if lever_plans and lever_plans[-1][1].fits:
-    lines.append("  pass: " + " ".join(f for f, _ in lever_plans))
+    flags = dict(f.split("=", 1) for flag, _ in lever_plans for f in flag.split())  # last wins
+    lines.append("  pass: " + " ".join(f"{k}={v}" for k, v in flags.items()))
   else:
     lines.append("  no lever here is enough: add devices (--hosts), or split heads with "
                  "--config.mesh.tensor=N")

@@ -21,19 +21,19 @@ from jaxlm.train.state import TrainState
 
 B, T, V = 16, 8, 64
 # Llama-shaped (RoPE, SwiGLU, GQA, RMSNorm); 8 heads and an MLP of 64 divide 8 shards
-TINY = dict(vocab_size=V, num_layers=2, embed_dim=32, num_heads=8, num_kv_heads=4, mlp_dim=64,
-            max_seq_len=T, norm="rmsnorm", position="rope", activation="silu", gated_mlp=True,
-            use_bias=False, tie_embeddings=False)
+TINY = {"vocab_size": V, "num_layers": 2, "embed_dim": 32, "num_heads": 8, "num_kv_heads": 4, "mlp_dim": 64,
+            "max_seq_len": T, "norm": "rmsnorm", "position": "rope", "activation": "silu", "gated_mlp": True,
+            "use_bias": False, "tie_embeddings": False}
 
 
 def _mesh(devices=None, **sizes):
-  return sharding.make_mesh(types.SimpleNamespace(**{**dict(data=1, fsdp=1, tensor=1), **sizes}),
+  return sharding.make_mesh(types.SimpleNamespace(**{"data": 1, "fsdp": 1, "tensor": 1, **sizes}),
                             devices)
 
 
 def _optimizer(name: str = "adamw"):
   c = base_config().optim
-  c.update(dict(name=name, lr=0.1 if name == "sgd" else 3e-3, warmup_steps=0))
+  c.update({"name": name, "lr": 0.1 if name == "sgd" else 3e-3, "warmup_steps": 0})
   return optim.make_optimizer(c, 100)[0]
 
 
@@ -67,10 +67,10 @@ def _train(params, mesh, grad_accum: int = 1, **model_changes):
 
 # Every strategy at least once, several to a mesh of 8 devices (a compile costs ~10 s on 2 cores).
 STRATEGIES = {
-  "data x fsdp x tensor + grad_accum": (dict(data=2, fsdp=2, tensor=2), dict(grad_accum=2)),
-  "fsdp + scan + remat dots": (dict(fsdp=8), dict(scan_layers=True, remat="dots")),
-  "two slices x sequence x tensor + remat attention": (dict(slices=2, sequence=2, tensor=2),
-                                                       dict(remat="attention")),
+  "data x fsdp x tensor + grad_accum": ({"data": 2, "fsdp": 2, "tensor": 2}, {"grad_accum": 2}),
+  "fsdp + scan + remat dots": ({"fsdp": 8}, {"scan_layers": True, "remat": "dots"}),
+  "two slices x sequence x tensor + remat attention": ({"slices": 2, "sequence": 2, "tensor": 2},
+                                                       {"remat": "attention"}),
 }
 
 
@@ -115,7 +115,7 @@ def test_strategies_split_what_they_say():
 
 def test_two_slices_put_the_data_axis_across_the_slices():
   mesh = _mesh(slices=2, data=-1, fsdp=2)
-  assert dict(mesh.shape) == dict(data=4, fsdp=2, sequence=1, tensor=1)
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "sequence": 1, "tensor": 1}
   ids = np.vectorize(lambda d: d.id)(mesh.devices)[:, :, 0, 0]
   # the first half of the data axis is slice 0 (devices 0-3), the second slice 1 (4-7)
   assert set(ids[:2].ravel()) == {0, 1, 2, 3} and set(ids[2:].ravel()) == {4, 5, 6, 7}
