@@ -1,4 +1,4 @@
-"""`jaxlm train | generate | plot`: the command line.
+"""`jaxlm train | generate | plot | convert | eval | plan`: the command line.
 
   jaxlm train --config configs/demo.py --workdir runs/demo [--config.train.steps=100 ...]
   jaxlm generate --workdir runs/demo --prompt "The "    (or --hf HF_DIR_OR_GGUF; --stop STR)
@@ -7,6 +7,7 @@
   jaxlm convert --workdir DIR --to-hf OUT [--step N]     (a run's checkpoint -> HF directory;
                  a LoRA run's -> a PEFT adapter directory, or with --merge the merged model)
   jaxlm eval --workdir runs/sst2 --split dev     (fine-tuning runs: the task's metrics)
+  jaxlm plan --config configs/llama3_8b.py --device v5p-64    (or --device h100 --hosts 4)
 """
 
 import os
@@ -26,6 +27,7 @@ COMMAND_FLAGS = {
   "plot": ("workdir", "out"),
   "convert": ("from-hf", "to-hf", "workdir", "step", "merge"),
   "eval": ("workdir", "split"),
+  "plan": ("config", "device", "hosts"),
 }
 COMMANDS = tuple(COMMAND_FLAGS)
 _CONFIG = config_flags.DEFINE_config_file(
@@ -49,6 +51,9 @@ flags.DEFINE_integer("step", None, "convert --to-hf: checkpoint step (default: t
 flags.DEFINE_bool("merge", False, "convert --to-hf of a LoRA run: write the merged model instead "
                   "of a PEFT adapter")
 flags.DEFINE_string("split", "dev", "eval: the task split to score (dev | test | train)")
+flags.DEFINE_string("device", "cpu", "plan: the target's devices, NAME or a slice NAME-N "
+                    "(v4 v5e v5p v6e a100 h100 h200 cpu; v5p-64 = 32 chips)")
+flags.DEFINE_integer("hosts", None, "plan: hosts of --device NAME (default 1; implied by NAME-N)")
 flags.DEFINE_bool("debug", False, "show full tracebacks instead of one-line errors")
 FLAGS = flags.FLAGS
 
@@ -203,14 +208,30 @@ def _convert():
   print(f"wrote {api.to_hf(saved.model, params, out, tokenizer=saved.tokenizer)}")
 
 
+def _plan():
+  from jaxlm import runtime
+
+  if _CONFIG.value is None:
+    raise UsageError("plan needs --config=configs/NAME.py")
+  config = _CONFIG.value
+  if FLAGS.device.split("-")[0] == "cpu":  # plan for this CPU split as a run of it would be
+    runtime.configure_cpu_devices(config.runtime.cpu_devices, config.train.batch_size)
+  from jaxlm import plan
+
+  target = plan.target(FLAGS.device, FLAGS.hosts)
+  result = plan.make_plan(config, target)
+  print(plan.report(result, config_flags.get_config_filename(FLAGS["config"]),
+                    None if result.fits else plan.levers(config, target)))
+
+
 def _main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise UsageError(f"usage: jaxlm {{{'|'.join(COMMANDS)}}} --workdir DIR [flags]; got {argv[1:]}")
   _check_flags(argv[1])
-  if not FLAGS.workdir and not (argv[1] == "generate" and FLAGS.hf):
+  if not FLAGS.workdir and argv[1] != "plan" and not (argv[1] == "generate" and FLAGS.hf):
     raise UsageError(f"{argv[1]} needs --workdir=DIR")
   {"train": _train, "generate": _generate, "plot": _plot, "convert": _convert,
-   "eval": _eval}[argv[1]]()
+   "eval": _eval, "plan": _plan}[argv[1]]()
 
 
 def main(argv=None):

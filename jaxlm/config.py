@@ -106,7 +106,13 @@ def base_config() -> ml_collections.ConfigDict:
     weight_decay=0.1,  # not applied to biases and norm scales
     clip=1.0,  # global-norm gradient clipping; 0 disables
   ))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the rest
+  c.mesh = ml_collections.ConfigDict(dict(  # strategies as sizes (jaxlm/sharding.py); -1: the rest
+    data=-1,  # data parallel: the batch split, params replicated
+    fsdp=1,  # batch split and params, grads and optimizer state sharded (ZeRO-3)
+    sequence=1,  # activations split along the length (long contexts)
+    tensor=1,  # heads and MLP columns split (Megatron)
+    slices=1,  # TPU slices (or GPU nodes) joined by the data-centre network; data spans them
+  ))
   c.runtime = ml_collections.ConfigDict(dict(
     cpu_devices=0,  # on CPU, devices to split the cores into; 0 = auto (see jaxlm.runtime)
     # persistent XLA compilation cache: "auto" = $JAXLM_COMPILE_CACHE or ~/.cache/jaxlm/xla,

@@ -18,16 +18,18 @@ class DeviceKind:
   bf16_flops: float  # dense peak per chip
   fp32_flops: float
   match: str  # regex on jax.Device.device_kind
+  chips_per_host: int = 8  # devices of one host (a TPU VM worker, a GPU node)
+  cores_per_chip: int = 1  # TPU slice names count TensorCores: v5p-64 is 32 chips
 
 
 GiB = 1 << 30
 DEVICE_KINDS = {
   d.name: d
   for d in (
-    DeviceKind("v4", 32 * GiB, 275e12, 275e12 / 2, r"^TPU v4"),
-    DeviceKind("v5e", 16 * GiB, 197e12, 197e12 / 2, r"^TPU v5 ?(lite|e)"),
-    DeviceKind("v5p", 95 * GiB, 459e12, 459e12 / 2, r"^TPU v5p?$"),
-    DeviceKind("v6e", 32 * GiB, 918e12, 918e12 / 2, r"^TPU v6"),
+    DeviceKind("v4", 32 * GiB, 275e12, 275e12 / 2, r"^TPU v4", 4, 2),
+    DeviceKind("v5e", 16 * GiB, 197e12, 197e12 / 2, r"^TPU v5 ?(lite|e)", 4),
+    DeviceKind("v5p", 95 * GiB, 459e12, 459e12 / 2, r"^TPU v5p?$", 4, 2),
+    DeviceKind("v6e", 32 * GiB, 918e12, 918e12 / 2, r"^TPU v6", 4),
     DeviceKind("a100", 80 * GiB, 312e12, 19.5e12, r"A100"),
     DeviceKind("h100", 80 * GiB, 989e12, 67e12, r"H100"),
     DeviceKind("h200", 141 * GiB, 989e12, 67e12, r"H200"),

@@ -1,8 +1,18 @@
-"""Device mesh (data, fsdp, tensor), the one table of logical-axis rules, and the one function
-that turns each process's rows into a global batch on the mesh.
+"""Device mesh (data, fsdp, sequence, tensor; data may span slices), the one table of
+logical-axis rules, and the one function that turns each process's rows into a global batch.
 
 Parameters and activations name logical axes (embed, mlp, heads, ...); LOGICAL_RULES maps them
 to mesh axes, so going from one device to a pod is a change of `mesh` config, not of code.
+The strategies, as `mesh` settings (docs/scaling.md):
+  data      mesh.data=-1                      params replicated, batch split
+  FSDP      mesh.fsdp=-1                      params, grads and optimizer state split over fsdp
+  tensor    mesh.tensor=N                     heads and MLP columns split (attention and MLP
+                                              in-projections by column, out-projections by row)
+  sequence  mesh.sequence=N                   activations split along the length (long
+                                              contexts); params split over it as over fsdp
+  slices    mesh.slices=N                     N slices joined by the data-centre network, each
+                                              holding the (data, fsdp, sequence, tensor) mesh;
+                                              the data axis spans them
 """
 
 import contextlib
@@ -11,23 +21,28 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxlm.data import batch as batch_lib
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# tensor last: the innermost axis gets the nearest devices (the most traffic, every layer)
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
-# Order matters: an axis already used by an earlier logical axis of the same array is skipped,
-# so activations sharded on batch over (data, fsdp) keep their embed dim whole.
+# Order matters: a rule whose mesh axes an earlier logical axis of the same array already uses is
+# skipped (the next rule for that name is tried), so activations sharded on batch over
+# (data, fsdp) and length over sequence keep their embed dim whole, while parameters' embed dim
+# is split over (fsdp, sequence): a sequence-parallel run keeps no replica of the weights.
 LOGICAL_RULES = (
   ("batch", ("data", "fsdp")),
+  ("length", "sequence"),
   ("vocab", "tensor"),
   ("heads", "tensor"),
   ("kv_heads", "tensor"),
   ("mlp", "tensor"),
+  ("embed", ("fsdp", "sequence")),
   ("embed", "fsdp"),
-  ("length", None),
   ("head_dim", None),
   ("pos", None),
   ("norm", None),
@@ -36,47 +51,112 @@ LOGICAL_RULES = (
 )
 
 
-def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  """Builds a (data, fsdp, tensor) mesh; a size of -1 takes the devices left over.
+def mesh_shape(mesh_cfg, num_devices: int) -> dict:
+  """The mesh axis sizes `mesh_cfg` asks for on `num_devices` devices: {axis: size} over
+  MESH_AXES; the data axis includes the slices. A size of -1 takes the devices left over in
+  each slice. Missing fields count as 1 (older configs have no `sequence` or `slices`).
 
-  Args:
-    mesh_cfg: has integer fields `data`, `fsdp`, `tensor`.
-    devices: defaults to all devices of all processes.
+  Raises:
+    ValueError: naming the mesh and the device count when they do not match.
   """
-  devices = jax.devices() if devices is None else devices
-  shape = [int(getattr(mesh_cfg, name)) for name in MESH_AXES]
+  slices = int(getattr(mesh_cfg, "slices", 1) or 1)
+  shape = [int(getattr(mesh_cfg, name, 1)) for name in MESH_AXES]
+  asked = dict(zip(MESH_AXES, shape), slices=slices)
   if shape.count(-1) > 1:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))}: at most one axis may be -1")
+    raise ValueError(f"mesh {asked}: at most one axis may be -1")
+  if num_devices % slices:
+    raise ValueError(f"mesh.slices={slices} does not divide the {num_devices} devices")
+  per_slice = num_devices // slices
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
-    if len(devices) % known:
-      raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} does not divide {len(devices)} devices")
-    shape[shape.index(-1)] = len(devices) // known
-  if math.prod(shape) != len(devices):
+    if per_slice % known:
+      raise ValueError(f"mesh {asked} does not divide {per_slice} devices per slice")
+    shape[shape.index(-1)] = per_slice // known
+  if math.prod(shape) != per_slice:
     raise ValueError(
-      f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices but "
-      f"{len(devices)} are present; set one of mesh.data/fsdp/tensor to -1 to fill the rest"
+      f"mesh {asked} needs {math.prod(shape) * slices} devices but {num_devices} are present; "
+      "set one of mesh.data/fsdp/sequence/tensor to -1 to fill the rest"
     )
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  shape[0] *= slices
+  return dict(zip(MESH_AXES, shape))
 
 
-def _fit(spec: P, shape: tuple, mesh: Mesh) -> P:
-  """Drops mesh axes from dims they do not divide (e.g. a vocab of 65 over 2 tensor shards)."""
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  """Builds the (data, fsdp, sequence, tensor) mesh `mesh_cfg` asks for (see mesh_shape).
+
+  With mesh.slices=N > 1 the data axis spans N slices over the data-centre network, built by
+  `mesh_utils.create_hybrid_device_mesh`: the slices are the devices' `slice_index` (multi-slice
+  TPU), else the processes when there are N of them (GPU nodes), else N equal groups of devices
+  in id order (a simulation, for CPU tests).
+
+  Args:
+    mesh_cfg: has integer fields `data`, `fsdp`, `tensor` (and optionally `sequence`,
+      `slices`).
+    devices: defaults to all devices of all processes.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  slices = int(getattr(mesh_cfg, "slices", 1) or 1)
+  if slices == 1:
+    return Mesh(np.asarray(devices).reshape(tuple(shape.values())), MESH_AXES)
+  ici = (shape["data"] // slices, *tuple(shape.values())[1:])
+  dcn = (slices,) + (1,) * (len(MESH_AXES) - 1)
+  if len({getattr(d, "slice_index", 0) for d in devices}) == slices:
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  elif len({d.process_index for d in devices}) == slices:
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=True)
+  else:  # one slice present: group the devices as `slices` simulated ones
+    per = len(devices) // slices
+    fakes = [_SimulatedSliceDevice(d, i // per) for i, d in enumerate(devices)]
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, fakes)
+    grid = np.vectorize(lambda f: f.device, otypes=[object])(grid)
+  return Mesh(grid, MESH_AXES)
+
+
+class _SimulatedSliceDevice:
+  """A device seen as belonging to slice `slice_index` (CPU devices have no slices)."""
+
+  def __init__(self, device, slice_index: int):
+    self.device, self.slice_index = device, slice_index
+
+  def __getattr__(self, name):
+    return getattr(self.device, name)
+
+
+def _fit(spec: P, shape: tuple, axis_sizes) -> P:
+  """Drops mesh axes from dims they do not divide (e.g. a vocab of 65 over 2 tensor shards); of a
+  tuple of axes, keeps the longest leading run whose product divides the dim."""
   fitted = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    size = math.prod(mesh.shape[n] for n in names)
-    fitted.append(axes if names and dim % size == 0 else None)
+    while names and dim % math.prod(axis_sizes[n] for n in names):
+      names = names[:-1]
+    fitted.append(None if not names else names[0] if len(names) == 1 else names)
   return P(*fitted)
+
+
+def partition_specs(boxed_tree, axis_sizes):
+  """PartitionSpecs of a tree whose leaves may be boxed with logical axis names, on a mesh of
+  `axis_sizes` ({axis: size}; a Mesh's `.shape` will do): no devices are needed."""
+  specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_tree), LOGICAL_RULES)
+  return jax.tree.map(lambda spec, leaf: _fit(spec, leaf.shape, axis_sizes),
+                      specs, strip_boxes(boxed_tree), is_leaf=lambda x: isinstance(x, P))
+
+
+def shard_shape(shape: tuple, spec: P, axis_sizes) -> tuple:
+  """The shape of one device's shard of an array of `shape` split as `spec`."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    out.append(dim // math.prod(axis_sizes[n] for n in names))
+  return tuple(out)
 
 
 def logical_sharding(abstract_tree, mesh: Mesh):
   """NamedShardings for a tree whose leaves may be boxed with logical axis names."""
-  specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_tree), LOGICAL_RULES)
-  return jax.tree.map(
-    lambda spec, leaf: NamedSharding(mesh, _fit(spec, leaf.shape, mesh)),
-    specs, strip_boxes(abstract_tree), is_leaf=lambda x: isinstance(x, P),
-  )
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                      partition_specs(abstract_tree, mesh.shape),
+                      is_leaf=lambda x: isinstance(x, P))
 
 
 def abstract_tree(init_fn, mesh: Mesh, *args):
@@ -110,6 +190,7 @@ def global_batch(local: dict, mesh: Mesh) -> batch_lib.Batch:
 
 
 def batch_divisor(mesh: Mesh) -> int:
+  """How many ways the batch is split: rows per step must be a multiple of it."""
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 

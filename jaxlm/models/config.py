@@ -17,7 +17,9 @@ ACTIVATIONS = {
   "silu": ("silu", {}),
   "relu": ("relu", {}),
 }
-REMAT = ("none", "full", "dots")
+# What a layer keeps for the backward pass (the rest is recomputed): everything | only its input |
+# the outputs of its weight matmuls | the attention outputs (checkpoint name "attention_out").
+REMAT = ("none", "full", "dots", "attention")
 NORM_POSITIONS = ("pre", "post")
 ENCODER_HEADS = ("base", "mlm", "seq_cls", "token_cls", "qa")  # the task heads of models.heads
 HEADS = ("lm", *ENCODER_HEADS)
@@ -84,7 +86,7 @@ class ModelConfig:
   init_std: float = 0.02
   dtype: str = "float32"  # compute dtype; params stay in param_dtype (jnp.bfloat16 etc. accepted)
   param_dtype: str = "float32"
-  remat: str = "none"  # none | full | dots (save matmul outputs)
+  remat: str = "none"  # none | full | dots (save matmul outputs) | attention (save attn outputs)
   scan_layers: bool = False  # nn.scan over layers: faster compiles for deep models
   attention: str = "auto"  # one of ATTENTIONS: the attention kernel (models/kernels.py)
   # LM loss over chunks of this many tokens, the head matmul fused in (train/objectives.py):

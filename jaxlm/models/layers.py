@@ -9,9 +9,14 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm.models import kernels
 from jaxlm.models.config import ACTIVATIONS, ModelConfig
+
+# checkpoint_name of each attention's output (before its out-projection), kept by model.remat=
+# "attention"
+ATTENTION_OUT = "attention_out"
 
 
 def activation(name: str):
@@ -226,8 +231,12 @@ class Attention(nn.Module):
     q_BTHE = nn.with_logical_constraint(q_BTHE, ("batch", "length", "heads", "head_dim"))
     if self.decode:
       k_BTKE, v_BTKE = KVCache(name="kv_cache")(k_BTKE, v_BTKE)
+    else:  # every query block needs every key: gathered whole when the length is sharded
+      k_BTKE = nn.with_logical_constraint(k_BTKE, ("batch", None, "kv_heads", "head_dim"))
+      v_BTKE = nn.with_logical_constraint(v_BTKE, ("batch", None, "kv_heads", "head_dim"))
     impl = attention_impl(cfg, x_BTD.shape[1], self.decode)
     out_BTHE = attend(q_BTHE, k_BTKE, v_BTKE, mask, impl=impl, segment_ids_BT=segment_ids_BT)
+    out_BTHE = checkpoint_name(out_BTHE, ATTENTION_OUT)
     std = cfg.init_std / self.num_layers_scale
     out = dense(cfg, "bthe,hed->btd", (H, E, D), ("heads", "head_dim", "embed"), "o",
                 cfg.use_bias, std)

@@ -12,6 +12,7 @@ import numpy as np
 
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.layers import (
+  ATTENTION_OUT,
   Block,
   DecodeMask,
   attention_impl,
@@ -21,9 +22,11 @@ from jaxlm.models.layers import (
   param_init,
 )
 
+# model.remat -> what the backward pass keeps of each block (None: only the block's input)
 _REMAT_POLICIES = {
   "full": None,
   "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  "attention": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT),
 }
 
 
