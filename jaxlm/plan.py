@@ -230,11 +230,13 @@ def make_plan(config, tgt: Target, *, compile_step: bool = True) -> Plan:
   kind = devices.kind_of(present[0].device_kind)
   if not compile_step:
     plan.compiled_note = "not compiled (compile_step=False)"
+  elif cfg.head not in ("lm", "mlm"):
+    plan.compiled_note = f"not compiled: model.head={cfg.head!r} steps take task batches"
   elif len(present) != tgt.chips or kind is None or kind.name != tgt.kind.name:
     plan.compiled_note = (
       f"not compiled: the target is {tgt.chips} x {tgt.kind.name}, this "
-      f"machine has {len(present)} x {present[0].device_kind}; run jaxlm plan "
-      "on a host of the target for XLA's own figures"
+      f"machine has {len(present)} x {present[0].device_kind}; plan on a machine "
+      "that has them for XLA's own figures"
     )
   else:
     plan.compiled = compiled_memory(config, model, tx, seq_len)
@@ -259,11 +261,6 @@ def compiled_memory(config, model, tx, seq_len: int) -> dict:
   shape = (config.train.batch_size, seq_len)
   as_batch = functools.partial(jax.ShapeDtypeStruct, sharding=sharding.batch_sharding(mesh))
   batch = Batch(inputs=as_batch(shape, jnp.int32), targets=as_batch(shape, jnp.int32))
-  if model.cfg.head != "lm":
-    raise ValueError(
-      f"jaxlm plan compiles language-model steps; model.head={model.cfg.head!r} "
-      "(pass --device of another kind for the analytic figures)"
-    )
   with sharding.mesh_rules(mesh):
     stats = train_fn.lower(abstract, batch).compile().memory_analysis()
   out = {
