@@ -22,8 +22,7 @@ from jaxlm.config import base_config, model
 
 def get_config():
   c = base_config()
-  c.model = model("llama3-8b", max_seq_len=8192, dtype="bfloat16", remat="full",
-                  scan_layers=True)
+  c.model = model("llama3-8b", max_seq_len=8192, dtype="bfloat16", remat="full", scan_layers=True)
   c.data.source = "hf"
   c.data.hf_dataset = "HuggingFaceFW/fineweb"
   c.data.hf_config = "sample-10BT"

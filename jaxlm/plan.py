@@ -64,13 +64,17 @@ def target(device: str, hosts: int | None = None) -> Target:
   if match.group(2):
     count = int(match.group(2))
     if count % kind.cores_per_chip:
-      raise ValueError(f"--device={device}: {kind.name} slices count {kind.cores_per_chip} "
-                       "cores a chip; use an even size")
+      raise ValueError(
+        f"--device={device}: {kind.name} slices count {kind.cores_per_chip} "
+        "cores a chip; use an even size"
+      )
     chips = count // kind.cores_per_chip
     needed = max(1, math.ceil(chips / per_host))
     if hosts not in (None, needed):
-      raise ValueError(f"--device={device} is {chips} chips on {needed} hosts, not --hosts={hosts};"
-                       " give one of the two")
+      raise ValueError(
+        f"--device={device} is {chips} chips on {needed} hosts, not --hosts={hosts};"
+        " give one of the two"
+      )
     return Target(kind, chips, needed)
   hosts = hosts or 1
   return Target(kind, hosts * per_host, hosts)
@@ -85,8 +89,11 @@ def model_config(config) -> ModelConfig:
     values = rundir.init_model_config(src, values).to_dict()
   if not values["vocab_size"]:
     name = config.data.tokenizer
-    tok = (tok_lib.char_tokenizer("".join(sources.read_texts(config.data))) if name == "char"
-           else tok_lib.load_tokenizer(name))
+    tok = (
+      tok_lib.char_tokenizer("".join(sources.read_texts(config.data)))
+      if name == "char"
+      else tok_lib.load_tokenizer(name)
+    )
     values["vocab_size"] = tok_lib.vocab_size(tok)
   return ModelConfig.from_dict(values)
 
@@ -95,8 +102,10 @@ def _bytes_per_device(boxed_tree, axis_sizes) -> int:
   specs = sharding.partition_specs(boxed_tree, axis_sizes)
   leaves = jax.tree.leaves(sharding.strip_boxes(boxed_tree))
   spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-  return sum(math.prod(sharding.shard_shape(leaf.shape, spec, axis_sizes)) * leaf.dtype.itemsize
-             for leaf, spec in zip(leaves, spec_leaves))
+  return sum(
+    math.prod(sharding.shard_shape(leaf.shape, spec, axis_sizes)) * leaf.dtype.itemsize
+    for leaf, spec in zip(leaves, spec_leaves)
+  )
 
 
 def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, axis_sizes) -> int:
@@ -106,8 +115,14 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, axis_sizes) -> i
   workspace), not XLA's figure; tensor shards heads and MLP, sequence shards tokens."""
   a = jnp.dtype(cfg.dtype).itemsize
   t, s = axis_sizes["tensor"], axis_sizes["sequence"]
-  D, H, K, E, F, V = (cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.hidden_dim,
-                      cfg.vocab_size)
+  D, H, K, E, F, V = (
+    cfg.embed_dim,
+    cfg.num_heads,
+    cfg.kv_heads,
+    cfg.head_size,
+    cfg.hidden_dim,
+    cfg.vocab_size,
+  )
   tokens = rows * seq_len // s
   qkv, attn_out = (H + 2 * K) * E / t, H * E / t
   mlp_hidden = (4 if cfg.gated_mlp else 2) * F / t  # up, gate, act, product | up, act
@@ -183,19 +198,30 @@ def make_plan(config, tgt: Target, *, compile_step: bool = True) -> Plan:
   split = axis_sizes["data"] * axis_sizes["fsdp"]
   accum, batch = config.train.grad_accum, config.train.batch_size
   if batch % (split * accum):
-    raise ValueError(f"train.batch_size={batch} does not split into {split} data-parallel shards "
-                     f"x train.grad_accum={accum}; change one of them")
+    raise ValueError(
+      f"train.batch_size={batch} does not split into {split} data-parallel shards "
+      f"x train.grad_accum={accum}; change one of them"
+    )
   model = heads.build_model(cfg)
   tx, _ = optim.make_optimizer(config.optim, max(config.train.steps, 1))
-  boxed = _abstract_state(cfg.replace(remat="none", dropout=0.0),
-                          tuple(sorted(config.optim.to_dict().items())), config.train.steps)
+  boxed = _abstract_state(
+    cfg.replace(remat="none", dropout=0.0),
+    tuple(sorted(config.optim.to_dict().items())),
+    config.train.steps,
+  )
   params_bytes = _bytes_per_device(boxed.params, axis_sizes)
   rows = batch // split // accum
   plan = Plan(
-    target=tgt, model=cfg,
+    target=tgt,
+    model=cfg,
     params=sum(x.size for x in jax.tree.leaves(sharding.strip_boxes(boxed.params))),
-    flops_per_token=devices.model_flops_per_token(cfg, seq_len), tokens_per_step=batch * seq_len,
-    mesh=axis_sizes, slices=int(config.mesh.get("slices", 1)), rows_per_device=rows, grad_accum=accum, params_bytes=params_bytes,
+    flops_per_token=devices.model_flops_per_token(cfg, seq_len),
+    tokens_per_step=batch * seq_len,
+    mesh=axis_sizes,
+    slices=int(config.mesh.get("slices", 1)),
+    rows_per_device=rows,
+    grad_accum=accum,
+    params_bytes=params_bytes,
     opt_bytes=_bytes_per_device(boxed.opt_state, axis_sizes),
     grads_bytes=params_bytes * (2 if accum > 1 else 1),
     activation_bytes=activation_bytes(cfg, rows, seq_len, axis_sizes),
@@ -204,14 +230,20 @@ def make_plan(config, tgt: Target, *, compile_step: bool = True) -> Plan:
   kind = devices.kind_of(present[0].device_kind)
   if not compile_step:
     plan.compiled_note = "not compiled (compile_step=False)"
+  elif cfg.head not in ("lm", "mlm"):
+    plan.compiled_note = f"not compiled: model.head={cfg.head!r} steps take task batches"
   elif len(present) != tgt.chips or kind is None or kind.name != tgt.kind.name:
-    plan.compiled_note = (f"not compiled: the target is {tgt.chips} x {tgt.kind.name}, this "
-                          f"machine has {len(present)} x {present[0].device_kind}; run jaxlm plan "
-                          "on a host of the target for XLA's own figures")
+    plan.compiled_note = (
+      f"not compiled: the target is {tgt.chips} x {tgt.kind.name}, this "
+      f"machine has {len(present)} x {present[0].device_kind}; plan on a machine "
+      "that has them for XLA's own figures"
+    )
   else:
     plan.compiled = compiled_memory(config, model, tx, seq_len)
-    plan.compiled_note = f"XLA memory_analysis() of the train step on the {len(present)} " \
-                         f"{present[0].device_kind} devices present"
+    plan.compiled_note = (
+      f"XLA memory_analysis() of the train step on the {len(present)} "
+      f"{present[0].device_kind} devices present"
+    )
   return plan
 
 
@@ -220,19 +252,20 @@ def compiled_memory(config, model, tx, seq_len: int) -> dict:
   present, against abstract state and batch: argument, output, temp, alias and their total."""
   mesh = sharding.make_mesh(config.mesh)
   abstract, shardings = step_lib.abstract_state(model, tx, mesh)
-  train_fn = step_lib.jit_train_step(shardings, objectives.for_head(model.cfg.head),
-                                     grad_accum=config.train.grad_accum,
-                                     dropout=model.cfg.dropout > 0)
+  train_fn = step_lib.jit_train_step(
+    shardings,
+    objectives.for_head(model.cfg.head),
+    grad_accum=config.train.grad_accum,
+    dropout=model.cfg.dropout > 0,
+  )
   shape = (config.train.batch_size, seq_len)
   as_batch = functools.partial(jax.ShapeDtypeStruct, sharding=sharding.batch_sharding(mesh))
   batch = Batch(inputs=as_batch(shape, jnp.int32), targets=as_batch(shape, jnp.int32))
-  if model.cfg.head != "lm":
-    raise ValueError(f"jaxlm plan compiles language-model steps; model.head={model.cfg.head!r} "
-                     "(pass --device of another kind for the analytic figures)")
   with sharding.mesh_rules(mesh):
     stats = train_fn.lower(abstract, batch).compile().memory_analysis()
-  out = {k: int(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp",
-                                                                  "alias")}
+  out = {
+    k: int(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")
+  }
   out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
   return out
 
@@ -256,11 +289,14 @@ def levers(config, tgt: Target) -> list[tuple[str, Plan]]:
 
   state = plan.params_bytes + plan.opt_bytes + plan.grads_bytes
   fsdp = {"mesh.fsdp": -1, "mesh.data": 1}
-  if (state > plan.usable_bytes and plan.mesh["data"] > plan.slices
-      and step("--config.mesh.fsdp=-1 --config.mesh.data=1", **fsdp)):
+  if (
+    state > plan.usable_bytes
+    and plan.mesh["data"] > plan.slices
+    and step("--config.mesh.fsdp=-1 --config.mesh.data=1", **fsdp)
+  ):
     return tried
   remat = plan.model.remat
-  for policy in REMAT_LADDER[REMAT_LADDER.index(remat) + 1:]:
+  for policy in REMAT_LADDER[REMAT_LADDER.index(remat) + 1 :]:
     if step(f"--config.model.remat={policy}", **{"model.remat": policy}):
       return tried
   while plan.rows_per_device > 1 and plan.rows_per_device % 2 == 0:
@@ -282,16 +318,22 @@ def report(plan: Plan, config_name: str = "", lever_plans=None) -> str:
   peak = devices.peak_flops(t.kind, cfg.dtype) * t.chips
   lines = [
     f"jaxlm plan {config_name} on {t.name}, {t.kind.memory_bytes / GiB:.0f} GiB each",
-    (f"model        {plan.params:,} parameters (L={cfg.num_layers} D={cfg.embed_dim} "
-    f"H={cfg.num_heads} K={cfg.kv_heads} F={cfg.hidden_dim} V={cfg.vocab_size}), "
-    f"{cfg.dtype} compute, {cfg.param_dtype} params, remat={cfg.remat}"),
-    (f"FLOPs        {plan.flops_per_token:.3e} per token (training = 3 x forward, causal "
-    f"attention counted as half); {step_flops:.3e} per step of {plan.tokens_per_step:,} tokens"),
+    (
+      f"model        {plan.params:,} parameters (L={cfg.num_layers} D={cfg.embed_dim} "
+      f"H={cfg.num_heads} K={cfg.kv_heads} F={cfg.hidden_dim} V={cfg.vocab_size}), "
+      f"{cfg.dtype} compute, {cfg.param_dtype} params, remat={cfg.remat}"
+    ),
+    (
+      f"FLOPs        {plan.flops_per_token:.3e} per token (training = 3 x forward, causal "
+      f"attention counted as half); {step_flops:.3e} per step of {plan.tokens_per_step:,} tokens"
+    ),
   ]
   if peak:
-    lines.append(f"step time    {step_flops / peak:.2f} s at the {t.kind.name} peak "
-                 f"({peak / 1e15:.1f} PFLOP/s for {t.chips}); {step_flops / peak / 0.4:.2f} s "
-                 "at 40% MFU")
+    lines.append(
+      f"step time    {step_flops / peak:.2f} s at the {t.kind.name} peak "
+      f"({peak / 1e15:.1f} PFLOP/s for {t.chips}); {step_flops / peak / 0.4:.2f} s "
+      "at 40% MFU"
+    )
   over = f" (data over {plan.slices} slices)" if plan.slices > 1 else ""
   lines += [
     f"mesh         {mesh}{over}",
@@ -301,16 +343,22 @@ def report(plan: Plan, config_name: str = "", lever_plans=None) -> str:
     f"  optimizer state  {_gib(plan.opt_bytes)}",
     f"  gradients        {_gib(plan.grads_bytes)}"
     + ("  (with the grad_accum accumulator)" if plan.grad_accum > 1 else ""),
-    (f"  activations      {_gib(plan.activation_bytes)}  (estimate: remat={cfg.remat}, logits "
-     "and loss in fp32)"),
-    (f"  total            {_gib(plan.total_bytes)}  of {plan.usable_bytes / GiB:.1f} GiB usable "
-     f"({USABLE:.0%} of {t.kind.memory_bytes / GiB:.0f} GiB)"),
+    (
+      f"  activations      {_gib(plan.activation_bytes)}  (estimate: remat={cfg.remat}, logits "
+      "and loss in fp32)"
+    ),
+    (
+      f"  total            {_gib(plan.total_bytes)}  of {plan.usable_bytes / GiB:.1f} GiB usable "
+      f"({USABLE:.0%} of {t.kind.memory_bytes / GiB:.0f} GiB)"
+    ),
   ]
   if plan.compiled:
     c = plan.compiled
-    lines.append(f"compiled     {plan.compiled_note}: arguments {c['argument'] / GiB:.3f} GiB, "
-                 f"outputs {c['output'] / GiB:.3f}, aliased {c['alias'] / GiB:.3f}, temporaries "
-                 f"{c['temp'] / GiB:.3f}; total {c['total'] / GiB:.3f} GiB")
+    lines.append(
+      f"compiled     {plan.compiled_note}: arguments {c['argument'] / GiB:.3f} GiB, "
+      f"outputs {c['output'] / GiB:.3f}, aliased {c['alias'] / GiB:.3f}, temporaries "
+      f"{c['temp'] / GiB:.3f}; total {c['total'] / GiB:.3f} GiB"
+    )
   else:
     lines.append(f"compiled     {plan.compiled_note}")
   basis = "compiled" if plan.compiled else "analytic"
@@ -319,12 +367,14 @@ def report(plan: Plan, config_name: str = "", lever_plans=None) -> str:
     return "\n".join(lines)
   lines.append(f"fits         NO ({basis} total over {plan.usable_bytes / GiB:.1f} GiB)")
   for flag, p in lever_plans or ():
-    lines.append(f"  lever: {flag:<45} -> {p.total_bytes / GiB:7.2f} GiB "
-                 f"{'fits' if p.fits else 'still over'}")
+    lines.append(
+      f"  lever: {flag:<45} -> {p.total_bytes / GiB:7.2f} GiB {'fits' if p.fits else 'still over'}"
+    )
   if lever_plans and lever_plans[-1][1].fits:
     flags = dict(f.split("=", 1) for flag, _ in lever_plans for f in flag.split())  # last wins
     lines.append("  pass: " + " ".join(f"{k}={v}" for k, v in flags.items()))
   else:
-    lines.append("  no lever here is enough: add devices (--hosts), or split heads with "
-                 "--config.mesh.tensor=N")
+    lines.append(
+      "  no lever here is enough: add devices (--hosts), or split heads with --config.mesh.tensor=N"
+    )
   return "\n".join(lines)

@@ -125,10 +125,12 @@ class _SimulatedSliceDevice:
 
 def _fit(spec: P, shape: tuple, axis_sizes) -> P:
   """Drops mesh axes from dims they do not divide (e.g. a vocab of 65 over 2 tensor shards); of a
-  tuple of axes, keeps the longest leading run whose product divides the dim."""
+  tuple of axes, keeps the longest leading run whose product divides the dim. Axes of size 1
+  split nothing and are left out, so specs name only the axes in use."""
   fitted = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    names = tuple(n for n in names if axis_sizes[n] > 1)
     while names and dim % math.prod(axis_sizes[n] for n in names):
       names = names[:-1]
     fitted.append(None if not names else names[0] if len(names) == 1 else names)
@@ -172,7 +174,7 @@ def abstract_tree(init_fn, mesh: Mesh, *args):
 
 def strip_boxes(tree):
   """The values of logically-partitioned boxes, with no sharding constraint applied."""
-  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
   return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
 
 

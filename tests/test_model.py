@@ -114,8 +114,7 @@ def test_scan_and_remat_give_the_same_logits_and_grads(family):
 
   ref_loss, ref_grads = jax.value_and_grad(lambda p: loss(model, p))(params)
   for variant in (dict(scan_layers=True), dict(scan_layers=True, remat="full"),
-                  dict(remat="dots"), dict(remat="attention"),
-                  dict(scan_layers=True, remat="attention")):
+                  dict(remat="dots"), dict(remat="attention")):
     m = Transformer(cfg.replace(**variant))
     p = stacked if variant.get("scan_layers") else params
     val, grads = jax.value_and_grad(lambda q: loss(m, q))(p)

@@ -42,9 +42,10 @@ def test_parameter_counts_equal_the_real_models():
   c.model.update(vocab_size=100, num_layers=2, embed_dim=64, num_heads=4, max_seq_len=32)
   c.data.seq_len, c.train.batch_size = 32, 8
   model = heads.build_model(plan.model_config(c))
-  real = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))  # allocated
+  real = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))  # allocated
   assert plan.make_plan(c, plan.target("v5p-8")).params == sum(
-    x.size for x in jax.tree.leaves(real))
+    x.size for x in jax.tree.leaves(real)
+  )
   assert plan.make_plan(_config("gpt2_124m.py"), plan.target("h100")).params == 124_439_808
   assert plan.make_plan(_config("llama3_8b.py"), plan.target("v5p-64")).params == 8_030_261_248
 
@@ -92,8 +93,16 @@ def test_analytic_bytes_match_the_compiled_step_on_the_devices_present(capsys):
   assert p.compiled["argument"] - batch_bytes == pytest.approx(state, rel=0.05)
   assert p.fits
   # and the command line prints both kinds of figure, saying which is which
-  cli.main(["jaxlm", "plan", "--config", os.path.join(REPO, "configs", "gpt2_124m.py"),
-            "--device", "v5p-64"])
+  cli.main(
+    [
+      "jaxlm",
+      "plan",
+      "--config",
+      os.path.join(REPO, "configs", "gpt2_124m.py"),
+      "--device",
+      "v5p-64",
+    ]
+  )
   out = capsys.readouterr().out
   assert "124,439,808 parameters" in out and "analytic" in out
   assert "not compiled: the target is 32 x v5p" in out and "fits         yes" in out

@@ -21,14 +21,27 @@ from jaxlm.train.state import TrainState
 
 B, T, V = 16, 8, 64
 # Llama-shaped (RoPE, SwiGLU, GQA, RMSNorm); 8 heads and an MLP of 64 divide 8 shards
-TINY = {"vocab_size": V, "num_layers": 2, "embed_dim": 32, "num_heads": 8, "num_kv_heads": 4, "mlp_dim": 64,
-            "max_seq_len": T, "norm": "rmsnorm", "position": "rope", "activation": "silu", "gated_mlp": True,
-            "use_bias": False, "tie_embeddings": False}
+TINY = {
+  "vocab_size": V,
+  "num_layers": 2,
+  "embed_dim": 32,
+  "num_heads": 8,
+  "num_kv_heads": 4,
+  "mlp_dim": 64,
+  "max_seq_len": T,
+  "norm": "rmsnorm",
+  "position": "rope",
+  "activation": "silu",
+  "gated_mlp": True,
+  "use_bias": False,
+  "tie_embeddings": False,
+}
 
 
 def _mesh(devices=None, **sizes):
-  return sharding.make_mesh(types.SimpleNamespace(**{"data": 1, "fsdp": 1, "tensor": 1, **sizes}),
-                            devices)
+  return sharding.make_mesh(
+    types.SimpleNamespace(**{"data": 1, "fsdp": 1, "tensor": 1, **sizes}), devices
+  )
 
 
 def _optimizer(name: str = "adamw"):
@@ -69,14 +82,16 @@ def _train(params, mesh, grad_accum: int = 1, **model_changes):
 STRATEGIES = {
   "data x fsdp x tensor + grad_accum": ({"data": 2, "fsdp": 2, "tensor": 2}, {"grad_accum": 2}),
   "fsdp + scan + remat dots": ({"fsdp": 8}, {"scan_layers": True, "remat": "dots"}),
-  "two slices x sequence x tensor + remat attention": ({"slices": 2, "sequence": 2, "tensor": 2},
-                                                       {"remat": "attention"}),
+  "two slices x sequence x tensor + remat attention": (
+    {"slices": 2, "sequence": 2, "tensor": 2},
+    {"remat": "attention"},
+  ),
 }
 
 
 def test_every_strategy_trains_as_one_device_does():
   model = heads.build_model(ModelConfig(**TINY))
-  params = jax.device_get(model.init(jax.random.PRNGKey(0), np.zeros((1, T), np.int32)))
+  params = jax.device_get(jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, T), np.int32)))
   params = nn.unbox(params)["params"]
   ref_losses, ref_params = _train(params, _mesh(jax.devices()[:1]))
   assert ref_losses[-1] < ref_losses[0] - 0.1  # it trains
@@ -135,8 +150,10 @@ def test_fsdp_keeps_an_eighth_of_the_state_on_each_device():
   mesh = _mesh(fsdp=8)
   abstract, shardings = step_lib.abstract_state(model, tx, mesh)
   train_fn = step_lib.jit_train_step(shardings, objectives.for_head("lm"))
-  batch_shapes = {k: jax.ShapeDtypeStruct((B, T), np.int32, sharding=sharding.batch_sharding(mesh))
-                  for k in ("inputs", "targets")}
+  batch_shapes = {
+    k: jax.ShapeDtypeStruct((B, T), np.int32, sharding=sharding.batch_sharding(mesh))
+    for k in ("inputs", "targets")
+  }
   with sharding.mesh_rules(mesh):
     compiled = train_fn.lower(abstract, step_lib.Batch(**batch_shapes)).compile()
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
