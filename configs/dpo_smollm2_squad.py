@@ -12,7 +12,7 @@ chosen = the gold answer, rejected = another span of the context as long as it (
 own wrong answer: build with --rejected_from PREDICTIONS.json from `squad_chat.py eval --split
 train --out`). A pair is packed whole into a row of 512 tokens (chosen then rejected).
 Cost: 50 steps of 4 rows x 512 tokens, two forward passes (policy and reference) and one
-backward a step; see README "SFT and DPO on SQuAD" for the measured seconds per step.
+backward a step; not measured on this machine (README "Preference tuning").
 Expected: rewards/margins and rewards/accuracies rise from 0 (step 1: loss log 2 = 0.693); EM/F1
 on 500 dev questions at least those after SFT (not yet measured end to end on this machine).
 """

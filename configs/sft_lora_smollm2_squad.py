@@ -11,8 +11,9 @@ most 200 tokens, one user turn and the gold answer as the assistant turn; loss o
 only, examples packed whole into rows of 256 tokens. LoRA r=16 on every linear layer of the
 blocks; the base stays frozen in fp32. Scored by greedy generation on the first 500 questions of
 dev-v1.1.json (SQuAD's official EM / F1).
-Cost: 100 steps of 8 rows x 256 tokens (about 1.6 epochs' worth of 5 answers a row... see
-README "SFT and DPO on SQuAD" for the measured seconds per step on 2 CPU cores).
+Cost: 100 steps of 8 rows x 256 tokens (205k tokens, about a quarter of the 3,534 chats). Not
+measured to the end: on 2 CPU cores under a load average of 15 the first step had not finished
+compiling after 40 minutes (README "Preference tuning"); meant for a GPU or an idle machine.
 Expected: before tuning the instruct model answers in sentences (EM 0.0 / F1 17.9 on the first
 32 dev questions); after LoRA SFT the answers are spans, so EM and F1 should rise well above
 that (not yet measured end to end on this machine: see the README section).
