@@ -12,7 +12,7 @@ chosen = the gold answer, rejected = another span of the context as long as it (
 own wrong answer: build with --rejected_from PREDICTIONS.json from `squad_chat.py eval --split
 train --out`). A pair is packed whole into a row of 512 tokens (chosen then rejected).
 Cost: 50 steps of 4 rows x 512 tokens, two forward passes (policy and reference) and one
-backward a step; see README "SFT and DPO on SQuAD" for the measured seconds per step.
+backward a step; not measured on this machine (README "Preference tuning").
 Expected: rewards/margins and rewards/accuracies rise from 0 (step 1: loss log 2 = 0.693); EM/F1
 on 500 dev questions at least those after SFT (not yet measured end to end on this machine).
 """
@@ -25,18 +25,21 @@ def get_config():
   c.kind = "dpo"
   c.model = model("smollm2-135m")  # sizes come from init_from at train time
   c.model.init_from = "runs/sft_lora_smollm2_squad"  # the SFT run (or an HF checkpoint)
-  c.data.update({
-    "path": "data/squad_chat/dpo.jsonl",  # JSONL of prompt / chosen / rejected
-    "tokenizer": "",  # "": init_from's
-    "seq_len": 512,  # a pair (chosen and rejected, each with its prompt) fits one row
-    "truncate": True,  # drop the rare longer pair
-    "add_eos": False,  # the template ends each turn with <|im_end|>
-    "val_fraction": 0.02,
-  })
+  c.data.update(
+    {
+      "path": "data/squad_chat/dpo.jsonl",  # JSONL of prompt / chosen / rejected
+      "tokenizer": "",  # "": init_from's
+      "seq_len": 512,  # a pair (chosen and rejected, each with its prompt) fits one row
+      "truncate": True,  # drop the rare longer pair
+      "add_eos": False,  # the template ends each turn with <|im_end|>
+      "val_fraction": 0.02,
+    }
+  )
   c.dpo.update({"loss": "sigmoid", "beta": 0.1})
   c.lora.update({"rank": 16, "alpha": 32.0, "targets": "all"})
-  c.train.update({"steps": 50, "batch_size": 4, "eval_every": 50, "eval_batches": 4,
-                  "log_every": 5})
+  c.train.update(
+    {"steps": 50, "batch_size": 4, "eval_every": 50, "eval_batches": 4, "log_every": 5}
+  )
   c.optim.update({"lr": 5e-4, "min_lr": 5e-5, "warmup_steps": 5, "weight_decay": 0.0})
   c.checkpoint.every = 25
   c.runtime.cpu_devices = 1

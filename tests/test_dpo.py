@@ -20,14 +20,26 @@ from jaxlm.data.batch import Batch
 from jaxlm.models import heads
 from jaxlm.train import dpo, objectives, trainer
 
-GPT2_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
-                        "shared", "data", "tokenizers", "gpt2")
+GPT2_DIR = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  "..",
+  "shared",
+  "data",
+  "tokenizers",
+  "gpt2",
+)
 CHATML = (
   "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
   "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-           "logps/chosen", "logps/rejected")
+METRICS = (
+  "rewards/chosen",
+  "rewards/rejected",
+  "rewards/margins",
+  "rewards/accuracies",
+  "logps/chosen",
+  "logps/rejected",
+)
 
 
 @pytest.fixture
@@ -44,6 +56,7 @@ def chat_tokenizer():
 
 # --- losses against TRL ---------------------------------------------------------------------------
 
+
 def _trl_dpo(loss_type, beta, pc, pr, rc, rr, nc, nr):
   """TRL DPOTrainer's own _compute_loss on the given per-sequence log-probs: a stand-in model
   returns per-token log-probs that sum to them over each completion."""
@@ -53,22 +66,39 @@ def _trl_dpo(loss_type, beta, pc, pr, rc, rr, nc, nr):
   mask = torch.zeros(2 * B, T, dtype=torch.long)
   per_token = torch.zeros(2 * B, T - 1, dtype=torch.float64)
   for i, (logp, n) in enumerate(zip(np.concatenate([pc, pr]), np.concatenate([nc, nr]))):
-    mask[i, 1:1 + int(n)] = 1
-    per_token[i, :int(n)] = float(logp) / int(n)
-  out = types.SimpleNamespace(log_probs=per_token, entropy=torch.zeros(2 * B, T - 1),
-                              mean_logits=torch.zeros(2 * B, T - 1),
-                              is_top1=torch.zeros(2 * B, T - 1, dtype=torch.bool))
+    mask[i, 1 : 1 + int(n)] = 1
+    per_token[i, : int(n)] = float(logp) / int(n)
+  out = types.SimpleNamespace(
+    log_probs=per_token,
+    entropy=torch.zeros(2 * B, T - 1),
+    mean_logits=torch.zeros(2 * B, T - 1),
+    is_top1=torch.zeros(2 * B, T - 1, dtype=torch.bool),
+  )
   fake_model = types.SimpleNamespace(training=True)
   accel = types.SimpleNamespace(device="cpu", gather=lambda x: x, gather_for_metrics=lambda x: x)
   this = types.SimpleNamespace(
-    model=fake_model, accelerator=accel, aux_loss_enabled=False, ld_alpha=None,
-    precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type],
-    loss_weights=[1.0], beta=beta, label_smoothing=0.0, use_weighting=False,
-    _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1)
-  inputs = {"input_ids": torch.zeros(2 * B, T, dtype=torch.long), "completion_mask": mask,
-            "attention_mask": torch.ones(2 * B, T, dtype=torch.long),
-            "ref_chosen_logps": torch.tensor(rc, dtype=torch.float64),
-            "ref_rejected_logps": torch.tensor(rr, dtype=torch.float64)}
+    model=fake_model,
+    accelerator=accel,
+    aux_loss_enabled=False,
+    ld_alpha=None,
+    precompute_ref_logps=True,
+    f_divergence_type="reverse_kl",
+    loss_types=[loss_type],
+    loss_weights=[1.0],
+    beta=beta,
+    label_smoothing=0.0,
+    use_weighting=False,
+    _metrics=defaultdict(lambda: defaultdict(list)),
+    _total_train_tokens=0,
+    _tp_size=1,
+  )
+  inputs = {
+    "input_ids": torch.zeros(2 * B, T, dtype=torch.long),
+    "completion_mask": mask,
+    "attention_mask": torch.ones(2 * B, T, dtype=torch.long),
+    "ref_chosen_logps": torch.tensor(rc, dtype=torch.float64),
+    "ref_rejected_logps": torch.tensor(rr, dtype=torch.float64),
+  }
   loss = trl_dpo.DPOTrainer._compute_loss(this, lambda **kw: out, inputs, False)
   return float(loss), {k: this._metrics["train"][k][0] for k in METRICS}
 
@@ -78,20 +108,29 @@ def _trl_cpo(loss_type, beta, label_smoothing, gamma, chosen, rejected):
   takes length-normalised log-probs)."""
   torch = pytest.importorskip("torch")
   cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
-  this = types.SimpleNamespace(alpha=0.0, loss_type=loss_type, simpo_gamma=gamma, beta=beta,
-                               label_smoothing=label_smoothing,
-                               accelerator=types.SimpleNamespace(device="cpu"))
-  losses, c, r = cpo.CPOTrainer.cpo_loss(this, torch.tensor(chosen, dtype=torch.float64),
-                                         torch.tensor(rejected, dtype=torch.float64))
+  this = types.SimpleNamespace(
+    alpha=0.0,
+    loss_type=loss_type,
+    simpo_gamma=gamma,
+    beta=beta,
+    label_smoothing=label_smoothing,
+    accelerator=types.SimpleNamespace(device="cpu"),
+  )
+  losses, c, r = cpo.CPOTrainer.cpo_loss(
+    this, torch.tensor(chosen, dtype=torch.float64), torch.tensor(rejected, dtype=torch.float64)
+  )
   return losses.numpy(), c.numpy(), r.numpy()
 
 
 def _ours(loss_type, beta, pc, pr, rc, rr, nc, nr, label_smoothing=0.0, gamma=0.5):
   with jax.enable_x64(True):
-    losses, c, r = dpo.preference_loss(*(jnp.asarray(x, jnp.float64)
-                                         for x in (pc, pr, rc, rr, nc, nr)),
-                                       loss_type=loss_type, beta=beta,
-                                       label_smoothing=label_smoothing, gamma=gamma)
+    losses, c, r = dpo.preference_loss(
+      *(jnp.asarray(x, jnp.float64) for x in (pc, pr, rc, rr, nc, nr)),
+      loss_type=loss_type,
+      beta=beta,
+      label_smoothing=label_smoothing,
+      gamma=gamma,
+    )
     return np.asarray(losses), np.asarray(c), np.asarray(r)
 
 
@@ -103,9 +142,14 @@ def test_losses_and_rewards_equal_trls_on_the_same_logps():
   for loss_type, beta in (("sigmoid", 0.1), ("ipo", 0.5)):
     trl_loss, trl_metrics = _trl_dpo(loss_type, beta, pc, pr, rc, rr, nc, nr)
     losses, c, r = _ours(loss_type, beta, pc, pr, rc, rr, nc, nr)
-    ours = {"rewards/chosen": c.mean(), "rewards/rejected": r.mean(),
-            "rewards/margins": (c - r).mean(), "rewards/accuracies": (c > r).mean(),
-            "logps/chosen": pc.mean(), "logps/rejected": pr.mean()}
+    ours = {
+      "rewards/chosen": c.mean(),
+      "rewards/rejected": r.mean(),
+      "rewards/margins": (c - r).mean(),
+      "rewards/accuracies": (c > r).mean(),
+      "logps/chosen": pc.mean(),
+      "logps/rejected": pr.mean(),
+    }
     np.testing.assert_allclose(losses.mean(), trl_loss, rtol=1e-6, atol=1e-6)
     for k in METRICS:
       np.testing.assert_allclose(ours[k], trl_metrics[k], rtol=1e-6, atol=1e-6, err_msg=k)
@@ -119,30 +163,43 @@ def test_losses_and_rewards_equal_trls_on_the_same_logps():
       want = (want[0], beta * (pc - rc), beta * (pr - rr))
     for got, exp in zip((losses, c, r), want):
       np.testing.assert_allclose(got, exp, rtol=1e-6, atol=1e-6)
-  assert not np.allclose(_ours("sigmoid", 0.1, pc, pr, rc, rr, nc, nr)[0],
-                         _ours("sigmoid", 0.1, pc, pr, rc, rr, nc, nr, 0.2)[0])
+  assert not np.allclose(
+    _ours("sigmoid", 0.1, pc, pr, rc, rr, nc, nr)[0],
+    _ours("sigmoid", 0.1, pc, pr, rc, rr, nc, nr, 0.2)[0],
+  )
 
 
 # --- data -----------------------------------------------------------------------------------------
 
 ROWS = [
   {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon, I think."},
-  {"prompt": [{"role": "system", "content": "Be brief."},
-              {"role": "user", "content": "Say hi"},
-              {"role": "assistant", "content": "Hello."},
-              {"role": "user", "content": "Again"}],
-   "chosen": [{"role": "assistant", "content": "Hi!"}],
-   "rejected": [{"role": "assistant", "content": "No."}]},
+  {
+    "prompt": [
+      {"role": "system", "content": "Be brief."},
+      {"role": "user", "content": "Say hi"},
+      {"role": "assistant", "content": "Hello."},
+      {"role": "user", "content": "Again"},
+    ],
+    "chosen": [{"role": "assistant", "content": "Hi!"}],
+    "rejected": [{"role": "assistant", "content": "No."}],
+  },
 ]
 
 
 def _tiny_llama(vocab: int):
-  return model("smollm2-135m", vocab_size=vocab, num_layers=2, embed_dim=32, num_heads=4,
-               num_kv_heads=2, mlp_dim=64, max_seq_len=128)
+  return model(
+    "smollm2-135m",
+    vocab_size=vocab,
+    num_layers=2,
+    embed_dim=32,
+    num_heads=4,
+    num_kv_heads=2,
+    mlp_dim=64,
+    max_seq_len=128,
+  )
 
 
-def test_pairs_train_on_responses_only_and_packed_logps_equal_each_sequence_alone(
-    chat_tokenizer):
+def test_pairs_train_on_responses_only_and_packed_logps_equal_each_sequence_alone(chat_tokenizer):
   tok = chat_tokenizer
   rows = [(f"row{i}", r) for i, r in enumerate(ROWS * 3)]
   pairs, dropped = preference.encode_pairs(tok, rows, row_len=128)
@@ -169,22 +226,29 @@ def test_pairs_train_on_responses_only_and_packed_logps_equal_each_sequence_alon
   seqs = [pair[name] for pair in pairs for name in ("chosen", "rejected")]
   rows_ST = np.zeros((len(seqs), 128), np.int32)
   for i, (ids, _) in enumerate(seqs):
-    rows_ST[i, :len(ids)] = ids
+    rows_ST[i, : len(ids)] = ids
   alone = jax.jit(lambda p, x: jax.nn.log_softmax(net.apply({"params": p}, x), -1))
   logp_STV = np.asarray(alone(params, jnp.asarray(rows_ST)))
-  sums = [float((np.take_along_axis(logp_STV[i, :len(ids) - 1], ids[1:, None], -1)[:, 0]
-                 * mask[1:]).sum()) for i, (ids, mask) in enumerate(seqs)]
-  want = [(sums[2 * k], sums[2 * k + 1], float(p["chosen"][1][1:].sum()))
-          for k, p in enumerate(pairs)]
+  sums = [
+    float(
+      (np.take_along_axis(logp_STV[i, : len(ids) - 1], ids[1:, None], -1)[:, 0] * mask[1:]).sum()
+    )
+    for i, (ids, mask) in enumerate(seqs)
+  ]
+  want = [
+    (sums[2 * k], sums[2 * k + 1], float(p["chosen"][1][1:].sum())) for k, p in enumerate(pairs)
+  ]
   want = sorted(want, key=lambda x: x[2] + x[0])
   assert valid.sum() == len(pairs)
   np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
 
 
 def test_bad_preference_rows_fail_naming_the_row(chat_tokenizer, tmp_path):
-  for row, says in (({"prompt": "q", "chosen": "a"}, "row f:3 has no rejected"),
-                    ({"prompt": "q", "chosen": "a", "rejected": "a"}, "chosen equal to rejected"),
-                    ({"prompt": "q", "chosen": "a", "rejected": "b" * 400}, "data.seq_len=64")):
+  for row, says in (
+    ({"prompt": "q", "chosen": "a"}, "row f:3 has no rejected"),
+    ({"prompt": "q", "chosen": "a", "rejected": "a"}, "chosen equal to rejected"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b" * 400}, "data.seq_len=64"),
+  ):
     with pytest.raises(ValueError, match=says):
       preference.encode_pairs(chat_tokenizer, [("f:3", row)], row_len=64)
   bad = tmp_path / "bad.jsonl"
@@ -194,6 +258,7 @@ def test_bad_preference_rows_fail_naming_the_row(chat_tokenizer, tmp_path):
 
 
 # --- training -------------------------------------------------------------------------------------
+
 
 def test_a_dpo_run_raises_the_margin_and_logs_trls_metrics(chat_tokenizer, tmp_path):
   tok_dir = tmp_path / "tok"
@@ -209,10 +274,16 @@ def test_a_dpo_run_raises_the_margin_and_logs_trls_metrics(chat_tokenizer, tmp_p
   c = base_config()
   c.kind = "dpo"
   c.model = _tiny_llama(0)
-  c.data.update({"path": str(data), "tokenizer": str(tok_dir), "seq_len": 64, "add_eos": False,
-                 "val_fraction": 0.25})
-  c.train.update({"steps": 4, "batch_size": 8, "eval_every": 4, "eval_batches": 2,
-                  "log_every": 1})
+  c.data.update(
+    {
+      "path": str(data),
+      "tokenizer": str(tok_dir),
+      "seq_len": 64,
+      "add_eos": False,
+      "val_fraction": 0.25,
+    }
+  )
+  c.train.update({"steps": 4, "batch_size": 8, "eval_every": 4, "eval_batches": 2, "log_every": 1})
   c.optim.update({"lr": 3e-3, "warmup_steps": 0, "min_lr": 3e-3})
   c.dpo.beta = 0.5
   c.checkpoint.use_async = False
@@ -251,12 +322,14 @@ def test_with_lora_the_reference_is_the_base_and_a_step_raises_the_margin(chat_t
   net = heads.build_model(ModelConfig(**values))
   lora = lora_lib.for_model(c, net)
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
-  tx, _ = optim.make_optimizer(ml_collections.ConfigDict({**c.optim.to_dict(), "lr": 1e-2,
-                                                          "warmup_steps": 0}), 10)
+  tx, _ = optim.make_optimizer(
+    ml_collections.ConfigDict({**c.optim.to_dict(), "lr": 1e-2, "warmup_steps": 0}), 10
+  )
   state, shardings = step_lib.sharded_init(net, tx, jax.random.PRNGKey(0), mesh, lora)
   frozen0 = jax.device_get(state.frozen)
-  pairs, _ = preference.encode_pairs(tok, [(f"r{i}", r) for i, r in enumerate(ROWS * 4)],
-                                     row_len=128)
+  pairs, _ = preference.encode_pairs(
+    tok, [(f"r{i}", r) for i, r in enumerate(ROWS * 4)], row_len=128
+  )
   batch = preference.pack(pairs, 8, 128, pad_id=0)
   step = step_lib.jit_train_step(shardings, dpo.objective(c.dpo), reference=True)
   with sharding.mesh_rules(mesh):

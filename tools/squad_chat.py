@@ -25,8 +25,9 @@ import numpy as np
 
 from jaxlm.tasks import metrics, squad
 
-SQUAD_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
-                         "shared", "data", "squad_v1.1")
+SQUAD_DIR = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "squad_v1.1"
+)
 
 
 def prompt(context: str, question: str) -> str:
@@ -47,7 +48,7 @@ def other_span(context: str, answers: list[str], rng: np.random.Generator) -> st
   gold = {metrics.squad_normalize(a) for a in answers}
   for _ in range(50):
     start = int(rng.integers(0, max(1, len(words) - n + 1)))
-    span = re.sub(r"[.,;:]+$", "", " ".join(words[start:start + n]))
+    span = re.sub(r"[.,;:]+$", "", " ".join(words[start : start + n]))
     if span and metrics.squad_normalize(span) not in gold:
       return span
   return ""
@@ -66,15 +67,26 @@ def build(args):
   rng = np.random.default_rng(args.seed)
   os.makedirs(args.out, exist_ok=True)
   n_sft = n_dpo = n_own = n_long = 0
-  with open(os.path.join(args.out, "sft.jsonl"), "w") as sft, \
-       open(os.path.join(args.out, "dpo.jsonl"), "w") as dpo:
+  with (
+    open(os.path.join(args.out, "sft.jsonl"), "w") as sft,
+    open(os.path.join(args.out, "dpo.jsonl"), "w") as dpo,
+  ):
     for qid, q, c, answers in zip(ex["id"], ex["question"], ex["context"], ex["answers"]):
       user = prompt(c, q)
       if tokenizer is not None and len(tokenizer.encode(user)) > args.max_prompt_tokens:
         n_long += 1
         continue
-      sft.write(json.dumps({"messages": [{"role": "user", "content": user},
-                                         {"role": "assistant", "content": answers[0]}]}) + "\n")
+      sft.write(
+        json.dumps(
+          {
+            "messages": [
+              {"role": "user", "content": user},
+              {"role": "assistant", "content": answers[0]},
+            ]
+          }
+        )
+        + "\n"
+      )
       n_sft += 1
       pred = own.get(qid, "")
       wrong = pred and max(metrics.squad_f1_one(pred, a) for a in answers) == 0.0
@@ -83,9 +95,11 @@ def build(args):
       if rejected:
         dpo.write(json.dumps({"prompt": user, "chosen": answers[0], "rejected": rejected}) + "\n")
         n_dpo += 1
-  print(f"wrote {n_sft} SFT chats and {n_dpo} DPO pairs ({n_own} rejected answers are the "
-        f"model's own) to {args.out}; {n_long} questions with prompts over "
-        f"{args.max_prompt_tokens} tokens left out")
+  print(
+    f"wrote {n_sft} SFT chats and {n_dpo} DPO pairs ({n_own} rejected answers are the "
+    f"model's own) to {args.out}; {n_long} questions with prompts over "
+    f"{args.max_prompt_tokens} tokens left out"
+  )
 
 
 def load_model(args):
@@ -102,27 +116,37 @@ def load_model(args):
   return saved.model, params, saved.tokenizer
 
 
-def answer_all(model, params, tokenizer, examples: dict, *, batch: int, max_new_tokens: int,
-               log=print) -> dict[str, str]:
+def answer_all(
+  model, params, tokenizer, examples: dict, *, batch: int, max_new_tokens: int, log=print
+) -> dict[str, str]:
   """Greedy answers (id -> text) to every question of `examples`, `batch` prompts at a time
   (sorted by length, so a batch pads little)."""
   from jaxlm import generate, textgen
 
-  texts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt(c, q)}],
-                                         tokenize=False, add_generation_prompt=True)
-           for c, q in zip(examples["context"], examples["question"])]
+  texts = [
+    tokenizer.apply_chat_template(
+      [{"role": "user", "content": prompt(c, q)}], tokenize=False, add_generation_prompt=True
+    )
+    for c, q in zip(examples["context"], examples["question"])
+  ]
   order = np.argsort([len(t) for t in texts])
   preds, begin = {}, time.perf_counter()
   for i in range(0, len(order), batch):
-    idx = order[i:i + batch]
+    idx = order[i : i + batch]
     rows = [texts[j] for j in idx]
     rows += rows[-1:] * (batch - len(rows))  # one batch shape for every call
-    outs = textgen.complete(model, params, tokenizer, rows, max_new_tokens=max_new_tokens,
-                            sampler=generate.Sampler(0.0), pad_multiple=128)
+    outs = textgen.complete(
+      model,
+      params,
+      tokenizer,
+      rows,
+      max_new_tokens=max_new_tokens,
+      sampler=generate.Sampler(0.0),
+      pad_multiple=128,
+    )
     for j, out in zip(idx, outs):
       preds[examples["id"][j]] = clean(out)
-    log(f"{min(i + batch, len(order))}/{len(order)} questions, "
-        f"{time.perf_counter() - begin:.0f} s")
+    log(f"{min(i + batch, len(order))}/{len(order)} questions, {time.perf_counter() - begin:.0f} s")
   return preds
 
 
@@ -133,12 +157,24 @@ def evaluate(args):
   ex = {k: v[:n] for k, v in ex.items()}
   model, params, tokenizer = load_model(args)
   begin = time.perf_counter()
-  preds = answer_all(model, params, tokenizer, ex, batch=args.batch,
-                     max_new_tokens=args.max_new_tokens, log=lambda m: print(m, file=sys.stderr))
+  preds = answer_all(
+    model,
+    params,
+    tokenizer,
+    ex,
+    batch=args.batch,
+    max_new_tokens=args.max_new_tokens,
+    log=lambda m: print(m, file=sys.stderr),
+  )
   seconds = time.perf_counter() - begin
   scores = metrics.squad_scores(preds, dict(zip(ex["id"], ex["answers"])))
-  result = {"questions": n, "split": args.split, "model": args.workdir or args.hf,
-            **scores, "seconds": round(seconds, 1)}
+  result = {
+    "questions": n,
+    "split": args.split,
+    "model": args.workdir or args.hf,
+    **scores,
+    "seconds": round(seconds, 1),
+  }
   print(json.dumps(result))
   if args.out:
     with open(args.out, "w") as f:

@@ -30,8 +30,10 @@ def read_rows(pattern: str) -> list[tuple[str, dict]]:
   """
   files = sorted(glob.glob(pattern))
   if not files:
-    raise ValueError(f"no preference file matches data.path={pattern!r}; set --config.data.path "
-                     "to a JSONL file (or glob) of prompt/chosen/rejected rows")
+    raise ValueError(
+      f"no preference file matches data.path={pattern!r}; set --config.data.path "
+      "to a JSONL file (or glob) of prompt/chosen/rejected rows"
+    )
   rows = []
   for f in files:
     with open(f, encoding="utf-8") as fh:
@@ -60,27 +62,32 @@ def to_messages(row: dict, where: str) -> tuple[list[dict], list[dict], list[dic
   """
   missing = [k for k in FIELDS if not row.get(k)]
   if missing:
-    raise ValueError(f"preference row {where} has no {' / '.join(missing)} (fields: "
-                     f"{sorted(row)}); every row needs non-empty prompt, chosen and rejected")
+    raise ValueError(
+      f"preference row {where} has no {' / '.join(missing)} (fields: "
+      f"{sorted(row)}); every row needs non-empty prompt, chosen and rejected"
+    )
   if row["chosen"] == row["rejected"]:
-    raise ValueError(f"preference row {where} has chosen equal to rejected; a pair must differ "
-                     "(drop the row)")
+    raise ValueError(
+      f"preference row {where} has chosen equal to rejected; a pair must differ (drop the row)"
+    )
   prompt = _turns(row["prompt"], "user")
   chosen, rejected = _turns(row["chosen"], "assistant"), _turns(row["rejected"], "assistant")
   for name, msgs in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
     if not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-      raise ValueError(f"preference row {where}: {name} must be a string or a list of "
-                       "{role, content} messages")
+      raise ValueError(
+        f"preference row {where}: {name} must be a string or a list of {{role, content}} messages"
+      )
   return prompt, chosen, rejected
 
 
-def encode_sequence(tokenizer, prompt: list[dict], response: list[dict], bos: list[int],
-                    eos: list[int]) -> tuple[np.ndarray, np.ndarray]:
+def encode_sequence(
+  tokenizer, prompt: list[dict], response: list[dict], bos: list[int], eos: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
   """(int32 ids, uint8 loss mask) of `prompt` + `response` through the chat template; the mask
   is 1 on the response's assistant tokens (and a trailing eos), 0 elsewhere."""
   messages = prompt + response
   text, spans = sft.render(tokenizer, messages)
-  spans = spans[sum(m["role"] == "assistant" for m in prompt):]  # the response's turns only
+  spans = spans[sum(m["role"] == "assistant" for m in prompt) :]  # the response's turns only
   enc = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
   starts = np.array([s for s, _ in enc.offsets], np.int64)
   mask = np.zeros(len(starts), np.uint8)
@@ -90,8 +97,9 @@ def encode_sequence(tokenizer, prompt: list[dict], response: list[dict], bos: li
   return ids, np.concatenate([np.zeros(len(bos)), mask, np.ones(len(eos))]).astype(np.uint8)
 
 
-def encode_pairs(tokenizer, rows: list[tuple[str, dict]], *, row_len: int, bos=(), eos=(),
-                 drop_long: bool = False) -> tuple[list[dict], int]:
+def encode_pairs(
+  tokenizer, rows: list[tuple[str, dict]], *, row_len: int, bos=(), eos=(), drop_long: bool = False
+) -> tuple[list[dict], int]:
   """(pairs, number dropped as too long): each pair {"chosen": (ids, mask), "rejected": ...}.
 
   Raises:
@@ -100,16 +108,20 @@ def encode_pairs(tokenizer, rows: list[tuple[str, dict]], *, row_len: int, bos=(
   pairs, dropped = [], 0
   for where, row in rows:
     prompt, chosen, rejected = to_messages(row, where)
-    pair = {name: encode_sequence(tokenizer, prompt, resp, list(bos), list(eos))
-            for name, resp in (("chosen", chosen), ("rejected", rejected))}
+    pair = {
+      name: encode_sequence(tokenizer, prompt, resp, list(bos), list(eos))
+      for name, resp in (("chosen", chosen), ("rejected", rejected))
+    }
     n = pair_length(pair)
     if n > row_len:
       if drop_long:
         dropped += 1
         continue
-      raise ValueError(f"preference row {where} needs {n} tokens (chosen and rejected with their "
-                       f"prompt), more than a row of data.seq_len={row_len}; raise data.seq_len "
-                       "or set data.truncate=True to drop such rows")
+      raise ValueError(
+        f"preference row {where} needs {n} tokens (chosen and rejected with their "
+        f"prompt), more than a row of data.seq_len={row_len}; raise data.seq_len "
+        "or set data.truncate=True to drop such rows"
+      )
     pairs.append(pair)
   return pairs, dropped
 
@@ -134,8 +146,10 @@ def pack(pairs: list[dict], num_rows: int, row_len: int, pad_id: int) -> dict[st
       raise ValueError(f"{len(pairs)} preference pairs do not fit {num_rows} rows of {row_len}")
     placed[r].append(pair)
     room[r] -= need
-  fields = {k: np.zeros((num_rows, row_len), np.float32 if k == "weights" else np.int32)
-            for k in ("inputs", "targets", "weights", "segment_ids", "positions")}
+  fields = {
+    k: np.zeros((num_rows, row_len), np.float32 if k == "weights" else np.int32)
+    for k in ("inputs", "targets", "weights", "segment_ids", "positions")
+  }
   fields["inputs"][:] = pad_id
   for r, row_pairs in enumerate(placed):
     seqs = [p[k] for p in row_pairs for k in ("chosen", "rejected")]
@@ -143,14 +157,15 @@ def pack(pairs: list[dict], num_rows: int, row_len: int, pad_id: int) -> dict[st
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     fields["segment_ids"][r], fields["positions"][r] = fill_segments(lengths, starts, row_len)
     for (ids, mask), s, n in zip(seqs, starts, lengths):
-      fields["inputs"][r, s:s + n] = ids[:-1]
-      fields["targets"][r, s:s + n] = ids[1:]
-      fields["weights"][r, s:s + n] = mask[1:]
+      fields["inputs"][r, s : s + n] = ids[:-1]
+      fields["targets"][r, s : s + n] = ids[1:]
+      fields["weights"][r, s : s + n] = mask[1:]
   return fields
 
 
-def plan_batches(pairs: list[dict], order: np.ndarray, num_rows: int, row_len: int,
-                 start: int = 0) -> list[int]:
+def plan_batches(
+  pairs: list[dict], order: np.ndarray, num_rows: int, row_len: int, start: int = 0
+) -> list[int]:
   """The index in `order` where each batch after `start` begins: a batch takes pairs in order
   while they fit its `num_rows` rows (first fit), so its size varies with the pairs' lengths."""
   bounds, i = [], start
@@ -175,12 +190,25 @@ class PairBatches:
   batches. The batch of step s is a function of s alone, so the iterator's state is the step;
   each process gets its rows of the batch."""
 
-  def __init__(self, pairs: list[dict], num_rows: int, row_len: int, pad_id: int, seed: int,
-               process_index: int = 0, process_count: int = 1):
+  def __init__(
+    self,
+    pairs: list[dict],
+    num_rows: int,
+    row_len: int,
+    pad_id: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+  ):
     if not pairs:
       raise ValueError("no preference pairs to train on; check data.path")
     self.pairs, self.num_rows, self.row_len, self.pad_id, self.seed = (
-      pairs, num_rows, row_len, pad_id, seed)
+      pairs,
+      num_rows,
+      row_len,
+      pad_id,
+      seed,
+    )
     self.process_index, self.process_count = process_index, process_count
     self.step, self._plans, self._counts = 0, {}, {}
     self.per_epoch = len(self._plan(0)[1]) - 1  # epoch 0's batches (others differ a little)
@@ -198,8 +226,7 @@ class PairBatches:
   def _locate(self, step: int) -> tuple[int, int]:
     """(epoch, batch within it) of `step`."""
     epoch = 0
-    while step >= (self._counts[epoch] if epoch in self._counts else
-                   len(self._plan(epoch)[1]) - 1):
+    while step >= (self._counts[epoch] if epoch in self._counts else len(self._plan(epoch)[1]) - 1):
       step -= self._counts[epoch]
       epoch += 1
     return epoch, step
@@ -210,7 +237,7 @@ class PairBatches:
   def __next__(self) -> dict:
     epoch, i = self._locate(self.step)
     order, bounds = self._plan(epoch)
-    picked = order[bounds[i]:bounds[i + 1]]
+    picked = order[bounds[i] : bounds[i + 1]]
     self.step += 1
     batch = pack([self.pairs[j] for j in picked], self.num_rows, self.row_len, self.pad_id)
     return process_rows(batch, self.process_index, self.process_count)
@@ -222,9 +249,12 @@ class PairBatches:
     self.step = int(state["step"])
 
 
-def eval_batches(pairs: list[dict], num_rows: int, row_len: int, pad_id: int,
-                 max_batches: int) -> list[dict]:
+def eval_batches(
+  pairs: list[dict], num_rows: int, row_len: int, pad_id: int, max_batches: int
+) -> list[dict]:
   """Up to `max_batches` packed batches of `pairs` in order (the last may be partly empty)."""
   bounds = plan_batches(pairs, np.arange(len(pairs)), num_rows, row_len) + [len(pairs)]
-  return [pack(pairs[lo:hi], num_rows, row_len, pad_id)
-          for lo, hi in list(itertools.pairwise(bounds))[:max_batches]]
+  return [
+    pack(pairs[lo:hi], num_rows, row_len, pad_id)
+    for lo, hi in list(itertools.pairwise(bounds))[:max_batches]
+  ]

@@ -21,7 +21,8 @@ def sequence_logps(logits_BTV, batch: Batch):
   response tokens, slot holds a pair), each [B, P] with P = ceil(T / 2)."""
   B, T = batch.inputs.shape
   logp_BT = -optax.softmax_cross_entropy_with_integer_labels(
-    logits_BTV.astype(jnp.float32), batch.targets)
+    logits_BTV.astype(jnp.float32), batch.targets
+  )
   weights_BT = batch.weights.astype(jnp.float32)
   P = (T + 1) // 2
   slots = 2 * P + 1  # segment ids 0 (padding) .. 2P
@@ -36,13 +37,28 @@ def sequence_logps(logits_BTV, batch: Batch):
   present_BS = per_segment(jnp.ones_like(weights_BT)) > 0
   chosen, rejected = slice(1, slots, 2), slice(2, slots, 2)
   valid_BP = present_BS[:, chosen] & present_BS[:, rejected]
-  return (logps_BS[:, chosen], logps_BS[:, rejected], counts_BS[:, chosen],
-          counts_BS[:, rejected], valid_BP)
+  return (
+    logps_BS[:, chosen],
+    logps_BS[:, rejected],
+    counts_BS[:, chosen],
+    counts_BS[:, rejected],
+    valid_BP,
+  )
 
 
-def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_len,
-                    rejected_len, *, loss_type: str = "sigmoid", beta: float = 0.1,
-                    label_smoothing: float = 0.0, gamma: float = 0.5):
+def preference_loss(
+  policy_chosen,
+  policy_rejected,
+  ref_chosen,
+  ref_rejected,
+  chosen_len,
+  rejected_len,
+  *,
+  loss_type: str = "sigmoid",
+  beta: float = 0.1,
+  label_smoothing: float = 0.0,
+  gamma: float = 0.5,
+):
   """Per-pair losses and rewards, TRL's definitions (all arguments of one shape).
 
   Args:
@@ -58,17 +74,22 @@ def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, ch
     chosen_score = policy_chosen / jnp.maximum(chosen_len, 1.0)
     rejected_score = policy_rejected / jnp.maximum(rejected_len, 1.0)
     logits = chosen_score - rejected_score - gamma / beta
-    losses = (-jax.nn.log_sigmoid(beta * logits) * (1 - label_smoothing)
-              - jax.nn.log_sigmoid(-beta * logits) * label_smoothing)
+    losses = (
+      -jax.nn.log_sigmoid(beta * logits) * (1 - label_smoothing)
+      - jax.nn.log_sigmoid(-beta * logits) * label_smoothing
+    )
     return losses, beta * chosen_score, beta * rejected_score
   chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
   if loss_type == "sigmoid":
     delta = chosen_ratio - rejected_ratio
-    losses = (-jax.nn.log_sigmoid(beta * delta) * (1 - label_smoothing)
-              - jax.nn.log_sigmoid(-beta * delta) * label_smoothing)
+    losses = (
+      -jax.nn.log_sigmoid(beta * delta) * (1 - label_smoothing)
+      - jax.nn.log_sigmoid(-beta * delta) * label_smoothing
+    )
   elif loss_type == "ipo":
-    delta = (chosen_ratio / jnp.maximum(chosen_len, 1.0)
-             - rejected_ratio / jnp.maximum(rejected_len, 1.0))
+    delta = chosen_ratio / jnp.maximum(chosen_len, 1.0) - rejected_ratio / jnp.maximum(
+      rejected_len, 1.0
+    )
     losses = (delta - 1 / (2 * beta)) ** 2
   else:
     raise ValueError(f"dpo.loss={loss_type!r} is not one of {LOSSES}")
@@ -100,14 +121,25 @@ def objective(cfg):
       rc, rr = jnp.zeros_like(pc), jnp.zeros_like(pr)
     else:
       if reference is None:
-        raise ValueError(f"dpo.loss={cfg.loss!r} needs the reference model's params, which a "
-                         "params-only restore lacks; use the run's own eval records")
+        raise ValueError(
+          f"dpo.loss={cfg.loss!r} needs the reference model's params, which a "
+          "params-only restore lacks; use the run's own eval records"
+        )
       ref = jax.lax.stop_gradient(reference)
       ref_logits = objectives.model_outputs(apply_fn, ref, batch, None, True)
       rc, rr, _, _, _ = jax.lax.stop_gradient(sequence_logps(ref_logits, batch))
     losses, chosen_r, rejected_r = preference_loss(
-      pc, pr, rc, rr, nc, nr, loss_type=cfg.loss, beta=cfg.beta,
-      label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma)
+      pc,
+      pr,
+      rc,
+      rr,
+      nc,
+      nr,
+      loss_type=cfg.loss,
+      beta=cfg.beta,
+      label_smoothing=cfg.label_smoothing,
+      gamma=cfg.simpo_gamma,
+    )
     w = valid_BP.astype(jnp.float32)
     chosen_r, rejected_r = jax.lax.stop_gradient((chosen_r, rejected_r))
     aux = {
