@@ -13,7 +13,11 @@ os.environ.setdefault("JAXLM_COMPILE_CACHE", tempfile.mkdtemp(prefix="jaxlm-xla-
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from jaxlm import runtime  # noqa: E402
+
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# tests build the same tiny models again and again: load their programs instead of compiling
+runtime.configure_compile_cache(os.environ["JAXLM_COMPILE_CACHE"])
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")

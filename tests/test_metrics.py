@@ -85,7 +85,8 @@ def test_a_run_logs_mfu_goodput_and_compile_time_to_jsonl_and_wandb_and_profiles
   summary = records[-1]
   assert summary["step"] == 6 and summary["time_to_first_step"] > 0
   assert 0 < summary["compile_seconds"] < summary["wall_seconds"]
-  assert 0 < summary["goodput"] < 1 and summary["xla_compiles"] > 0
+  assert 0 < summary["goodput"] < 1
+  assert summary["xla_compiles"] + summary["compile_cache_hits"] > 0
   assert summary["goodput"] + sum(summary[f"{b}_frac"] for b in metrics.Goodput.BUCKETS) <= 1
   assert result["mean_mfu"] == summary["mean_mfu"] > 0
 
@@ -112,5 +113,6 @@ def test_compile_stats_count_compilations_and_cache_hits(tmp_path):
   before = runtime.compile_stats()
   jax.jit(lambda x: jnp.cos(x) * 7.0)(jnp.arange(5.0)).block_until_ready()
   after = runtime.compile_stats()
-  assert after["xla_compiles"] == before["xla_compiles"] + 1
+  assert after["xla_compiles"] + after["cache_hits"] == (
+    before["xla_compiles"] + before["cache_hits"] + 1)
   assert after["seconds"] > before["seconds"]
