@@ -45,7 +45,8 @@ def test_train_writes_the_run_directory(trained_run):
   assert all({"loss", "lr", "tokens_per_sec", "mfu"} <= set(r) for r in steps)
   summary = records[-1]  # the closing record: where the wall time went
   assert {"goodput", "time_to_first_step", "compile_seconds", "mean_mfu"} <= set(summary)
-  assert "goodput" in result.stderr and "MFU" in result.stderr
+  assert "goodput=" in result.stderr and "mean_mfu=" in result.stderr  # the closing result
+  assert "goodput" in result.stdout and "MFU" in result.stdout  # the closing summary line
   assert [r["step"] for r in evals] == [20, 30]
   assert steps[-1]["loss"] < steps[0]["loss"]
   assert os.listdir(os.path.join(workdir, "tensorboard"))

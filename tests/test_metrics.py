@@ -113,6 +113,5 @@ def test_compile_stats_count_compilations_and_cache_hits(tmp_path):
   before = runtime.compile_stats()
   jax.jit(lambda x: jnp.cos(x) * 7.0)(jnp.arange(5.0)).block_until_ready()
   after = runtime.compile_stats()
-  assert after["xla_compiles"] + after["cache_hits"] == (
-    before["xla_compiles"] + before["cache_hits"] + 1)
+  assert after["xla_compiles"] + after["cache_hits"] > before["xla_compiles"] + before["cache_hits"]
   assert after["seconds"] > before["seconds"]

@@ -16,11 +16,11 @@ Shape letters as in layers.py, plus L layers, I inputs, O outputs, R rank.
 import dataclasses
 import math
 import re
+import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import qwix
 from flax import traverse_util
 
 # lora.targets presets: regexes over '/'-joined param paths (unscanned layout: block_{i}/...)
@@ -144,6 +144,8 @@ class Lora:
     n_in = self._n_in(path, x.ndim)
     lead = 1 if _STACKED.search(path) else 0
     channels = tuple(a for a in range(x.ndim) if not lead <= a < lead + n_in)
+    import qwix  # here: qwix imports flax.nnx and optax, which generation never needs
+
     return qwix.quantize(x, self.quantize, channelwise_axes=channels, scale_dtype=jnp.float32)
 
   def _n_in(self, path: str, ndim: int) -> int:
@@ -186,11 +188,12 @@ def delta(a, b, n_in: int, stacked: bool) -> jax.Array:
 
 
 def _is_qarray(x) -> bool:
-  return isinstance(x, qwix.QArray)
+  qwix = sys.modules.get("qwix")  # no QArray exists before a base is quantized (imports qwix)
+  return qwix is not None and isinstance(x, qwix.QArray)
 
 
 def _dequantize(x):
-  return qwix.dequantize(x) if _is_qarray(x) else x
+  return sys.modules["qwix"].dequantize(x) if _is_qarray(x) else x
 
 
 def _is_block_kernel(path: str) -> bool:
