@@ -82,6 +82,7 @@ def popen_train(workdir, *args):
 
 # --- real processes ------------------------------------------------------------------------------
 
+@pytest.mark.slow  # real processes killed and relaunched: the slow tier (pytest -m slow)
 def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_path):
   steps = 16
   reference = str(tmp_path / "reference")

@@ -133,6 +133,7 @@ def test_lora_starts_at_the_base_bitwise_trains_only_adapters_and_merged_equals_
   assert np.abs(merged - unmerged).max() <= 1e-5
 
 
+@pytest.mark.slow  # three trainings and three CLI processes: the slow tier (pytest -m slow)
 def test_a_preempted_qlora_run_with_scanned_layers_resumes_bitwise_exports_and_generates(
   base_dir, tmp_path, monkeypatch, capsys
 ):

@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # the slow tier: python -m pytest tests -m slow
+
 STEPS = 8
 MESHES = {"data": (-1, 1, 1), "fsdp": (1, -1, 1), "fsdp_tensor": (1, -1, 2)}
 

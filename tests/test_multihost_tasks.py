@@ -7,6 +7,8 @@ import os
 import pytest
 from test_multihost import _close, launch, losses, train, wait
 
+pytestmark = pytest.mark.slow  # the slow tier: python -m pytest tests -m slow
+
 FINETUNE = '''
 from jaxlm.config import finetune_config
 
