@@ -1,21 +1,21 @@
 """Batched generation with a KV cache: greedy, temperature, top-k and top-p sampling, EOS stops.
 
 Prompts of different lengths are left-padded into one [B, P] batch; the cache is sized once to
-P + max_new_tokens - 1; one jitted program runs the prefill (the whole prompt in one call) and
-a `lax.while_loop` decode that ends when every row has stopped or max_new_tokens are out.
-An optional host callback receives each step's tokens as they come (for streaming and stop
-strings) and can stop rows.
+P + max_new_tokens - 1. Without a callback one jitted program runs the prefill (the whole prompt
+in one call) and a `lax.while_loop` decode that ends when every row has stopped or
+max_new_tokens are out. With a host callback (streaming, stop strings) the host drives the loop
+over a jitted prefill and a jitted one-token step, dispatching each step before the previous
+step's tokens reach the callback; neither program holds a host callback, so both are stored in
+(and on the next launch loaded from) the persistent compilation cache.
 """
 
 import dataclasses
 import functools
-import itertools
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import io_callback
 
 from jaxlm.models.transformer import unstack_layers
 
@@ -80,53 +80,52 @@ def _init_cache(model, batch: int, length: int):
   return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract["cache"])
 
 
-# the callbacks of the generate calls in flight, by id: the compiled program takes the id as
-# an argument, so each new callback (a TextStream per call) reuses the program
-_CALLBACKS: dict[int, StepCallback] = {}
-_next_id = itertools.count()
+def _prepare(params, model):
+  """Decoding runs layer by layer: a scanned stack is unstacked once (slicing it inside the
+  decode loop would copy every layer's weights each step)."""
+  if model.cfg.scan_layers:
+    return unstack_layers(params), model.clone(cfg=model.cfg.replace(scan_layers=False))
+  return params, model
 
 
-def _host_step(callback_id, step, tokens_B):
-  stop_B = _CALLBACKS[int(callback_id)](int(step), np.asarray(tokens_B))
-  return np.zeros(tokens_B.shape, bool) if stop_B is None else np.asarray(stop_B, bool)
-
-
-def _emit(callback_id, step, tokens_B):
-  """Hands a step's tokens to the host callback; its answer (rows to stop) comes back."""
-  shape = jax.ShapeDtypeStruct(tokens_B.shape, jnp.bool_)
-  return io_callback(_host_step, shape, callback_id, step, tokens_B, ordered=True)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampler", "stream"))
-def _generate(params, tokens_BP, lengths_B, rng, eos_E, pad_id, callback_id, *, model,
-              max_new_tokens, sampler, stream):
-  """Prefill + cached decode loop. Returns (new tokens [B, N], number generated per row [B])."""
+def _prefill(params, tokens_BP, lengths_B, rng, *, model, max_new_tokens, sampler):
+  """The whole prompt in one call. Returns (cache sized P + N - 1, first token [B], rng)."""
   B, P = tokens_BP.shape
-  N = max_new_tokens
-  if model.cfg.scan_layers:  # a scanned stack slices (copies) every layer's weights each step
-    params = unstack_layers(params)
-    model = model.clone(cfg=model.cfg.replace(scan_layers=False))
-  sample = functools.partial(sample_logits, temperature=sampler.temperature,
-                             top_k=sampler.top_k, top_p=sampler.top_p)
   valid_BP = jnp.arange(P)[None, :] >= (P - lengths_B)[:, None]
   positions_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0)
-  cache = _init_cache(model, B, P + N - 1)
+  cache = _init_cache(model, B, P + max_new_tokens - 1)
   logits_BPV, variables = model.apply(
     {"params": params, "cache": cache}, tokens_BP, segment_ids_BT=valid_BP.astype(jnp.int32),
     positions_BT=positions_BP, decode=True, mutable=["cache"])
+  rng, key = jax.random.split(rng)
+  return variables["cache"], _sample(logits_BPV[:, -1], key, sampler), rng
 
-  def finish_step(i, logits_BV, rng, done_B, out_BN):
-    rng, key = jax.random.split(rng)
-    token_B = jnp.where(done_B, pad_id, sample(logits_BV, key))
-    stop_B = jnp.isin(token_B, eos_E)
-    if stream:
-      stop_B |= _emit(callback_id, i, token_B)
-    count_B = jnp.where(done_B, 0, 1)
-    return rng, done_B | stop_B, out_BN.at[:, i].set(token_B), count_B
 
-  out_BN = jnp.full((B, N), pad_id, jnp.int32)
-  rng, done_B, out_BN, count_B = finish_step(
-    0, logits_BPV[:, -1], rng, jnp.zeros((B,), bool), out_BN)
+def _decode(params, cache, token_B, positions_B, rng, *, model, sampler):
+  """One cached step: feeds `token_B` at `positions_B`; returns (cache, next token [B], rng)."""
+  logits_B1V, variables = model.apply(
+    {"params": params, "cache": cache}, token_B[:, None],
+    segment_ids_BT=jnp.ones((token_B.shape[0], 1), jnp.int32), positions_BT=positions_B[:, None],
+    decode=True, mutable=["cache"])
+  rng, key = jax.random.split(rng)
+  return variables["cache"], _sample(logits_B1V[:, 0], key, sampler), rng
+
+
+def _sample(logits_BV, key, sampler):
+  return sample_logits(logits_BV, key, sampler.temperature, sampler.top_k, sampler.top_p)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampler"))
+def _generate(params, tokens_BP, lengths_B, rng, eos_E, pad_id, *, model, max_new_tokens,
+              sampler):
+  """Prefill + a `lax.while_loop` decode, all on the device. Returns (new tokens [B, N],
+  number generated per row [B])."""
+  B, N = tokens_BP.shape[0], max_new_tokens
+  params, model = _prepare(params, model)
+  cache, token_B, rng = _prefill(params, tokens_BP, lengths_B, rng, model=model,
+                                 max_new_tokens=N, sampler=sampler)
+  out_BN = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(token_B)
+  done_B = jnp.isin(token_B, eos_E)
 
   def cond(carry):
     i, _, _, done_B, _, _ = carry
@@ -134,15 +133,53 @@ def _generate(params, tokens_BP, lengths_B, rng, eos_E, pad_id, callback_id, *, 
 
   def body(carry):
     i, cache, rng, done_B, out_BN, count_B = carry
-    last_B1 = jax.lax.dynamic_slice_in_dim(out_BN, i - 1, 1, axis=1)
-    logits_B1V, variables = model.apply(
-      {"params": params, "cache": cache}, last_B1, segment_ids_BT=jnp.ones((B, 1), jnp.int32),
-      positions_BT=(lengths_B + i - 1)[:, None], decode=True, mutable=["cache"])
-    rng, done_B, out_BN, step_B = finish_step(i, logits_B1V[:, 0], rng, done_B, out_BN)
-    return i + 1, variables["cache"], rng, done_B, out_BN, count_B + step_B
+    cache, token_B, rng = _decode(params, cache, out_BN[:, i - 1], lengths_B + i - 1, rng,
+                                  model=model, sampler=sampler)
+    token_B = jnp.where(done_B, pad_id, token_B)
+    count_B += jnp.where(done_B, 0, 1)
+    return i + 1, cache, rng, done_B | jnp.isin(token_B, eos_E), out_BN.at[:, i].set(token_B), \
+        count_B
 
-  carry = (jnp.int32(1), variables["cache"], rng, done_B, out_BN, count_B)
+  carry = (jnp.int32(1), cache, rng, done_B, out_BN, jnp.ones((B,), jnp.int32))
   _, _, _, _, out_BN, count_B = jax.lax.while_loop(cond, body, carry)
+  return out_BN, count_B
+
+
+# the streaming path: the host drives the loop, one jitted step per token, so that its programs
+# hold no host callback and go to the persistent compilation cache like any other
+_unstack_jit = jax.jit(unstack_layers)
+_prefill_jit = jax.jit(_prefill, static_argnames=("model", "max_new_tokens", "sampler"))
+_decode_jit = jax.jit(_decode, static_argnames=("model", "sampler"), donate_argnums=(1,))
+
+
+def _stream(params, tokens_BP, lengths_B, rng, eos_ids, pad_id, on_step, *, model,
+            max_new_tokens, sampler):
+  """The decode loop run from the host, calling `on_step` with each step's tokens. Step i + 1
+  is dispatched before step i's tokens are read back, so the device never waits on the host;
+  a row the callback stops is masked on the host from then on. Returns what `_generate` does."""
+  B, N = tokens_BP.shape[0], max_new_tokens
+  if model.cfg.scan_layers:
+    params = _unstack_jit(params)
+    model = model.clone(cfg=model.cfg.replace(scan_layers=False))
+  cache, token_B, rng = _prefill_jit(params, tokens_BP, lengths_B, rng, model=model,
+                                     max_new_tokens=N, sampler=sampler)
+  out_BN = np.full((B, N), pad_id, np.int32)
+  count_B, done_B, eos = np.zeros(B, np.int32), np.zeros(B, bool), np.asarray(list(eos_ids))
+  for i in range(N):
+    if i + 1 < N:  # dispatch the next step before reading this one's tokens
+      nxt = _decode_jit(params, cache, token_B, jnp.asarray(lengths_B + i), rng, model=model,
+                        sampler=sampler)
+    step_B = np.where(done_B, pad_id, np.asarray(token_B))
+    out_BN[:, i] = step_B
+    count_B += ~done_B
+    done_B |= np.isin(step_B, eos)
+    stop_B = on_step(i, step_B)
+    if stop_B is not None:
+      done_B |= np.asarray(stop_B, bool)
+    if done_B.all():
+      break
+    if i + 1 < N:
+      cache, token_B, rng = nxt
   return out_BN, count_B
 
 
@@ -179,15 +216,13 @@ def generate(model, params, prompts: Sequence[Sequence[int]], rng=None, *,
   sampler = Sampler() if sampler is None else sampler
   eos_E = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   model = model.clone(cfg=model.cfg.replace(remat="none", dropout=0.0))
-  callback_id = next(_next_id)
-  if on_step is not None:
-    _CALLBACKS[callback_id] = on_step
-  try:
+  kwargs = {"model": model, "max_new_tokens": max_new_tokens, "sampler": sampler}
+  if on_step is None:
     out_BN, count_B = jax.device_get(_generate(
-      params, tokens_BP, lengths_B, rng, eos_E, jnp.int32(pad_id), jnp.int32(callback_id),
-      model=model, max_new_tokens=max_new_tokens, sampler=sampler, stream=on_step is not None))
-  finally:
-    _CALLBACKS.pop(callback_id, None)
+      params, tokens_BP, lengths_B, rng, eos_E, jnp.int32(pad_id), **kwargs))
+  else:
+    out_BN, count_B = _stream(params, tokens_BP, lengths_B, rng, eos_ids, pad_id, on_step,
+                              **kwargs)
   return [row[:n].tolist() for row, n in zip(out_BN, count_B)]
 
 

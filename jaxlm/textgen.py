@@ -1,6 +1,6 @@
 """Text in, text out: tokenize a prompt, generate, stream the decoded text, stop on stop strings.
 
-The decode loop stays on the device; `TextStream` is its host callback: it decodes each row's
+`TextStream` is the host callback of the decode loop (`generate`): it decodes each row's
 growing ids, prints the new text of row 0 as it comes, and stops rows that hit a stop string.
 """
 

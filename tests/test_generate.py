@@ -126,20 +126,22 @@ def test_step_callback_sees_tokens_in_order_and_can_stop_rows():
   assert len(out[0]) == 4 and len(out[1]) == N
 
 
-def test_a_new_callback_reuses_the_compiled_program():
-  """Each call's callback (a TextStream per call in jaxlm.textgen) is not part of the compiled
-  program, so streaming calls after the first compile nothing."""
-  model, params = _model("gpt2")
-  streams = [[], []]
-  outs = []
-  for seen in streams:
-    outs.append(gen.generate(model, params, PROMPTS, max_new_tokens=N,
-                             on_step=lambda step, tokens_B, seen=seen: seen.append(step)))
-    if len(outs) == 1:
-      compiled = gen._generate._cache_size()
-  assert gen._generate._cache_size() == compiled
-  assert streams[0] == streams[1] == list(range(N)) and outs[0] == outs[1]
-  assert not gen._CALLBACKS  # finished calls leave no callback behind
+def test_streaming_equals_the_device_loop_and_reuses_its_programs():
+  """The host-driven streaming loop gives the device loop's tokens (greedy and sampled, scanned
+  layers too), and a new callback (a TextStream per call in jaxlm.textgen) compiles nothing."""
+  for family, sampler in (("gpt2", None), ("llama", gen.Sampler(1.0, top_k=5))):
+    model, params = _model(family)
+    rng = jax.random.PRNGKey(3)
+    plain = gen.generate(model, params, PROMPTS, rng, max_new_tokens=N, sampler=sampler)
+    streams, outs = [[], []], []
+    for seen in streams:
+      outs.append(gen.generate(model, params, PROMPTS, rng, max_new_tokens=N, sampler=sampler,
+                               on_step=lambda step, tokens_B, seen=seen: seen.append(step)))
+      if len(outs) == 1:
+        compiled = gen._prefill_jit._cache_size(), gen._decode_jit._cache_size()
+    assert (gen._prefill_jit._cache_size(), gen._decode_jit._cache_size()) == compiled
+    assert streams[0] == streams[1] == list(range(N))
+    assert outs[0] == outs[1] == plain
 
 
 def test_too_long_and_empty_prompts_fail_clearly():
