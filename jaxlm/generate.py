@@ -94,11 +94,11 @@ def _prefill(params, tokens_BP, lengths_B, rng, *, model, max_new_tokens, sample
   valid_BP = jnp.arange(P)[None, :] >= (P - lengths_B)[:, None]
   positions_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0)
   cache = _init_cache(model, B, P + max_new_tokens - 1)
-  logits_BPV, variables = model.apply(
+  logits_B1V, variables = model.apply(
     {"params": params, "cache": cache}, tokens_BP, segment_ids_BT=valid_BP.astype(jnp.int32),
-    positions_BT=positions_BP, decode=True, mutable=["cache"])
+    positions_BT=positions_BP, decode=True, last_only=True, mutable=["cache"])
   rng, key = jax.random.split(rng)
-  return variables["cache"], _sample(logits_BPV[:, -1], key, sampler), rng
+  return variables["cache"], _sample(logits_B1V[:, 0], key, sampler), rng
 
 
 def _decode(params, cache, token_B, positions_B, rng, *, model, sampler):

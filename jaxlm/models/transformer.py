@@ -68,7 +68,7 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BT, *, segment_ids_BT=None, positions_BT=None, deterministic=True,
                token_types_BT=None, padding_mask_BT=None, return_hidden=False,
-               decode=False):
+               decode=False, last_only=False):
     """Returns fp32 logits [B, T, V] (or the final hidden states [B, T, D] if return_hidden).
 
     Args (all but tokens_BT keyword-only: EncoderModel's second argument would be the padding
@@ -83,6 +83,8 @@ class Transformer(nn.Module):
       token_types_BT: sentence A/B ids for cfg.type_vocab_size > 0 (default zeros).
       padding_mask_BT: encoders: True for real tokens, False for padding (never attended to).
       return_hidden: skip the LM head.
+      last_only: the LM head on the last position only, logits [B, 1, V] (a prefill needs no
+        more; with [B, T, V] fp32 logits of a large vocabulary it is most of the memory).
     """
     cfg = self.cfg
     B, T = tokens_BT.shape
@@ -142,6 +144,8 @@ class Transformer(nn.Module):
       x_BTD = norm(cfg, "final_norm")(x_BTD)
     if return_hidden:
       return x_BTD
+    if last_only:
+      x_BTD = x_BTD[:, -1:]
     if cfg.tie_embeddings:
       logits_BTV = embed.attend(x_BTD)
     else:
