@@ -84,11 +84,13 @@ def peak_flops(kind: DeviceKind, dtype: str) -> float:
   return kind.fp32_flops if dtype == "float32" else kind.bf16_flops
 
 
-def model_flops_per_token(cfg, seq_len: int, *, training: bool = True) -> float:
+def model_flops_per_token(cfg, seq_len: int, *, training: bool = True,
+                          weight_grads: bool = True) -> float:
   """Model FLOPs per token of a ModelConfig (PaLM appendix B / MaxText): 2 per weight of every
   matmul (the LM head included, embedding lookups not) plus attention's QK^T and AV,
   4 * L * T * H * E, halved for causal models (only the lower triangle is needed). Training is 3x
-  the forward pass (activations' and weights' gradients)."""
+  the forward pass (activations' and weights' gradients); 2x when the weights are frozen
+  (`weight_grads=False`: LoRA, whose adapters' own FLOPs are left out, under 4% at rank 16)."""
   D, L, V = cfg.embed_dim, cfg.num_layers, cfg.vocab_size
   H = cfg.num_heads
   K = cfg.num_kv_heads or H
@@ -101,7 +103,7 @@ def model_flops_per_token(cfg, seq_len: int, *, training: bool = True) -> float:
   )
   attention = 4 * L * seq_len * H * E * (0.5 if cfg.causal else 1.0)
   forward = 2 * matmul_weights + attention
-  return 3 * forward if training else forward
+  return (3 if weight_grads else 2) * forward if training else forward
 
 
 def run_peak_flops(dtype: str, per_device: float = 0.0) -> tuple[float, str]:

@@ -52,6 +52,7 @@ def test_model_flops_per_token_match_what_xla_counts_for_the_forward_pass(causal
   attention = 4 * cfg.num_layers * 256 * cfg.embed_dim  # H * E = D
   assert full - counted == (attention / 2 if causal else 0)
   assert devices.model_flops_per_token(cfg, 256) == 3 * counted
+  assert devices.model_flops_per_token(cfg, 256, weight_grads=False) == 2 * counted  # LoRA
 
 
 def test_device_kinds_are_found_by_their_jax_names():

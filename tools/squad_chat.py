@@ -8,6 +8,11 @@ answers with SQuAD's official exact match and F1.
   python tools/squad_chat.py eval --workdir runs/sft_lora_smollm2_squad --questions 500
   python tools/squad_chat.py eval --hf path/to/SmolLM2-135M-Instruct.Q4_1.gguf --questions 500
 
+  # the run's exported PEFT adapter on transformers + peft (PyTorch) against jaxlm's answers
+  jaxlm convert --workdir runs/sft_lora_smollm2_squad --to-hf runs/sft_lora_adapter
+  python tools/squad_chat.py compare --workdir runs/sft_lora_smollm2_squad \
+    --adapter runs/sft_lora_adapter --questions 20
+
 The prompt is one user turn (`prompt`): the context, the question and "Answer with a span from
 the context."; the answer is the assistant turn. DPO pairs take the gold answer as chosen and, as
 rejected, the model's own wrong answer when `--rejected_from PREDICTIONS.json` (written by
@@ -182,6 +187,42 @@ def evaluate(args):
   return result
 
 
+def compare(args):
+  """Greedy answers of the exported PEFT adapter, loaded by `peft` onto its base in
+  `transformers` (PyTorch, no jaxlm code), against the run's own (jaxlm) answers."""
+  import peft
+  import torch
+  import transformers
+
+  ex = squad.load_split(args.split, args.data_dir)
+  n = args.questions or len(ex["id"])
+  ex = {k: v[:n] for k, v in ex.items()}
+  model, params, tokenizer = load_model(args)
+  ours = answer_all(model, params, tokenizer, ex, batch=args.batch,
+                    max_new_tokens=args.max_new_tokens, log=lambda m: print(m, file=sys.stderr))
+  with open(os.path.join(args.adapter, "adapter_config.json")) as f:
+    base = json.load(f)["base_model_name_or_path"]
+  where = {"gguf_file": os.path.basename(base)} if base.endswith(".gguf") else {}
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+    os.path.dirname(base) if where else base, dtype=torch.float32, **where)
+  hf = peft.PeftModel.from_pretrained(hf, args.adapter).eval()
+  equal = 0
+  for qid, c, q in zip(ex["id"], ex["context"], ex["question"]):
+    text = tokenizer.apply_chat_template(
+      [{"role": "user", "content": prompt(c, q)}], tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+    with torch.no_grad():
+      out = hf.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    theirs = clean(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    equal += theirs == ours[qid]
+    if theirs != ours[qid]:
+      print(f"{qid}: peft {theirs!r} != jaxlm {ours[qid]!r}", file=sys.stderr)
+  result = {"questions": len(ex["id"]), "equal_answers": equal, "adapter": args.adapter}
+  print(json.dumps(result))
+  return result
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="command", required=True)
@@ -194,18 +235,23 @@ def main(argv=None):
   e = sub.add_parser("eval", help="EM/F1 of greedy answers")
   e.add_argument("--workdir", default="")
   e.add_argument("--hf", default="")
-  e.add_argument("--step", type=int, default=None)
-  e.add_argument("--split", default="dev", choices=("dev", "train"))
-  e.add_argument("--questions", type=int, default=500, help="first N questions (0: all)")
-  e.add_argument("--batch", type=int, default=16)
-  e.add_argument("--max_new_tokens", type=int, default=24)
   e.add_argument("--out", default="", help="write the predictions (id -> answer) here")
-  for sp in (b, e):
+  c = sub.add_parser("compare", help="the exported PEFT adapter in peft vs jaxlm, greedy answers")
+  c.add_argument("--workdir", required=True)
+  c.add_argument("--adapter", required=True, help="`jaxlm convert --workdir RUN --to-hf OUT`")
+  for sp in (e, c):
+    sp.add_argument("--step", type=int, default=None)
+    sp.add_argument("--split", default="dev", choices=("dev", "train"))
+    sp.add_argument("--questions", type=int, default=500, help="first N questions (0: all)")
+    sp.add_argument("--batch", type=int, default=16)
+    sp.add_argument("--max_new_tokens", type=int, default=24)
+  c.set_defaults(hf="")
+  for sp in (b, e, c):
     sp.add_argument("--data_dir", default=SQUAD_DIR)
   args = p.parse_args(argv)
   if args.command == "eval" and bool(args.workdir) == bool(args.hf):
     p.error("eval needs exactly one of --workdir RUN or --hf HF_DIR_OR_GGUF")
-  return build(args) if args.command == "build" else evaluate(args)
+  return {"build": build, "eval": evaluate, "compare": compare}[args.command](args)
 
 
 if __name__ == "__main__":

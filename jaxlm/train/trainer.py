@@ -440,12 +440,17 @@ class _Reporter:
 
 def _step_flops(run: Run):
   """FLOPs of a training step over a batch of `shape` [B, T]: model FLOPs per token (causal
-  attention counted as half) times the tokens."""
+  attention counted as half) times the tokens. A LoRA run computes no gradients of its frozen
+  weights; DPO with a reference model adds the reference's forward pass."""
   cfg, cache = run.model.cfg, {}
+  reference = bool(run.mode and run.mode.reference)
 
   def flops(shape) -> float:
     if shape not in cache:
-      cache[shape] = devices.model_flops_per_token(cfg, shape[-1]) * math.prod(shape)
+      per_token = devices.model_flops_per_token(cfg, shape[-1], weight_grads=run.lora is None)
+      if reference:
+        per_token += devices.model_flops_per_token(cfg, shape[-1], training=False)
+      cache[shape] = per_token * math.prod(shape)
     return cache[shape]
 
   return flops
