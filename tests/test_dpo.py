@@ -5,7 +5,6 @@ each sequence's alone; bad rows fail naming the row; a DPO run raises the chosen
 margin and logs TRL's metrics."""
 
 import json
-import os
 import types
 from collections import defaultdict
 
@@ -20,18 +19,6 @@ from jaxlm.data.batch import Batch
 from jaxlm.models import heads
 from jaxlm.train import dpo, objectives, trainer
 
-GPT2_DIR = os.path.join(
-  os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-  "..",
-  "shared",
-  "data",
-  "tokenizers",
-  "gpt2",
-)
-CHATML = (
-  "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 METRICS = (
   "rewards/chosen",
   "rewards/rejected",
@@ -40,18 +27,6 @@ METRICS = (
   "logps/chosen",
   "logps/rejected",
 )
-
-
-@pytest.fixture
-def chat_tokenizer():
-  if not os.path.isdir(GPT2_DIR):
-    pytest.skip(f"GPT-2 tokenizer not found at {GPT2_DIR} (../shared/data is absent)")
-  from jaxlm.data import tokenizers
-
-  tok = tokenizers.load_tokenizer(GPT2_DIR)
-  tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
-  tok.chat_template = CHATML
-  return tok
 
 
 # --- losses against TRL ---------------------------------------------------------------------------

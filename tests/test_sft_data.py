@@ -10,12 +10,6 @@ import pytest
 from jaxlm.config import base_config
 from jaxlm.data import pipeline, sft, sources, tokenize
 
-GPT2_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
-                        "shared", "data", "tokenizers", "gpt2")
-CHATML = (
-  "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 CHATS = [
   [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
    {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Spain?"},
@@ -23,18 +17,6 @@ CHATS = [
   [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi there!"}],
   [{"role": "user", "content": "Count to three"}, {"role": "assistant", "content": "1, 2, 3"}],
 ]
-
-
-@pytest.fixture
-def chat_tokenizer():
-  if not os.path.isdir(GPT2_DIR):
-    pytest.skip(f"GPT-2 tokenizer not found at {GPT2_DIR} (../shared/data is absent)")
-  from jaxlm.data import tokenizers
-
-  tok = tokenizers.load_tokenizer(GPT2_DIR)
-  tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
-  tok.chat_template = CHATML
-  return tok
 
 
 def _cfg(tmp_path, **kw):
@@ -91,7 +73,8 @@ def test_messages_jsonl_through_the_cache(chat_tokenizer, tmp_path):
   again, hit = tokenize.tokenize_source(src, cfg, chat_tokenizer, sft=True)
   assert hit
   np.testing.assert_array_equal(again.loss_mask, docs.loss_mask)
-  chat_tokenizer.chat_template = CHATML.replace("\n{{", "\n\n{{")  # a changed template
+  template = chat_tokenizer.chat_template
+  chat_tokenizer.chat_template = template.replace("\n{{", "\n\n{{")  # a changed template
   assert not tokenize.tokenize_source(src, cfg, chat_tokenizer, sft=True)[1]
 
 
