@@ -123,7 +123,12 @@ def run_peak_flops(dtype: str, per_device: float = 0.0) -> tuple[float, str]:
   return peak * jax.device_count(), name
 
 
-def hardware_flops_factor(remat: str) -> float:
+def hardware_flops_factor(remat: str, lora: bool = False, reference: bool = False) -> float:
   """Hardware FLOPs over model FLOPs of a training step: rematerialising the blocks runs their
-  forward matmuls twice (4/3); saving matmul outputs ("dots") or nothing recomputes none."""
-  return 1.0 if remat in ("none", "dots") else 4 / 3
+  forward matmuls twice (one more forward pass); saving matmul outputs ("dots") or nothing
+  recomputes none. LoRA's model FLOPs have no weight gradients (2 forward passes), but jaxlm
+  merges the adapters into the weights before the matmuls, so the step computes each frozen
+  weight's full gradient and projects it onto the adapters (3 forward passes' worth). DPO's
+  reference model adds one forward pass to both."""
+  passes = 3 + (0 if remat in ("none", "dots") else 1) + reference
+  return passes / ((2 if lora else 3) + reference)

@@ -53,6 +53,10 @@ def test_model_flops_per_token_match_what_xla_counts_for_the_forward_pass(causal
   assert full - counted == (attention / 2 if causal else 0)
   assert devices.model_flops_per_token(cfg, 256) == 3 * counted
   assert devices.model_flops_per_token(cfg, 256, weight_grads=False) == 2 * counted  # LoRA
+  # LoRA merged into the weights computes the frozen weights' gradients too; remat adds a pass
+  assert devices.hardware_flops_factor("none", lora=True) == 3 / 2
+  assert devices.hardware_flops_factor("full", lora=True, reference=True) == 5 / 3
+  assert devices.hardware_flops_factor("full") == 4 / 3
 
 
 def test_device_kinds_are_found_by_their_jax_names():

@@ -242,7 +242,9 @@ class Trainer:
     peak, device = devices.run_peak_flops(run.model.cfg.dtype, run.config.runtime.peak_flops)
     report = _Reporter(self.writer, self.ckpt, run.schedule, cfg_t.log_every, start,
                        cfg_t.skip_nonfinite, peak=peak, clock=self.clock,
-                       hfu_factor=devices.hardware_flops_factor(run.model.cfg.remat))
+                       hfu_factor=devices.hardware_flops_factor(
+                         run.model.cfg.remat, lora=run.lora is not None,
+                         reference=bool(mode.reference)))
     if cfg_t.skip_nonfinite:  # the count so far lives in optax.apply_if_finite's state
       report.skipped = int(jax.device_get(state.opt_state.total_notfinite))
     meta = rundir.checkpoint_meta(run.config, run.tokenizer,
