@@ -72,15 +72,22 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
   return tokens_BP, lengths_B
 
 
-def _init_cache(model, batch: int, length: int):
-  """A zero KV cache of `length` slots; shapes from an abstract init (no parameters made)."""
-  tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-  abstract = jax.eval_shape(functools.partial(model.init, decode=True),
-                            jax.random.PRNGKey(0), tokens)
-  return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract["cache"])
+def _init_cache(model, params, batch: int, length: int):
+  """A zero KV cache of `length` slots; shapes from an abstract decode call (no parameter
+  initialisers traced)."""
+  def cache_of(params, tokens_BT):
+    return model.apply({"params": params}, tokens_BT, decode=True, mutable=["cache"])[1]["cache"]
+
+  abstract = jax.eval_shape(cache_of, _shapes(params),
+                            jax.ShapeDtypeStruct((batch, length), jnp.int32))
+  return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
 
 
-def _prepare(params, model):
+def _shapes(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _layerwise(params, model):
   """Decoding runs layer by layer: a scanned stack is unstacked once (slicing it inside the
   decode loop would copy every layer's weights each step)."""
   if model.cfg.scan_layers:
@@ -89,16 +96,22 @@ def _prepare(params, model):
 
 
 def _prefill(params, tokens_BP, lengths_B, rng, *, model, max_new_tokens, sampler):
-  """The whole prompt in one call. Returns (cache sized P + N - 1, first token [B], rng)."""
+  """The whole prompt in one call. Returns (cache sized P + N - 1, first token [B], rng).
+
+  A scanned model prefills through its scanned stack (one layer to trace, not L: the start-up
+  of a launch whose programs come from the compilation cache is mostly tracing) and hands back
+  the cache layer by layer, as the decode step reads it.
+  """
   B, P = tokens_BP.shape
   valid_BP = jnp.arange(P)[None, :] >= (P - lengths_B)[:, None]
   positions_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0)
-  cache = _init_cache(model, B, P + max_new_tokens - 1)
+  cache = _init_cache(model, params, B, P + max_new_tokens - 1)
   logits_B1V, variables = model.apply(
     {"params": params, "cache": cache}, tokens_BP, segment_ids_BT=valid_BP.astype(jnp.int32),
     positions_BT=positions_BP, decode=True, last_only=True, mutable=["cache"])
+  cache = unstack_layers(variables["cache"]) if model.cfg.scan_layers else variables["cache"]
   rng, key = jax.random.split(rng)
-  return variables["cache"], _sample(logits_B1V[:, 0], key, sampler), rng
+  return cache, _sample(logits_B1V[:, 0], key, sampler), rng
 
 
 def _decode(params, cache, token_B, positions_B, rng, *, model, sampler):
@@ -121,9 +134,9 @@ def _generate(params, tokens_BP, lengths_B, rng, eos_E, pad_id, *, model, max_ne
   """Prefill + a `lax.while_loop` decode, all on the device. Returns (new tokens [B, N],
   number generated per row [B])."""
   B, N = tokens_BP.shape[0], max_new_tokens
-  params, model = _prepare(params, model)
   cache, token_B, rng = _prefill(params, tokens_BP, lengths_B, rng, model=model,
                                  max_new_tokens=N, sampler=sampler)
+  params, model = _layerwise(params, model)
   out_BN = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(token_B)
   done_B = jnp.isin(token_B, eos_E)
 
@@ -158,11 +171,10 @@ def _stream(params, tokens_BP, lengths_B, rng, eos_ids, pad_id, on_step, *, mode
   is dispatched before step i's tokens are read back, so the device never waits on the host;
   a row the callback stops is masked on the host from then on. Returns what `_generate` does."""
   B, N = tokens_BP.shape[0], max_new_tokens
-  if model.cfg.scan_layers:
-    params = _unstack_jit(params)
-    model = model.clone(cfg=model.cfg.replace(scan_layers=False))
   cache, token_B, rng = _prefill_jit(params, tokens_BP, lengths_B, rng, model=model,
                                      max_new_tokens=N, sampler=sampler)
+  if model.cfg.scan_layers:
+    params, model = _unstack_jit(params), model.clone(cfg=model.cfg.replace(scan_layers=False))
   out_BN = np.full((B, N), pad_id, np.int32)
   count_B, done_B, eos = np.zeros(B, np.int32), np.zeros(B, bool), np.asarray(list(eos_ids))
   for i in range(N):
