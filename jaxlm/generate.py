@@ -87,11 +87,11 @@ def _shapes(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
-def _layerwise(params, model):
+def _layerwise(params, model, unstack=unstack_layers):
   """Decoding runs layer by layer: a scanned stack is unstacked once (slicing it inside the
   decode loop would copy every layer's weights each step)."""
   if model.cfg.scan_layers:
-    return unstack_layers(params), model.clone(cfg=model.cfg.replace(scan_layers=False))
+    return unstack(params), model.clone(cfg=model.cfg.replace(scan_layers=False))
   return params, model
 
 
@@ -173,8 +173,7 @@ def _stream(params, tokens_BP, lengths_B, rng, eos_ids, pad_id, on_step, *, mode
   B, N = tokens_BP.shape[0], max_new_tokens
   cache, token_B, rng = _prefill_jit(params, tokens_BP, lengths_B, rng, model=model,
                                      max_new_tokens=N, sampler=sampler)
-  if model.cfg.scan_layers:
-    params, model = _unstack_jit(params), model.clone(cfg=model.cfg.replace(scan_layers=False))
+  params, model = _layerwise(params, model, _unstack_jit)
   out_BN = np.full((B, N), pad_id, np.int32)
   count_B, done_B, eos = np.zeros(B, np.int32), np.zeros(B, bool), np.asarray(list(eos_ids))
   for i in range(N):
