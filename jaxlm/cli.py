@@ -170,7 +170,7 @@ def _generate():
                            stop=FLAGS.stop or (), timing=timing)
   compiled = runtime.compile_stats()
   print(f"time to first token {timing['time_to_first_token']:.2f} s, "
-        f"{timing['decode_tokens_per_sec']:.1f} tokens/s after it; {compiled['xla_compiles']} "
+        f"then {timing['decode_tokens_per_sec']:.1f} tokens/s; {compiled['xla_compiles']} "
         f"programs compiled, {compiled['cache_hits']} loaded from the compilation cache",
         file=sys.stderr)
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm.models.layers import grow_cache
 from jaxlm.models.transformer import unstack_layers
 
 # on_step(step, tokens_B) -> bool [B] (rows to stop) or None; called on the host, in order
@@ -72,21 +73,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
   return tokens_BP, lengths_B
 
 
-def _init_cache(model, params, batch: int, length: int):
-  """A zero KV cache of `length` slots; shapes from an abstract decode call (no parameter
-  initialisers traced)."""
-  def cache_of(params, tokens_BT):
-    return model.apply({"params": params}, tokens_BT, decode=True, mutable=["cache"])[1]["cache"]
-
-  abstract = jax.eval_shape(cache_of, _shapes(params),
-                            jax.ShapeDtypeStruct((batch, length), jnp.int32))
-  return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
-
-
-def _shapes(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-
-
 def _layerwise(params, model, unstack=unstack_layers):
   """Decoding runs layer by layer: a scanned stack is unstacked once (slicing it inside the
   decode loop would copy every layer's weights each step)."""
@@ -98,18 +84,20 @@ def _layerwise(params, model, unstack=unstack_layers):
 def _prefill(params, tokens_BP, lengths_B, rng, *, model, max_new_tokens, sampler):
   """The whole prompt in one call. Returns (cache sized P + N - 1, first token [B], rng).
 
-  A scanned model prefills through its scanned stack (one layer to trace, not L: the start-up
-  of a launch whose programs come from the compilation cache is mostly tracing) and hands back
-  the cache layer by layer, as the decode step reads it.
+  The model's first decode call keeps the prompt's keys and values as its cache (no cache to
+  build beforehand, no attention over empty slots); `grow_cache` appends the N - 1 slots the
+  decode steps fill. A scanned model prefills through its scanned stack (one layer to trace, not
+  L: the start-up of a launch whose programs come from the compilation cache is mostly tracing)
+  and hands back the cache layer by layer, as the decode step reads it.
   """
   B, P = tokens_BP.shape
   valid_BP = jnp.arange(P)[None, :] >= (P - lengths_B)[:, None]
   positions_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0)
-  cache = _init_cache(model, params, B, P + max_new_tokens - 1)
   logits_B1V, variables = model.apply(
-    {"params": params, "cache": cache}, tokens_BP, segment_ids_BT=valid_BP.astype(jnp.int32),
+    {"params": params}, tokens_BP, segment_ids_BT=valid_BP.astype(jnp.int32),
     positions_BT=positions_BP, decode=True, last_only=True, mutable=["cache"])
-  cache = unstack_layers(variables["cache"]) if model.cfg.scan_layers else variables["cache"]
+  cache = grow_cache(variables["cache"], P + max_new_tokens - 1)
+  cache = unstack_layers(cache) if model.cfg.scan_layers else cache
   rng, key = jax.random.split(rng)
   return cache, _sample(logits_B1V[:, 0], key, sampler), rng
 
@@ -167,19 +155,21 @@ _decode_jit = jax.jit(_decode, static_argnames=("model", "sampler"), donate_argn
 
 def _stream(params, tokens_BP, lengths_B, rng, eos_ids, pad_id, on_step, *, model,
             max_new_tokens, sampler):
-  """The decode loop run from the host, calling `on_step` with each step's tokens. Step i + 1
-  is dispatched before step i's tokens are read back, so the device never waits on the host;
-  a row the callback stops is masked on the host from then on. Returns what `_generate` does."""
+  """The decode loop run from the host, calling `on_step` with each step's tokens. The prefill's
+  token goes to `on_step` at once (time to first token: the prefill alone, not the decode
+  step's start-up); from then on step i + 1 is dispatched before step i's tokens are read back,
+  so the device never waits on the host. A row the callback stops is masked on the host from
+  then on. Returns what `_generate` does."""
   B, N = tokens_BP.shape[0], max_new_tokens
   cache, token_B, rng = _prefill_jit(params, tokens_BP, lengths_B, rng, model=model,
                                      max_new_tokens=N, sampler=sampler)
-  params, model = _layerwise(params, model, _unstack_jit)
   out_BN = np.full((B, N), pad_id, np.int32)
   count_B, done_B, eos = np.zeros(B, np.int32), np.zeros(B, bool), np.asarray(list(eos_ids))
+  step = None
   for i in range(N):
-    if i + 1 < N:  # dispatch the next step before reading this one's tokens
-      nxt = _decode_jit(params, cache, token_B, jnp.asarray(lengths_B + i), rng, model=model,
-                        sampler=sampler)
+    ahead = i > 0 and i + 1 < N
+    if ahead:  # dispatch the next step before reading this one's tokens
+      nxt = step(cache, token_B, jnp.asarray(lengths_B + i), rng)
     step_B = np.where(done_B, pad_id, np.asarray(token_B))
     out_BN[:, i] = step_B
     count_B += ~done_B
@@ -187,10 +177,12 @@ def _stream(params, tokens_BP, lengths_B, rng, eos_ids, pad_id, on_step, *, mode
     stop_B = on_step(i, step_B)
     if stop_B is not None:
       done_B |= np.asarray(stop_B, bool)
-    if done_B.all():
+    if done_B.all() or i + 1 == N:
       break
-    if i + 1 < N:
-      cache, token_B, rng = nxt
+    if step is None:  # after the first token: the decode step, layer by layer
+      layer_params, layer_model = _layerwise(params, model, _unstack_jit)
+      step = functools.partial(_decode_jit, layer_params, model=layer_model, sampler=sampler)
+    cache, token_B, rng = nxt if ahead else step(cache, token_B, jnp.asarray(lengths_B + i), rng)
   return out_BN, count_B
 
 

@@ -190,11 +190,7 @@ def saved_model_config(config) -> ModelConfig:
 
 def abstract_params(model, mesh):
   """ShapeDtypeStructs of `model`'s params, sharded on `mesh` by the logical rules."""
-  def init(rng):
-    return model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
-
-  abstract, _ = sharding.abstract_tree(init, mesh)
-  return abstract
+  return sharding.shard_abstract(heads.param_shapes(model), mesh)[0]
 
 
 def load_run(workdir, step: int | None = None, mesh=None) -> tuple[SavedRun, dict]:
@@ -241,11 +237,10 @@ def load_lora_run(workdir, step: int | None = None, mesh=None) -> tuple:
 
 def abstract_lora_parts(model, lora, mesh) -> dict:
   """ShapeDtypeStructs (sharded) of a LoRA state's trainable params and frozen base."""
-  def init(rng):
-    params = model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+  def init(rng, params):
     return {"params": lora.init(rng, params), "frozen": lora.freeze(params)}
 
-  return sharding.abstract_tree(init, mesh)[0]
+  return sharding.abstract_tree(init, mesh, heads.param_shapes(model))[0]
 
 
 def _restore(workdir, step: int | None, target: dict) -> dict:

@@ -165,7 +165,13 @@ def abstract_tree(init_fn, mesh: Mesh, *args):
   """(ShapeDtypeStructs with shardings, the shardings) of what `init_fn(rng, *args)` returns,
   its leaves boxed with logical axis names: nothing is allocated. The first is a restore target."""
   with mesh_rules(mesh):
-    boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0), *args)
+    return shard_abstract(jax.eval_shape(init_fn, jax.random.PRNGKey(0), *args), mesh)
+
+
+def shard_abstract(boxed, mesh: Mesh):
+  """(ShapeDtypeStructs with shardings, the shardings) of abstract values boxed with logical
+  axis names (what `jax.eval_shape` of an init returns)."""
+  with mesh_rules(mesh):
     shardings = logical_sharding(boxed, mesh)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           strip_boxes(boxed), shardings)

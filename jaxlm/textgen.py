@@ -36,7 +36,8 @@ class TextStream:
     self.done = [False] * batch
     self.printed = 0
     self.holdback = max((len(s) for s in self.stop), default=1) - 1
-    self.started, self.first_token_at, self.last_token_at, self.steps = time.perf_counter(), 0, 0, 0
+    self.started, self.steps = time.perf_counter(), 0
+    self.first_token_at = self.second_token_at = self.last_token_at = 0.0
 
   @property
   def time_to_first_token(self) -> float:
@@ -45,14 +46,18 @@ class TextStream:
 
   @property
   def decode_tokens_per_sec(self) -> float:
-    """Tokens per second of all rows after the first token."""
-    elapsed = self.last_token_at - self.first_token_at
-    return (self.steps - 1) * len(self.ids) / elapsed if elapsed > 0 else 0.0
+    """Tokens per second of all rows after the second token (the first comes from the prefill,
+    the second also waits for the decode step to be built)."""
+    elapsed = self.last_token_at - self.second_token_at
+    return (self.steps - 2) * len(self.ids) / elapsed if elapsed > 0 else 0.0
 
   def __call__(self, step: int, tokens_B: np.ndarray) -> np.ndarray:
     self.last_token_at = time.perf_counter()
-    self.first_token_at = self.first_token_at or self.last_token_at
     self.steps += 1
+    if self.steps == 1:
+      self.first_token_at = self.last_token_at
+    elif self.steps == 2:
+      self.second_token_at = self.last_token_at
     for b, token in enumerate(tokens_B.tolist()):
       if self.done[b]:
         continue

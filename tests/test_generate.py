@@ -144,6 +144,17 @@ def test_streaming_equals_the_device_loop_and_reuses_its_programs():
     assert outs[0] == outs[1] == plain
 
 
+def test_streaming_hands_over_the_prefill_token_before_building_the_decode_step():
+  """Time to first token is the prefill's: the first token reaches the callback before the
+  decode step is traced (a cached launch spends seconds tracing a many-layer step)."""
+  model = Transformer(ModelConfig(**{**TINY["gpt2"], "vocab_size": 53}))  # programs of its own
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  before, seen = gen._decode_jit._cache_size(), []
+  gen.generate(model, params, PROMPTS, max_new_tokens=3,
+               on_step=lambda step, tokens_B: seen.append(gen._decode_jit._cache_size()))
+  assert seen == [before, before + 1, before + 1]
+
+
 def test_too_long_and_empty_prompts_fail_clearly():
   model, params = _model("gpt2")
   with pytest.raises(ValueError, match="exceeds the model's max_seq_len=24"):

@@ -16,6 +16,7 @@ from jaxlm.models.layers import (
   attend,
   attention_mask,
   bidirectional_mask,
+  grow_cache,
   rope_frequencies,
 )
 
@@ -219,14 +220,13 @@ def test_bidirectional_mask_keeps_segments_apart_and_padding_unattended():
 
 
 def _decode_steps(segment_rows, cache_len):
-  """Runs DecodeMask as generate.py does: init over the whole cache, a prefill, then one-token
-  steps. Returns the mask of every call, [B, T, S] each."""
+  """Runs DecodeMask as generate.py does: a prefill (the first call, no cache), the cache grown
+  to `cache_len` slots, then one-token steps. Returns the mask of every call, [B, T, S] each."""
   module = DecodeMask()
-  B = len(segment_rows[0])
-  cache = module.init(jax.random.PRNGKey(0), jnp.zeros((B, cache_len), jnp.int32))["cache"]
   apply = jax.jit(functools.partial(module.apply, mutable=["cache"]))
-  masks = []
-  for seg in segment_rows:
+  mask, variables = apply({}, jnp.asarray(segment_rows[0], jnp.int32))
+  masks, cache = [np.asarray(mask)[:, 0]], grow_cache(variables["cache"], cache_len)
+  for seg in segment_rows[1:]:
     mask, variables = apply({"cache": cache}, jnp.asarray(seg, jnp.int32))
     cache = variables["cache"]
     masks.append(np.asarray(mask)[:, 0])
@@ -239,17 +239,17 @@ def test_decode_mask_left_padded_row_never_attends_its_padding():
   steps = [[[1], [1]]] * 3
   S = 4 + 3
   masks, cache = _decode_steps([prefill, *steps], S)
-  assert masks[0].shape == (2, 4, S) and all(m.shape == (2, 1, S) for m in masks[1:])
-  assert int(cache["index"]) == 4 + 3
+  assert masks[0].shape == (2, 4, 4) and all(m.shape == (2, 1, S) for m in masks[1:])
+  assert int(cache["index"]) == 4 + 3 and cache["segment_ids"].shape == (2, S)
 
-  # prefill: causal, real tokens see the real prompt only, no slot past the prompt
+  # prefill (over the prompt's own slots): causal, real tokens see the real prompt only
   np.testing.assert_array_equal(masks[0][0], np.array([
-    [1, 0, 0, 0, 0, 0, 0],
-    [1, 1, 0, 0, 0, 0, 0],
-    [0, 0, 1, 0, 0, 0, 0],
-    [0, 0, 1, 1, 0, 0, 0],
+    [1, 0, 0, 0],
+    [1, 1, 0, 0],
+    [0, 0, 1, 0],
+    [0, 0, 1, 1],
   ], bool))
-  np.testing.assert_array_equal(masks[0][1], np.tril(np.ones((4, S), bool)))
+  np.testing.assert_array_equal(masks[0][1], np.tril(np.ones((4, 4), bool)))
 
   # each new token (in slot 4 + i) sees every earlier real slot and itself, nothing later
   for i, mask in enumerate(masks[1:]):
@@ -268,26 +268,40 @@ def test_decode_mask_first_call_is_the_training_mask():
   np.testing.assert_array_equal(mask, attention_mask(seg, causal=True))
 
 
-def test_kv_cache_writes_at_the_index_and_keeps_earlier_entries():
+def test_kv_cache_keeps_the_prefill_then_writes_at_the_index():
   B, S, K, E = 2, 6, 2, 4
   module = KVCache()
-  cache = module.init(jax.random.PRNGKey(0), jnp.zeros((B, S, K, E)), jnp.zeros((B, S, K, E)))
-  cache = cache["cache"]
   k1, v1 = _normal(5, (B, 3, K, E)), _normal(6, (B, 3, K, E))
-  (k, v), variables = module.apply({"cache": cache}, jnp.asarray(k1), jnp.asarray(v1),
-                                   mutable=["cache"])
-  assert k.shape == (B, S, K, E) and int(variables["cache"]["index"]) == 3
-  np.testing.assert_array_equal(k[:, :3], k1)
-  np.testing.assert_array_equal(v[:, :3], v1)
-  assert not np.any(k[:, 3:]) and not np.any(v[:, 3:])
+  (k, v), variables = module.apply({}, jnp.asarray(k1), jnp.asarray(v1), mutable=["cache"])
+  np.testing.assert_array_equal(k, k1)  # the prefill attends over its own keys and values
+  np.testing.assert_array_equal(variables["cache"]["v"], v1)
+  cache = grow_cache(variables["cache"], S)
+  assert cache["k"].shape == (B, S, K, E) and int(cache["index"]) == 3
+  np.testing.assert_array_equal(cache["k"][:, :3], k1)
+  assert not np.any(cache["k"][:, 3:]) and not np.any(cache["v"][:, 3:])
 
   k2, v2 = _normal(7, (B, 1, K, E)), _normal(8, (B, 1, K, E))
-  (k, v), variables = module.apply(variables, jnp.asarray(k2), jnp.asarray(v2), mutable=["cache"])
-  assert int(variables["cache"]["index"]) == 4
+  (k, v), variables = module.apply({"cache": cache}, jnp.asarray(k2), jnp.asarray(v2),
+                                   mutable=["cache"])
+  assert k.shape == (B, S, K, E) and int(variables["cache"]["index"]) == 4
   np.testing.assert_array_equal(k[:, :3], k1)
   np.testing.assert_array_equal(k[:, 3:4], k2)
   np.testing.assert_array_equal(v[:, 3:4], v2)
   assert not np.any(k[:, 4:])
+
+
+def test_grow_cache_pads_the_slot_axis_of_a_scanned_stack():
+  L, B, S, K, E = 3, 2, 4, 1, 2
+  cache = {"blocks": {"attn": {"kv_cache": {"k": jnp.ones((L, B, S, K, E)),
+                                            "v": jnp.ones((L, B, S, K, E)),
+                                            "index": jnp.full((L,), S, jnp.int32)}}},
+           "decode_mask": {"segment_ids": jnp.ones((B, S), jnp.int32),
+                           "index": jnp.asarray(S, jnp.int32)}}
+  grown = grow_cache(cache, 7)
+  kv = grown["blocks"]["attn"]["kv_cache"]
+  assert kv["k"].shape == (L, B, 7, K, E) and grown["decode_mask"]["segment_ids"].shape == (B, 7)
+  assert not np.any(kv["v"][:, :, S:]) and not np.any(grown["decode_mask"]["segment_ids"][:, S:])
+  np.testing.assert_array_equal(kv["index"], cache["blocks"]["attn"]["kv_cache"]["index"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,3 +33,15 @@ def test_import_jaxlm_is_light_and_generation_imports_neither_optax_nor_grain():
     "if m in sys.modules)); import jaxlm.rundir, jaxlm.textgen, jaxlm.generate, jaxlm.cli; "
     "print(sorted(m for m in ('optax', 'grain') if m in sys.modules))").splitlines()
   assert light == "[]" and generation == "[]"
+
+
+def test_training_and_reloading_a_char_tokenizer_run_never_imports_torch(tmp_path):
+  """transformers' AutoTokenizer import pulls in PyTorch wherever it is installed (about 250 MB
+  of a small run's memory): a run's plain fast tokenizer (char) is loaded without it."""
+  out = _python(
+    "import sys, jaxlm.train.trainer; from jaxlm.data import tokenizers as t; "
+    f"tok = t.char_tokenizer('to be or not'); tok.save_pretrained({str(tmp_path)!r}); "
+    f"back = t.load_tokenizer({str(tmp_path)!r}); "
+    "print(back.encode('not to be') == tok.encode('not to be'), type(back).__name__, "
+    "'torch' in sys.modules)")
+  assert out == "True TokenizersBackend False"

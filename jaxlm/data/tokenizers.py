@@ -5,11 +5,12 @@ Both are `transformers` fast tokenizers, saved into the run directory with `save
 generation later decodes exactly as training encoded.
 """
 
+import json
 import os
 
 import numpy as np
 import tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from jaxlm.hf import io as hf_io  # numpy/json/os only: no cycle back into jaxlm.data
 
@@ -41,6 +42,12 @@ def load_tokenizer(src: str, gguf_file: str | None = None) -> PreTrainedTokenize
     src_dir = src
     if os.path.exists(src):
       src_dir, gguf_file = hf_io.resolve_source(src, gguf_file)
+    if not gguf_file and _saved_class(src_dir) in _PLAIN_FAST:
+      # what AutoTokenizer builds for it, without importing AutoTokenizer: that import pulls in
+      # PyTorch wherever it is installed (about 250 MB and seconds of start-up)
+      return PreTrainedTokenizerFast.from_pretrained(src_dir)
+    from transformers import AutoTokenizer
+
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     return AutoTokenizer.from_pretrained(src_dir, trust_remote_code=False, **kwargs)
   except (OSError, ValueError) as e:
@@ -48,6 +55,19 @@ def load_tokenizer(src: str, gguf_file: str | None = None) -> PreTrainedTokenize
       f"cannot load tokenizer from {src!r} ({type(e).__name__}: {e}); give a directory with "
       "tokenizer files, a .gguf file or a hub id (or data.tokenizer='char' in a run config)"
     ) from None
+
+
+# the tokenizer classes transformers saves a plain fast tokenizer (char_tokenizer's) under
+_PLAIN_FAST = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _saved_class(src_dir: str) -> str | None:
+  """The tokenizer_class a local tokenizer directory records (None: not a local directory)."""
+  config = os.path.join(src_dir, "tokenizer_config.json")
+  if not os.path.isfile(config):
+    return None
+  with open(config) as f:
+    return json.load(f).get("tokenizer_class")
 
 
 def check_fits(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:

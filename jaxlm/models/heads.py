@@ -5,6 +5,7 @@ Shape letters as in layers.py, plus C classes. The encoder stack is the one Tran
 return_hidden=True) under the name "transformer"; heads sit beside it.
 """
 
+import functools
 import sys
 
 import flax.linen as nn
@@ -130,6 +131,15 @@ def with_new_head(cfg: ModelConfig, pretrained: dict, what: str = "the checkpoin
   print(f"jaxlm: {what} has no {cfg.head!r} head with {cfg.num_labels} labels; initialised "
         f"{', '.join(fresh)}", file=sys.stderr)
   return traverse_util.unflatten_dict(out, sep="/")
+
+
+@functools.lru_cache(maxsize=16)
+def param_shapes(model: nn.Module) -> dict:
+  """`model`'s params as ShapeDtypeStructs boxed with their logical axis names, from one
+  abstract init (nothing allocated), traced once per model: loading a run needs them several
+  times, and a launch whose programs come from the compilation cache is mostly tracing. Shared:
+  do not modify the result."""
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

@@ -161,16 +161,18 @@ class DecodeMask(nn.Module):
   """Attention mask while decoding with a KV cache: causal over cache slots, and only within
   the same segment (left padding is segment 0, so real tokens never attend to it).
 
-  The first call (init) sizes the cache from its input length; later calls write their
-  segment ids at the cache index and return a [B, 1, T, S] mask over all S cache slots.
+  The first call (the prefill: no cache yet) keeps its segment ids as the cache and returns the
+  training mask over them; `grow_cache` then adds empty slots (segment 0: never attended to).
+  Later calls write their segment ids at the cache index and return a [B, 1, T, S] mask over all
+  S cache slots.
   """
 
   @nn.compact
   def __call__(self, segment_ids_BT):
-    B, T = segment_ids_BT.shape
+    T = segment_ids_BT.shape[1]
     ready = self.has_variable("cache", "segment_ids")
-    seg_BS = self.variable("cache", "segment_ids", jnp.zeros, (B, T), jnp.int32)
-    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    seg_BS = self.variable("cache", "segment_ids", lambda: segment_ids_BT.astype(jnp.int32))
+    index = self.variable("cache", "index", lambda: jnp.asarray(T, jnp.int32))
     if not ready:
       return attention_mask(segment_ids_BT, causal=True)
     i = index.value
@@ -184,16 +186,20 @@ class DecodeMask(nn.Module):
 
 
 class KVCache(nn.Module):
-  """Keys and values of the tokens decoded so far, [B, S, K, E] with S fixed at init."""
+  """Keys and values of the tokens decoded so far, [B, S, K, E].
+
+  The first call (the prefill: no cache yet) keeps its keys and values as the cache (S = its
+  length, see `grow_cache`); later calls write theirs at the cache index and return all S slots.
+  """
 
   @nn.compact
   def __call__(self, k_BTKE, v_BTKE):
     """Writes the new keys/values at the cache index; returns the whole cache (k, v)."""
     ready = self.has_variable("cache", "k")
-    k_cache = self.variable("cache", "k", jnp.zeros, k_BTKE.shape, k_BTKE.dtype)
-    v_cache = self.variable("cache", "v", jnp.zeros, v_BTKE.shape, v_BTKE.dtype)
-    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-    if not ready:  # init: the input's length is the cache length
+    k_cache = self.variable("cache", "k", lambda: k_BTKE)
+    v_cache = self.variable("cache", "v", lambda: v_BTKE)
+    index = self.variable("cache", "index", lambda: jnp.asarray(k_BTKE.shape[1], jnp.int32))
+    if not ready:  # the prefill: attend over the prompt itself
       return k_BTKE, v_BTKE
     i = index.value
     at = (0, i, 0, 0)
@@ -202,6 +208,21 @@ class KVCache(nn.Module):
     v_cache.value = update(v_cache.value, v_BTKE)
     index.value = i + k_BTKE.shape[1]
     return k_cache.value, v_cache.value
+
+
+def grow_cache(cache, length: int):
+  """A prefill's "cache" collection (DecodeMask's and KVCache's variables, S slots, any leading
+  layer axis) with empty slots appended up to `length`: zero keys and values, segment 0."""
+  def grow(path, x):
+    name = path[-1].key
+    if name == "index":
+      return x
+    axis = x.ndim - (3 if name in ("k", "v") else 1)  # k, v [..., B, S, K, E]; ids [..., B, S]
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, pad)
+
+  return jax.tree_util.tree_map_with_path(grow, cache)
 
 
 class Attention(nn.Module):

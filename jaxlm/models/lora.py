@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from jaxlm.models.heads import param_shapes
+
 # lora.targets presets: regexes over '/'-joined param paths (unscanned layout: block_{i}/...)
 PRESETS = {  # an encoder's stack sits under transformer/
   "attention": r"(transformer/)?block_\d+/attn/(q|k|v|o)/kernel",
@@ -307,8 +309,6 @@ def for_model(config, model) -> Lora | None:
   if not section or not section.get("rank"):
     return None
   check_allowed(config)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))[
-    "params"
-  ]
+  boxed = param_shapes(model)
   full = tuple(k for k in boxed if k != "transformer") if config.kind == "finetune" else ()
   return build(section, boxed, num_layers=model.cfg.num_layers, full=full)
