@@ -21,6 +21,7 @@ from jaxlm.data import tokenizers as tok_lib
 from jaxlm.models import config as model_config
 from jaxlm.models import heads
 from jaxlm.models import lora as lora_lib
+from jaxlm.models.layers import OutProjection
 from jaxlm.train import objectives, optim, preemption, trainer
 from jaxlm.train import step as step_lib
 
@@ -69,14 +70,14 @@ def lora_config(base_dir: str, **lora):
 
 def unmerged_logits(model, base, lora, adapters, tokens):
   """The model with each adapted layer computing x W + scale (x A) B, as PEFT does, instead of
-  merging: flax method interception adds the low-rank branch to each adapted Einsum's output."""
+  merging: flax method interception adds the low-rank branch to each adapted projection's output."""
   flat = traverse_util.flatten_dict(adapters, sep="/")
   by_module = {t.path.rsplit("/", 1)[0]: t for t in lora.targets}
 
   def add_branch(next_fun, args, kwargs, context):
     y = next_fun(*args, **kwargs)
     name = "/".join(context.module.path)
-    if not isinstance(context.module, nn.Einsum) or name not in by_module:
+    if not isinstance(context.module, (nn.Einsum, OutProjection)) or name not in by_module:
       return y
     t, x = by_module[name], args[0]
     xa = jnp.tensordot(x, flat[f"{name}/lora_a"], axes=t.n_in, precision="highest")

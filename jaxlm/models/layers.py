@@ -141,6 +141,8 @@ def attend(q_BTHE, k_BSKE, v_BSKE, mask_B1TS=None, *, impl="xla", segment_ids_BT
   B, T, H, E = q_BTHE.shape
   S, K = k_BSKE.shape[1], k_BSKE.shape[2]
   q_BTKGE = q_BTHE.reshape(B, T, K, H // K, E)
+  if T == 1 and mask_B1TS is not None:  # one decode step: multiply-and-sum over the cache
+    return _attend_one(q_BTKGE, k_BSKE, v_BSKE, mask_B1TS).reshape(B, T, H, E)
   logits_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE,
                             preferred_element_type=jnp.float32) * (E**-0.5)
   if mask_B1TS is None:
@@ -149,6 +151,20 @@ def attend(q_BTHE, k_BSKE, v_BSKE, mask_B1TS=None, *, impl="xla", segment_ids_BT
   probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKE.dtype)
   out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE)
   return out_BTKGE.reshape(B, T, H, E)
+
+
+def _attend_one(q_B1KGE, k_BSKE, v_BSKE, mask_B11S):
+  """`attend` for one query per row (a decode step) as broadcast multiplies and sums, which
+  read the KV cache in its stored [B, S, K, E] layout. As two einsums, XLA's CPU backend copied
+  the whole cache into a head-major layout for its dot kernels at every layer of every step."""
+  E = q_B1KGE.shape[-1]
+  q_BKGE = q_B1KGE[:, 0].astype(jnp.float32)
+  logits_BSKG = jnp.sum(q_BKGE[:, None] * k_BSKE[:, :, :, None].astype(jnp.float32), -1)
+  logits_BSKG = jnp.where(mask_B11S[:, 0, 0, :, None, None], logits_BSKG * (E**-0.5),
+                          jnp.finfo(jnp.float32).min)
+  probs_BSKG = jax.nn.softmax(logits_BSKG, axis=1)
+  out_BKGE = jnp.sum(probs_BSKG[..., None] * v_BSKE[:, :, :, None].astype(jnp.float32), 1)
+  return out_BKGE[:, None].astype(v_BSKE.dtype)
 
 
 def attention_impl(cfg: ModelConfig, length: int, decode: bool = False) -> str:
@@ -259,9 +275,29 @@ class Attention(nn.Module):
     out_BTHE = attend(q_BTHE, k_BTKE, v_BTKE, mask, impl=impl, segment_ids_BT=segment_ids_BT)
     out_BTHE = checkpoint_name(out_BTHE, ATTENTION_OUT)
     std = cfg.init_std / self.num_layers_scale
-    out = dense(cfg, "bthe,hed->btd", (H, E, D), ("heads", "head_dim", "embed"), "o",
-                cfg.use_bias, std)
-    return out(out_BTHE)
+    return OutProjection(cfg, std, name="o")(out_BTHE)
+
+
+class OutProjection(nn.Module):
+  """Attention's output projection, kernel [H, E, D] (the "o" of `dense`'s layout), applied as
+  one [H * E, D] matmul: as an einsum contracting (h, e), XLA's CPU backend transposed the
+  kernel into [E, H, D] at every call (a copy of every layer's kernel per decode step)."""
+
+  cfg: ModelConfig
+  std: float
+
+  @nn.compact
+  def __call__(self, x_BTHE):
+    cfg = self.cfg
+    H, E, D = cfg.num_heads, cfg.head_size, cfg.embed_dim
+    kernel = self.param("kernel", param_init(self.std, ("heads", "head_dim", "embed")),
+                        (H, E, D), cfg.param_dtype)
+    x_BTX, kernel = nn.dtypes.promote_dtype(x_BTHE, kernel, dtype=cfg.dtype)
+    y_BTD = x_BTX.reshape(*x_BTX.shape[:-2], H * E) @ kernel.reshape(H * E, D)
+    if cfg.use_bias:
+      bias = self.param("bias", _zeros(("embed",)), (D,), cfg.param_dtype)
+      y_BTD = y_BTD + bias.astype(y_BTD.dtype).reshape((1,) * (y_BTD.ndim - 1) + (D,))
+    return y_BTD
 
 
 class Mlp(nn.Module):
