@@ -56,14 +56,18 @@ class Prefetch:
 
   def close(self):
     """Stops the background thread (which may be waiting on a full queue) and drops the batches
-    it prepared, so a finished run holds no device memory through it."""
+    it prepared, so a finished run holds no device memory through it; then closes the iterator
+    (Grain's prefetch threads, see jaxlm.data.pipeline._take) when the thread has stopped."""
     self._stop.set()
-    if self._queue is None:
-      return
-    for _ in range(2):  # drain, let a producer blocked on put() see the stop, drain its last
-      while not self._queue.empty():
-        self._queue.get_nowait()
-      self._thread.join(timeout=5)
+    if self._queue is not None:
+      for _ in range(2):  # drain, let a producer blocked on put() see the stop, drain its last
+        while not self._queue.empty():
+          self._queue.get_nowait()
+        self._thread.join(timeout=5)
+      if self._thread.is_alive():
+        return
+    if hasattr(self.iterator, "close"):
+      self.iterator.close()
 
   def set_state(self, state: dict):
     if self._queue is not None:

@@ -49,6 +49,10 @@ class DataIterator:
   def _it(self):
     return self._holder[0]
 
+  def close(self):
+    """Stops Grain's prefetch threads now (see `_take`); the iterator is spent after."""
+    _close_all(self._holder)
+
   def __iter__(self):
     return self
 
@@ -88,6 +92,18 @@ def _close_all(holder: list):
     it = holder.pop()
     if hasattr(it, "close"):
       it.close()
+
+
+def _take(stream: grain.IterDataset, n: int) -> list:
+  """The first `n` elements of `stream`, its iterator closed at once. Left to the garbage
+  collector, a Grain iterator's close joins its prefetch threads from whichever thread collects
+  it; inside ThreadPoolExecutor.submit (which holds a global lock that the prefetch threads
+  also take) that deadlocks."""
+  holder = [iter(stream)]
+  try:
+    return list(itertools.islice(holder[0], n))
+  finally:
+    _close_all(holder)
 
 
 @dataclasses.dataclass
@@ -223,7 +239,7 @@ def build(cfg, tokenizer, *, batch_size: int, seed: int, eval_batches: int, shar
   if val and eval_batches:
     stream = batches(val[:1], cfg, batch_size, seed, shard, shuffle=False, num_epochs=1,
                      transform=mlm)
-    evals = list(itertools.islice(iter(stream), eval_batches))
+    evals = _take(stream, eval_batches)
     if not evals:
       raise ValueError(f"the validation split is smaller than one batch of {batch_size} rows of "
                        f"{cfg.seq_len}; raise data.val_fraction or lower "
@@ -252,7 +268,7 @@ def _windows(cfg, tokenizer, batch_size: int, seed: int, eval_batches: int, shar
   evals = []
   if n_val and eval_batches:
     stream = window_batches(val, seq_len, batch_size, seed + 1, shard, cfg, mlm)
-    evals = list(itertools.islice(iter(stream), eval_batches))
+    evals = _take(stream, eval_batches)
   it = DataIterator(window_batches(train, seq_len, batch_size, seed, shard, cfg, mlm),
                     shard.index, shard.count, batch_size)
   return Pipeline(it, evals, f"{len(train):,} train / {len(val):,} val tokens; random windows")
