@@ -165,10 +165,9 @@ def _stream(params, tokens_BP, lengths_B, rng, eos_ids, pad_id, on_step, *, mode
                                      max_new_tokens=N, sampler=sampler)
   out_BN = np.full((B, N), pad_id, np.int32)
   count_B, done_B, eos = np.zeros(B, np.int32), np.zeros(B, bool), np.asarray(list(eos_ids))
-  step = None
+  step = None  # the decode step, built after the first token is handed over
   for i in range(N):
-    ahead = i > 0 and i + 1 < N
-    if ahead:  # dispatch the next step before reading this one's tokens
+    if step is not None and i + 1 < N:  # dispatch step i + 1 before reading step i's tokens
       nxt = step(cache, token_B, jnp.asarray(lengths_B + i), rng)
     step_B = np.where(done_B, pad_id, np.asarray(token_B))
     out_BN[:, i] = step_B
@@ -182,7 +181,8 @@ def _stream(params, tokens_BP, lengths_B, rng, eos_ids, pad_id, on_step, *, mode
     if step is None:  # after the first token: the decode step, layer by layer
       layer_params, layer_model = _layerwise(params, model, _unstack_jit)
       step = functools.partial(_decode_jit, layer_params, model=layer_model, sampler=sampler)
-    cache, token_B, rng = nxt if ahead else step(cache, token_B, jnp.asarray(lengths_B + i), rng)
+      nxt = step(cache, token_B, jnp.asarray(lengths_B + i), rng)
+    cache, token_B, rng = nxt
   return out_BN, count_B
 
 
