@@ -110,10 +110,11 @@ def _check_flags(command: str):
 
 
 def _start(config=None):
-  """Process set-up before JAX starts: CPU device count, the persistent compilation cache (the
-  run's `runtime` section, else the default cache), and joining a multi-process run."""
+  """Process set-up before JAX starts: malloc arenas, CPU device count, the persistent compilation
+  cache (the run's `runtime` section, else the default cache), and joining a multi-process run."""
   from jaxlm import runtime
 
+  runtime.limit_malloc_arenas()
   rt = config.get("runtime", {}) if config is not None else {}
   if config is not None:
     runtime.configure_cpu_devices(rt.get("cpu_devices", 0), config.train.batch_size)

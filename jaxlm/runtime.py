@@ -4,7 +4,9 @@ On CPU, small models train faster as several XLA devices (one per core, data-par
 one device whose ops are each split over the cores: XLA:CPU parallelises tiny matmuls poorly.
 """
 
+import ctypes
 import os
+import sys
 
 import jax
 
@@ -25,6 +27,26 @@ def configure_cpu_devices(requested: int, batch_size: int) -> None:
     jax.config.update("jax_num_cpu_devices", n)
   except RuntimeError:  # backends already initialised: keep what they have
     pass
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+  """Caps glibc's malloc arenas (M_ARENA_MAX) unless MALLOC_ARENA_MAX is set; True when capped.
+
+  glibc gives each thread that meets contention its own arena, up to 8 per core, and XLA's
+  compiler and thread pools touch many threads: memory freed after compilation stays spread over
+  those arenas, resident but unused. Called before the backends start, two arenas cut a small CPU
+  run's peak memory by about 100 MB (15%) at the same speed (docs/performance.md). A no-op off
+  glibc (musl, macOS).
+  """
+  if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+    return False
+  try:
+    return ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, arenas) == 1
+  except (OSError, AttributeError):  # not glibc: nothing to cap
+    return False
+
+
+_M_ARENA_MAX = -8  # glibc's malloc.h
 
 
 def configure_compile_cache(where: str) -> str:

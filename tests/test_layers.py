@@ -14,8 +14,10 @@ from jaxlm.models.layers import (
   KVCache,
   apply_rope,
   attend,
+  activation,
   attention_mask,
   bidirectional_mask,
+  gelu_exact,
   grow_cache,
   rope_frequencies,
 )
@@ -359,3 +361,19 @@ def test_attend_fully_masked_rows_stay_finite_and_leave_other_rows_alone():
   loss = lambda q, k, v: attend(q, k, v, mask).sum()
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
   assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+def test_exact_gelu_is_pytorchs_erf_formula_in_value_and_gradient():
+  """models.layers.gelu_exact (x/2 (1 + erf(x/sqrt 2)), what torch.nn.GELU() computes) against
+  PyTorch and against jax.nn.gelu(approximate=False) (erfc), fp32 over [-12, 12]."""
+  torch = pytest.importorskip("torch")
+  x = np.linspace(-12, 12, 24001, dtype=np.float32)
+  ours = np.asarray(jax.jit(activation("gelu"))(jnp.asarray(x)))
+  np.testing.assert_allclose(ours, torch.nn.functional.gelu(torch.from_numpy(x)).numpy(),
+                             atol=2e-6, rtol=0)
+  np.testing.assert_allclose(ours, jax.nn.gelu(jnp.asarray(x), approximate=False), atol=2e-6,
+                             rtol=0)
+  x_t = torch.from_numpy(x).requires_grad_()
+  torch.nn.functional.gelu(x_t).sum().backward()
+  grad = jax.jit(jax.vmap(jax.grad(gelu_exact)))(jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(grad), x_t.grad.numpy(), atol=1e-6, rtol=0)

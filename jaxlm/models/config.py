@@ -8,12 +8,13 @@ from typing import Any
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
-# The MLP nonlinearities, the one table of them: name -> (jax.nn function, its keyword arguments).
-# Configs are checked against its keys, layers.activation builds the functions from it; kept as
-# data so this module imports neither jax nor layers (which imports it).
+# The MLP nonlinearities, the one table of them: name -> (function, its keyword arguments), the
+# function one of layers.py (exact GELU) or else of jax.nn. Configs are checked against its keys,
+# layers.activation builds the functions from it; kept as data so this module imports neither jax
+# nor layers (which imports it).
 ACTIVATIONS = {
   "gelu_tanh": ("gelu", {"approximate": True}),
-  "gelu": ("gelu", {"approximate": False}),
+  "gelu": ("gelu_exact", {}),
   "silu": ("silu", {}),
   "relu": ("relu", {}),
 }

@@ -19,10 +19,20 @@ from jaxlm.models.config import ACTIVATIONS, ModelConfig
 ATTENTION_OUT = "attention_out"
 
 
+def gelu_exact(x):
+  """Exact GELU, x/2 (1 + erf(x/sqrt 2)), the formula of PyTorch's `nn.GELU()`.
+
+  `jax.nn.gelu(approximate=False)` computes it through erfc, which XLA:CPU evaluates piecewise
+  with an exp; through erf an MLP's forward and backward pass runs 2.7x faster on the CPU
+  (docs/performance.md), and the values stay within 2e-6 of erfc's.
+  """
+  return x * 0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(0.5 ** 0.5, x.dtype)))
+
+
 def activation(name: str):
   """The function of the MLP nonlinearity `name`, a key of models.config.ACTIVATIONS."""
   function, kwargs = ACTIVATIONS[name]
-  return functools.partial(getattr(jax.nn, function), **kwargs)
+  return functools.partial(globals().get(function) or getattr(jax.nn, function), **kwargs)
 
 
 def param_init(std: float, axes: tuple):
