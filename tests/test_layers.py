@@ -12,9 +12,9 @@ import pytest
 from jaxlm.models.layers import (
   DecodeMask,
   KVCache,
+  activation,
   apply_rope,
   attend,
-  activation,
   attention_mask,
   bidirectional_mask,
   gelu_exact,

@@ -12,8 +12,11 @@ from jaxlm import runtime
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_malloc_arenas_are_capped_unless_the_user_set_malloc_arena_max():
   code = "from jaxlm import runtime; print(runtime.limit_malloc_arenas())"
-  run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                                   text=True, check=True).stdout.strip()
+
+  def run(env):
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
   assert run({"PATH": "/usr/bin:/bin"}) == "True"
   assert run({"PATH": "/usr/bin:/bin", "MALLOC_ARENA_MAX": "8"}) == "False"
 
