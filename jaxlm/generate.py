@@ -235,19 +235,34 @@ def generate_one(model, params, prompt: Sequence[int], rng=None, *, max_new_toke
   """Continues one prompt, past the model's max_seq_len if need be.
 
   When prompt + new tokens outgrow the model's positions, the context slides: each chunk starts
-  a fresh cache from the last max_seq_len // 2 ids (so a few chunk shapes are compiled, never
-  one program per token). Arguments as in `generate`; returns the new ids.
+  a fresh cache from the last max_seq_len // 2 ids. Every slid chunk runs the same shapes, the
+  last one too (cut where the tokens run out), so a long sample compiles the first chunk's
+  programs and one more prefill and decode step, never one program per token. Arguments as in
+  `generate`; returns the new ids.
   """
   window = model.cfg.max_seq_len
   rng = jax.random.PRNGKey(0) if rng is None else rng
   ids, new, chunk = list(prompt), [], 0
   while len(new) < max_new_tokens:
     remaining = max_new_tokens - len(new)
-    context = ids[-(window // 2):] if len(ids) + remaining > window else ids
+    slid = len(ids) + remaining > window
+    context = ids[-(window // 2):] if slid else ids
     n = min(remaining, window - len(context))
-    out = generate(model, params, [context], jax.random.fold_in(rng, chunk), max_new_tokens=n,
-                   sampler=sampler, eos_ids=eos_ids, pad_id=pad_id, on_step=on_step)[0]
+    run_n = window - len(context) if slid else n  # the slid chunks' one shape
+    out = generate(model, params, [context], jax.random.fold_in(rng, chunk), max_new_tokens=run_n,
+                   sampler=sampler, eos_ids=eos_ids, pad_id=pad_id,
+                   on_step=_first(n, on_step) if on_step and run_n > n else on_step)[0][:n]
     ids, new, chunk = ids + out, new + out, chunk + 1
     if len(out) < n or (out and out[-1] in eos_ids):  # stopped by EOS or by the callback
       break
   return new
+
+
+def _first(n: int, on_step: StepCallback) -> StepCallback:
+  """`on_step` for the first `n` steps only, then every row stopped."""
+  def capped(step, tokens_B):
+    stop_B = on_step(step, tokens_B)
+    if step + 1 < n:
+      return stop_B
+    return np.ones(len(tokens_B), bool)
+  return capped

@@ -170,6 +170,22 @@ def test_one_prompt_slides_past_max_seq_len():
   assert out[:19] == gen.generate(model, params, PROMPTS[:1], max_new_tokens=19)[0]
 
 
+def test_every_slid_chunk_runs_one_shape_and_streams_exactly_the_tokens_asked():
+  """The last chunk of a sliding sample runs the slid chunks' shape, cut where the tokens run
+  out: a sample of another length compiles no new prefill; the stream gets exactly the returned
+  tokens, which are the device loop's."""
+  model, params = _model("gpt2")  # max_seq_len 24: chunks of 19, then 12, 12, and the rest
+  streamed = []
+  out = gen.generate_one(model, params, PROMPTS[0], max_new_tokens=45,
+                         on_step=lambda step, tokens_B: streamed.append(int(tokens_B[0])))
+  assert len(out) == 45 and streamed == out
+  assert out == gen.generate_one(model, params, PROMPTS[0], max_new_tokens=45)
+  before = gen._prefill_jit._cache_size()
+  assert len(gen.generate_one(model, params, PROMPTS[0], max_new_tokens=50,
+                              on_step=lambda step, tokens_B: None)) == 50  # last chunk 7, not 2
+  assert gen._prefill_jit._cache_size() == before
+
+
 class _ByteTokenizer:
   """Ids are UTF-8 bytes; 0 is EOS. Enough of a tokenizer to test streaming."""
 
