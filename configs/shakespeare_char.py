@@ -8,8 +8,8 @@ Cost: 1.5 to 2 minutes on 2 CPU cores (whole runs measured at 84 to 119 s, from 
 cache; 33 to 45 ms a step).
 Expected: eval_loss about 1.88-1.90 at step 2000 (seed 0: 1.878 on 2026-12-02; seeds 0-6
 earlier: 1.883 to 1.912, mean 1.900; it is a 20-batch estimate); on the whole val split 1.900
-(seed 0) and 1.903 (seed 1), earlier. nanoGPT's own
-train.py, same recipe and data: 1.886 (20 batches), 1.898 (whole split); its README says 1.88.
+(seed 0) and 1.903 (seed 1), earlier. nanoGPT's own train.py, same recipe and data: 1.886
+(20 batches), 1.898 (whole split); its README says 1.88.
 """
 
 from jaxlm.config import base_config, model

@@ -29,6 +29,9 @@ def configure_cpu_devices(requested: int, batch_size: int) -> None:
     pass
 
 
+_M_ARENA_MAX = -8  # mallopt's parameter, glibc's malloc.h
+
+
 def limit_malloc_arenas(arenas: int = 2) -> bool:
   """Caps glibc's malloc arenas (M_ARENA_MAX) unless MALLOC_ARENA_MAX is set; True when capped.
 
@@ -44,9 +47,6 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     return ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, arenas) == 1
   except (OSError, AttributeError):  # not glibc: nothing to cap
     return False
-
-
-_M_ARENA_MAX = -8  # glibc's malloc.h
 
 
 def configure_compile_cache(where: str) -> str:

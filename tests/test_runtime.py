@@ -1,6 +1,7 @@
 """Tests jaxlm/runtime.py's process set-up that needs no backend: the malloc arena cap, the CPU
 device count for a batch, and the detection of a multi-process launch."""
 
+import os
 import subprocess
 import sys
 
@@ -22,7 +23,7 @@ def test_malloc_arenas_are_capped_unless_the_user_set_malloc_arena_max():
 
 
 def test_auto_cpu_devices_divides_the_batch_and_fits_the_cores():
-  cores = len(runtime.os.sched_getaffinity(0))
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   for batch in (1, 7, 12, 64):
     n = runtime.auto_cpu_devices(batch)
     assert 1 <= n <= cores and batch % n == 0

@@ -32,7 +32,10 @@ def gelu_exact(x):
 def activation(name: str):
   """The function of the MLP nonlinearity `name`, a key of models.config.ACTIVATIONS."""
   function, kwargs = ACTIVATIONS[name]
-  return functools.partial(globals().get(function) or getattr(jax.nn, function), **kwargs)
+  return functools.partial(_OWN_ACTIVATIONS.get(function) or getattr(jax.nn, function), **kwargs)
+
+
+_OWN_ACTIVATIONS = {"gelu_exact": gelu_exact}  # ACTIVATIONS' functions that are not jax.nn's
 
 
 def param_init(std: float, axes: tuple):
