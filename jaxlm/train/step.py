@@ -98,16 +98,26 @@ def abstract_state(model, tx, mesh, lora=None, reference: bool = False):
                                                   reference=reference), mesh)
 
 
-def sharded_init(model, tx, rng, mesh, lora=None, reference: bool = False):
+# The initialisation runs once, so on CPU XLA compiles it at its lowest optimisation level: the
+# 0.8M-parameter recipe's init (53 random streams, 361 fused loops) compiles in 2.1 s, not 3.3 s.
+# Its random normals then differ from an optimised compile's in the last bit (1 ulp) of some
+# values; the program is deterministic either way.
+_INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0}}
+
+
+def sharded_init(model, tx, rng, mesh, lora=None, reference: bool = False, shardings=None):
   """The state initialised directly into its shardings (no host holds the whole model).
+  `shardings`: the state's, when the caller has them (abstract_state) already.
 
   Returns:
     (state, state_shardings) with plain (unboxed) arrays.
   """
-  _, shardings = abstract_state(model, tx, mesh, lora, reference)
+  if shardings is None:
+    _, shardings = abstract_state(model, tx, mesh, lora, reference)
+  options = _INIT_COMPILER_OPTIONS.get(mesh.devices.flat[0].platform)
   with sharding.mesh_rules(mesh):
     state = jax.jit(lambda r: nn.unbox(init_state(r, model, tx, lora, reference)),
-                    out_shardings=shardings)(rng)
+                    out_shardings=shardings, compiler_options=options)(rng)
   return state, shardings
 
 

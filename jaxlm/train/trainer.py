@@ -205,7 +205,7 @@ class Trainer:
 
     def scratch():
       return step_lib.sharded_init(run.model, run.tx, jax.random.PRNGKey(cfg.train.seed),
-                                   run.mesh, run.lora, copy_ref)[0]
+                                   run.mesh, run.lora, copy_ref, shardings)[0]
 
     state, data_state = rundir.initial_state(self.ckpt, step0, cfg, run.model.cfg,
                                              abstract=abstract, init=scratch,
@@ -344,7 +344,8 @@ class _Reporter:
                hfu_factor: float = 1.0):
     """`peak`: FLOP/s of all the run's devices (0: unknown, no MFU); `clock`: the run's
     Goodput, for time to first step and the running goodput."""
-    self.writer, self.ckpt, self.schedule, self.log_every = writer, ckpt, schedule, log_every
+    self.writer, self.ckpt, self.log_every = writer, ckpt, log_every
+    self.schedule = jax.jit(schedule)  # one small program, not a dozen eager ops each compiled
     self.start_step, self.window = start_step, (start_step, time.perf_counter())
     self.skip_nonfinite, self.skipped, self.skipped_in_row = skip_nonfinite, 0, 0
     self.peak, self.clock, self.hfu_factor = peak, clock or metrics_lib.Goodput(), hfu_factor
@@ -382,7 +383,7 @@ class _Reporter:
         record["hfu"] = record["mfu"] * self.hfu_factor
       self.writer.progress(step, values["loss"], record["tokens_per_sec"], record.get("mfu"))
     if step % self.log_every == 0:
-      record["lr"] = float(self.schedule(step - 1))  # jnp ops: only when the record is written
+      record["lr"] = float(self.schedule(step - 1))
       if step > self.start_step + 1:
         record["goodput"] = self.clock.summary()["goodput"]
       self.writer.write(step, record)
