@@ -122,13 +122,14 @@ def sharded_init(model, tx, rng, mesh, lora=None, reference: bool = False, shard
 
 
 def jit_train_step(state_shardings, objective, *, grad_accum: int = 1, dropout: bool = False,
-                   reference: bool = False):
+                   reference: bool = False, compiler_options: dict | None = None):
   """train_step jitted: the state in and out with its shardings (donated); the batch arrives as
-  global arrays already placed on the mesh (jaxlm.sharding.global_batch)."""
+  global arrays already placed on the mesh (jaxlm.sharding.global_batch). `compiler_options`:
+  XLA's, e.g. runtime.cpu_step_options."""
   step = functools.partial(train_step, objective=objective, grad_accum=grad_accum,
                            dropout=dropout, reference=reference)
   return jax.jit(step, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
-                 donate_argnums=0)
+                 donate_argnums=0, compiler_options=compiler_options)
 
 
 def jit_eval_step(apply_fn, params_shardings, objective):
