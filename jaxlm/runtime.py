@@ -5,12 +5,10 @@ one device whose ops are each split over the cores: XLA:CPU parallelises tiny ma
 """
 
 import ctypes
-import functools
 import os
 import sys
 
 import jax
-import numpy as np
 
 
 def auto_cpu_devices(batch_size: int) -> int:
@@ -29,34 +27,6 @@ def configure_cpu_devices(requested: int, batch_size: int) -> None:
     jax.config.update("jax_num_cpu_devices", n)
   except RuntimeError:  # backends already initialised: keep what they have
     pass
-
-
-# XLA:CPU hands dots, with the reductions and elementwise ops around them, to YNNPACK fusions,
-# whose fixed cost per op dominates when the matmuls are small. At or below this many per-device
-# rows x model width, jaxlm's train step compiles with each dot alone instead: the nanoGPT recipe
-# (384 rows x 128) spends 28.0 ms of op time a step per device against 32.3, its softmax and
-# layer-norm reductions 0.01-0.02 ms against 0.3-2.0; a 6 x 256 GPT-2 (1,024 x 256) was 1.7%
-# slower that way, 6 x 384 3% slower (docs/performance.md).
-SMALL_CPU_STEP = 1 << 17
-_SMALL_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-
-
-def cpu_step_options(rows_per_device: int, width: int) -> dict | None:
-  """XLA compiler options for a train step of `rows_per_device` token rows of `width` features
-  on each device: individual dots for small steps on CPU (SMALL_CPU_STEP), else None."""
-  if jax.default_backend() != "cpu" or rows_per_device * width > SMALL_CPU_STEP:
-    return None
-  return _SMALL_STEP_OPTIONS if _compiles_with(tuple(_SMALL_STEP_OPTIONS.items())) else None
-
-
-@functools.lru_cache(maxsize=None)
-def _compiles_with(options: tuple) -> bool:
-  """Whether this jaxlib's XLA knows these options (an older one rejects an unknown option)."""
-  try:
-    jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(np.float32(0)).compile()
-  except Exception:  # pylint: disable=broad-except  # XLA's error type varies by version
-    return False
-  return True
 
 
 _M_ARENA_MAX = -8  # mallopt's parameter, glibc's malloc.h

@@ -20,7 +20,6 @@ import tqdm
 
 from jaxlm import rundir, runtime
 
-
 class Goodput:
   """Splits a run's wall time into train steps (the productive part) and the rest: start-up,
   compilation, data waits, evaluation, checkpoint saves, the closing sample.
@@ -60,7 +59,6 @@ class Goodput:
     out = {"wall_seconds": wall, "goodput": self.spent["step"] / wall}
     out.update({f"{b}_frac": self.spent[b] / wall for b in self.BUCKETS})
     return out
-
 
 SYNC_SECONDS = 10.0
 

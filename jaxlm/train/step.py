@@ -122,14 +122,13 @@ def sharded_init(model, tx, rng, mesh, lora=None, reference: bool = False, shard
 
 
 def jit_train_step(state_shardings, objective, *, grad_accum: int = 1, dropout: bool = False,
-                   reference: bool = False, compiler_options: dict | None = None):
+                   reference: bool = False):
   """train_step jitted: the state in and out with its shardings (donated); the batch arrives as
-  global arrays already placed on the mesh (jaxlm.sharding.global_batch). `compiler_options`:
-  XLA's, e.g. runtime.cpu_step_options."""
+  global arrays already placed on the mesh (jaxlm.sharding.global_batch)."""
   step = functools.partial(train_step, objective=objective, grad_accum=grad_accum,
                            dropout=dropout, reference=reference)
   return jax.jit(step, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
-                 donate_argnums=0, compiler_options=compiler_options)
+                 donate_argnums=0)
 
 
 def jit_eval_step(apply_fn, params_shardings, objective):

@@ -16,7 +16,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from jaxlm import config as config_lib
-from jaxlm import devices, rundir, runtime, sharding, textgen
+from jaxlm import devices, rundir, sharding, textgen
 from jaxlm import generate as gen
 from jaxlm.data import sources
 from jaxlm.data import tokenizers as tok_lib
@@ -236,12 +236,9 @@ class Trainer:
     self.writer.message(f"{run.config.kind}: {self.parameter_summary(state)}; mesh "
                         f"{dict(run.mesh.shape)}; {mode.summary}")
     objective = mode.objective or objectives.for_head(run.model.cfg.head)
-    rows = cfg_t.batch_size * run.config.data.seq_len // (
-      sharding.batch_divisor(run.mesh) * cfg_t.grad_accum)  # token rows per device, at most
-    train_fn = step_lib.jit_train_step(
-      shardings, objective, grad_accum=cfg_t.grad_accum, dropout=run.model.cfg.dropout > 0,
-      reference=mode.reference,
-      compiler_options=runtime.cpu_step_options(rows, run.model.cfg.embed_dim))
+    train_fn = step_lib.jit_train_step(shardings, objective, grad_accum=cfg_t.grad_accum,
+                                       dropout=run.model.cfg.dropout > 0,
+                                       reference=mode.reference)
     peak, device = devices.run_peak_flops(run.model.cfg.dtype, run.config.runtime.peak_flops)
     report = _Reporter(self.writer, self.ckpt, run.schedule, cfg_t.log_every, start,
                        cfg_t.skip_nonfinite, peak=peak, clock=self.clock,
