@@ -2,6 +2,7 @@
 
   git clone https://github.com/karpathy/nanoGPT /tmp/nanoGPT
   python benchmarks/nanogpt_cpu.py --nanogpt /tmp/nanoGPT [--pairs 2] [--steps 2000]
+      [--set KEY=VALUE] [--variant KEY=VALUE]
 
 Both train the 0.8M-parameter character-level GPT on Tiny Shakespeare (4 layers, 4 heads, 128
 dims, block 64, batch 12, AdamW lr 1e-3 cosine to 1e-4, 2000 steps, eval every 250 steps) on the
@@ -50,10 +51,10 @@ def nanogpt_command(steps: int) -> list[str]:
           f"--max_iters={steps}", f"--lr_decay_iters={steps}", "--dropout=0.0"]
 
 
-def jaxlm_command(workdir: str, steps: int, data: str) -> list[str]:
+def jaxlm_command(workdir: str, steps: int, data: str, overrides=()) -> list[str]:
   return [sys.executable, "-m", "jaxlm.cli", "train", "--config", "configs/shakespeare_char.py",
           "--workdir", workdir, f"--config.data.path={data}", f"--config.train.steps={steps}",
-          f"--config.checkpoint.every={steps}"]
+          f"--config.checkpoint.every={steps}", *(f"--config.{o}" for o in overrides)]
 
 
 def main():
@@ -65,6 +66,11 @@ def main():
   parser.add_argument("--warm-cache", action="store_true",
                       help="let jaxlm's runs share one persistent compilation cache (a rerun of "
                       "the same config), instead of a fresh one per run (a first launch)")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="a config override for jaxlm's runs (repeatable)")
+  parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
+                      help="adds a third run to each round: jaxlm with these overrides on top "
+                      "(repeatable), e.g. train.steps_per_call=1, to measure what it changes")
   args = parser.parse_args()
   tmp = tempfile.mkdtemp(prefix="nanogpt-bench-")
   nano = os.path.join(tmp, "nanoGPT")
@@ -72,14 +78,20 @@ def main():
   shutil.copy(args.data, os.path.join(nano, "data", "shakespeare_char", "input.txt"))
   subprocess.run([sys.executable, "data/shakespeare_char/prepare.py"], cwd=nano, check=True,
                  capture_output=True)
-  runs = {"jaxlm": [], "nanoGPT": []}
+  arms = {"jaxlm": args.set}
+  if args.variant:
+    arms["variant"] = args.set + args.variant
+    print(f"variant: jaxlm with {' '.join(args.variant)}")
+  runs = {name: [] for name in (*arms, "nanoGPT")}
   for pair in range(args.pairs):
-    workdir = os.path.join(tmp, f"jaxlm-{pair}")
-    os.environ["JAXLM_COMPILE_CACHE"] = os.path.join(tmp, "xla" if args.warm_cache else workdir)
-    runs["jaxlm"].append(timed(REPO, jaxlm_command(workdir, args.steps, args.data)))
-    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    runs["jaxlm"][-1]["mfu"] = records[-1].get("mean_mfu", float("nan"))
-    runs["jaxlm"][-1]["eval_loss"] = [r for r in records if "eval_loss" in r][-1]["eval_loss"]
+    for name, overrides in arms.items():
+      workdir = os.path.join(tmp, f"{name}-{pair}")
+      os.environ["JAXLM_COMPILE_CACHE"] = os.path.join(tmp, "xla" if args.warm_cache else workdir)
+      run = timed(REPO, jaxlm_command(workdir, args.steps, args.data, overrides))
+      records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+      run["mfu"] = records[-1].get("mean_mfu", float("nan"))
+      run["eval_loss"] = [r for r in records if "eval_loss" in r][-1]["eval_loss"]
+      runs[name].append(run)
     shutil.rmtree(os.path.join(nano, "out-shakespeare-char"), ignore_errors=True)
     runs["nanoGPT"].append(timed(nano, nanogpt_command(args.steps)))
     for name in runs:
@@ -91,9 +103,14 @@ def main():
          for name, rs in runs.items()}
   for name, m in med.items():
     print(f"median {name:8s} {m['wall']:7.1f} s wall, peak RSS {m['rss'] / 2**20:6.0f} MiB")
-  print(f"ratio jaxlm / nanoGPT: wall {med['jaxlm']['wall'] / med['nanoGPT']['wall']:.2f}x, "
-        f"peak memory {med['jaxlm']['rss'] / med['nanoGPT']['rss']:.2f}x; jaxlm MFU "
-        f"{100 * statistics.median(r['mfu'] for r in runs['jaxlm']):.1f}%")
+  for name in arms:
+    print(f"ratio {name} / nanoGPT: wall {med[name]['wall'] / med['nanoGPT']['wall']:.2f}x, "
+          f"peak memory {med[name]['rss'] / med['nanoGPT']['rss']:.2f}x; {name} MFU "
+          f"{100 * statistics.median(r['mfu'] for r in runs[name]):.1f}%")
+  if args.variant:
+    ratios = [v["wall"] / j["wall"] for j, v in zip(runs["jaxlm"], runs["variant"])]
+    print(f"ratio variant / jaxlm: wall {med['variant']['wall'] / med['jaxlm']['wall']:.2f}x "
+          f"(per round {', '.join(f'{r:.2f}' for r in ratios)})")
   shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -26,6 +26,7 @@ def get_config():
   c.train.batch_size = 12
   c.train.eval_every = 250
   c.train.eval_batches = 20
+  c.train.steps_per_call = 50  # 50 steps per jitted call: one dispatch and metrics fetch each
   c.optim.lr = 1e-3
   c.optim.min_lr = 1e-4
   c.optim.warmup_steps = 100

@@ -87,6 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
     epochs=0,  # finetune, when train.steps is 0
     batch_size=16,  # global, over all devices and processes
     grad_accum=1,  # micro-batches per step (batch_size must divide evenly)
+    # optimizer steps per jitted call: K > 1 runs K steps in one lax.scan over K batches (one
+    # dispatch and one metrics fetch per K steps: small models); evaluation, checkpoints and
+    # SIGTERM act between calls, at multiples of K. Batches must share a shape (not finetune)
+    steps_per_call=1,
     seed=0,
     log_every=10,  # steps between metrics.jsonl records
     eval_every=250,  # steps between evaluations (and a checkpoint after each); finetune: 0 = epochs

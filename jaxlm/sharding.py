@@ -184,16 +184,19 @@ def strip_boxes(tree):
   return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Batch arrays are split over (data, fsdp) on their leading axis."""
-  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int = 2, stacked: bool = False) -> NamedSharding:
+  """Batch arrays are split over (data, fsdp) on their leading axis; `stacked` batches (several
+  steps' batches, [steps, rows, ...]) on their second."""
+  lead = (None,) if stacked else ()
+  return NamedSharding(mesh, P(*lead, ("data", "fsdp"), *([None] * (ndim - 1 - len(lead)))))
 
 
-def global_batch(local: dict, mesh: Mesh) -> batch_lib.Batch:
+def global_batch(local: dict, mesh: Mesh, stacked: bool = False) -> batch_lib.Batch:
   """This process's rows (a dict of numpy arrays, Batch field names) assembled with every other
-  process's into a Batch of global arrays, split over (data, fsdp) on the leading axis."""
+  process's into a Batch of global arrays, split over (data, fsdp) on the rows' axis (the
+  leading one, or the second of a `stacked` batch: [steps, rows, ...])."""
   return batch_lib.from_dict({
-    k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+    k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, stacked), v)
     for k, v in local.items()})
 
 

@@ -232,6 +232,24 @@ def test_prefetch_reports_the_state_of_the_last_batch_taken():
   assert not ahead._thread.is_alive() and ahead._queue.empty()
 
 
+def test_stack_gives_each_call_its_steps_batches_and_an_exact_state():
+  counter = _Counter()
+  counter.set_state({"step": 2})  # a restore
+  stacked = iterators.Stack(counter, [3, 1, 2])
+  first = next(stacked)
+  assert first["inputs"].shape == (3, 4, 8)
+  assert [int(x[0, 0]) for x in first["inputs"]] == [2, 3, 4]  # the next three steps, in order
+  assert stacked.get_state() == {"step": 5}
+  assert next(stacked)["inputs"].shape == (1, 4, 8) and stacked.get_state() == {"step": 6}
+
+  class Varying(_Counter):
+    def __next__(self):
+      return {"inputs": np.zeros((4, 8 + super().__next__()["inputs"][0, 0]))}
+
+  with pytest.raises(ValueError, match="set train.steps_per_call=1 for data whose batch shapes"):
+    next(iterators.Stack(Varying(), [2]))
+
+
 def test_cache_is_reused_and_invalidated(tmp_path, gpt2, monkeypatch):
   path = _text_file(tmp_path)
   cfg = _cfg(path=path, cache_dir=str(tmp_path / "cache"))

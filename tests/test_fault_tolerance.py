@@ -121,7 +121,9 @@ def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint(tmp_path):
 
 def test_sigterm_finishes_the_step_saves_and_exits_with_a_resume_hint(tmp_path):
   workdir = tmp_path / "run"
-  proc = popen_train(workdir, 100000, ["--config.checkpoint.every=1000"])
+  # the demo's 50 steps a call (no evaluation to cut them): SIGTERM stops at the end of a call
+  proc = popen_train(workdir, 100000, ["--config.checkpoint.every=1000",
+                                       "--config.train.eval_every=1000"])
   deadline = time.monotonic() + 240
   while krc.logged_step(str(workdir)) < 3 and proc.poll() is None and time.monotonic() < deadline:
     time.sleep(0.01)
@@ -380,6 +382,7 @@ def test_retention_keeps_the_newest_the_best_and_every_kth(tmp_path):
   ({"checkpoint.restore_step": 7}, ValueError,
    "checkpoint.restore_step=7 is not in"),
   ({"train.skip_nonfinite": -1}, ValueError, "train.skip_nonfinite=-1 must be >= 0"),
+  ({"train.steps_per_call": 0}, ValueError, "train.steps_per_call=0 must be >= 1"),
   ({"model.vocab_size": 3}, ValueError, "the tokenizer has"),
   ({"data.seq_len": 65}, ValueError, "data.seq_len=65 exceeds model.max_seq_len=64"),
   ({"data.path": "/no/such/file.txt"}, FileNotFoundError, "data file not found"),

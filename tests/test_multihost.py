@@ -1,9 +1,9 @@
 """Multi-process runs for real: N `jaxlm` processes on localhost joined by jax.distributed (gloo
 CPU collectives), each with its own CPU devices, against one process with 8 devices (the pytest
 process): the same losses for a data mesh on 2 processes x 4 devices and an FSDP x tensor mesh
-on 4 x 2, exact resumption after SIGKILL of every process, SIGTERM to one process stopping all
-at one step (then resumed on one process). Fine-tuning and `jaxlm eval` on several processes:
-tests/test_multihost_tasks.py.
+on 4 x 2 (and two steps per jitted call on 2 x 4), exact resumption after SIGKILL of every
+process, SIGTERM to one process stopping all at one step (then resumed on one process).
+Fine-tuning and `jaxlm eval` on several processes: tests/test_multihost_tasks.py.
 
 These spawn real processes: the costliest tests of the suite, kept to a tiny model and few steps.
 """
@@ -174,6 +174,17 @@ def test_two_processes_train_like_one_and_log_sample_only_on_process_0(packed_ru
   names = set(os.listdir(os.path.join(two, "checkpoints", str(STEPS), "data")))
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= names
   assert not os.path.exists(os.path.join(REPO, "gs:"))
+
+
+def test_two_processes_with_several_steps_per_call_train_like_one(packed_runs):
+  """train.steps_per_call=2: each process stacks its rows of two steps ([2, rows, T]) and the
+  global batch is split on its second axis; the same losses as one step a call on one process."""
+  cfg, one, two, _ = packed_runs
+  stacked = os.path.join(os.path.dirname(two), "two_per_call")
+  train(2, 4, cfg, stacked, "--config.train.steps_per_call=2")
+  assert len(losses(stacked)) == STEPS
+  _close(losses(stacked), losses(one))
+  _close(losses(stacked, "eval_loss"), losses(one, "eval_loss"))
 
 
 @pytest.mark.parametrize("mesh,nproc", [("fsdp_tensor", 4)])  # fsdp alone: test_sharding

@@ -75,6 +75,25 @@ def test_grad_accumulation_matches_the_full_batch():
                state_acc.params, state_full.params)
 
 
+def test_several_steps_in_one_call_match_one_step_per_call():
+  """train_steps (lax.scan over a stacked batch, train.steps_per_call) = train_step, step by step:
+  the same losses and the same params, on a data-parallel mesh."""
+  batches, mesh = _batches(3), _mesh(2, 1, 1)
+  state_one, losses_one = _train(FAMILIES["llama"], mesh, batches)
+  model = Transformer(ModelConfig(**FAMILIES["llama"]))
+  tx, _ = optim.make_optimizer(base_config().optim, 1000)
+  state, shardings = step_lib.sharded_init(model, tx, jax.random.PRNGKey(0), mesh)
+  fn = step_lib.jit_train_step(shardings, objectives.for_head("lm"), stacked=True)
+  stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+  with sharding.mesh_rules(mesh):
+    state, metrics = fn(state, sharding.global_batch(stacked, mesh, stacked=True))
+  assert metrics["loss"].shape == (3,)
+  assert int(state.step) == 3
+  np.testing.assert_allclose(np.asarray(metrics["loss"]), losses_one, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               state.params, state_one.params)
+
+
 def test_optimizer_uses_every_config_field():
   cfg = base_config().optim
   cfg.update(dict(lr=3e-3, min_lr=3e-4, warmup_steps=10, b1=0.8, b2=0.99, eps=1e-6,

@@ -1,9 +1,12 @@
 """Tests jaxlm/train/trainer.py: the one trainer's kinds. Masked-LM with packed documents trains
 masked-LM (its loss counts only the masked positions), a kind refuses a model it does not train,
-and a config names its kind explicitly."""
+and a config names its kind explicitly; several steps per jitted call run the same steps,
+evaluate and checkpoint at the same steps and resume exactly."""
 
 import importlib.util
+import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -72,3 +75,60 @@ def test_a_kind_refuses_a_model_it_does_not_train(tmp_path):
   with pytest.raises(ValueError, match="kind='pretrain' is not one of"):
     trainer.setup(config, str(tmp_path))
   assert not os.listdir(tmp_path), "a refused config writes nothing"
+
+
+def test_call_ends_cut_at_evaluations_checkpoints_and_the_end():
+  assert list(trainer.call_ends(0, 25, 10, 20, 15)) == [10, 15, 20, 25]
+  assert list(trainer.call_ends(7, 25, 10, 20, 0)) == [10, 20, 25]  # a resume realigns
+  assert list(trainer.call_ends(0, 4, 1, 2, 3)) == [1, 2, 3, 4]
+  assert list(trainer.call_ends(8, 8, 4)) == []
+
+
+def _records(workdir) -> list[dict]:
+  return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_steps_per_call_trains_the_same_steps_and_resumes_exactly(tmp_path):
+  text = tmp_path / "text.txt"
+  text.write_text("\n".join(f"line {i}: the quick brown fox jumps" for i in range(400)))
+
+  def config(per_call, **train):
+    c = base_config()
+    c.model.update({"num_layers": 1, "embed_dim": 32, "num_heads": 2, "max_seq_len": 32})
+    c.data.update({"source": "file", "path": str(text), "seq_len": 16, "tokenizer": "char"})
+    c.train.update({"steps": 8, "batch_size": 8, "log_every": 1, "eval_every": 4,
+                    "eval_batches": 1, "steps_per_call": per_call, **train})
+    c.optim.warmup_steps = 2
+    c.checkpoint.update({"every": 4, "keep": 0, "use_async": False})
+    c.sample.max_new_tokens = 0
+    return c
+
+  one, three = str(tmp_path / "one"), str(tmp_path / "three")
+  trainer.train(config(1), one)
+  result = trainer.train(config(3), three)  # calls of steps 1-3, 4, 5-6, 7-8
+  by_step = {n: {r["step"]: r for r in _records(w) if "loss" in r} for n, w in
+             (("one", one), ("three", three))}
+  assert sorted(by_step["three"]) == list(range(1, 9))  # a record for every step, as with one
+  np.testing.assert_allclose([by_step["three"][s]["loss"] for s in range(1, 9)],
+                             [by_step["one"][s]["loss"] for s in range(1, 9)], rtol=1e-5)
+  assert [r["step"] for r in _records(three) if "eval_loss" in r] == [4, 8]
+  assert sorted(int(d) for d in os.listdir(os.path.join(three, "checkpoints"))
+                if d.isdigit()) == [4, 8]
+  # resumed from step 4 (calls of steps 5-6, 7-8, the same programs): exactly the same steps
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(three, resumed)
+  config_resume = config(3)
+  config_resume.checkpoint.restore_step = 4
+  again = trainer.train(config_resume, resumed)
+  assert again["eval_loss"] == result["eval_loss"]
+  after = [r for r in _records(resumed) if "loss" in r][-4:]
+  assert [r["step"] for r in after] == [5, 6, 7, 8]
+  assert [r["loss"] for r in after] == [by_step["three"][s]["loss"] for s in range(5, 9)]
+
+
+def test_steps_per_call_refuses_tasks_whose_batches_vary_in_shape(tmp_path):
+  config = base_config()
+  config.kind = "finetune"
+  config.train.steps_per_call = 4
+  with pytest.raises(ValueError, match="kind='finetune' batches vary in shape"):
+    trainer.check_batch(config, sharding.make_mesh(config.mesh))

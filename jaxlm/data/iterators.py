@@ -1,7 +1,10 @@
-"""Iterator helpers: background prefetch so the accelerator never waits on the host."""
+"""Iterator helpers: background prefetch so the accelerator never waits on the host, and
+several steps' batches stacked for one jitted call."""
 
 import queue
 import threading
+
+import numpy as np
 
 _DONE = object()
 
@@ -74,3 +77,38 @@ class Prefetch:
       raise RuntimeError("Prefetch.set_state must come before the first batch is taken")
     self.iterator.set_state(state)
     self._state = self.iterator.get_state()
+
+
+class Stack:
+  """Batches (dicts of numpy arrays) stacked `lengths` at a time: each item is `[n, rows, ...]`
+  for the next n of `lengths`, the batches of n consecutive steps (jaxlm.train.step.train_steps).
+  get_state() / set_state() are the iterator's own, exact between stacks.
+  """
+
+  def __init__(self, iterator, lengths):
+    self.iterator, self.lengths = iterator, iter(lengths)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    n = next(self.lengths)
+    batches = [next(self.iterator) for _ in range(n)]  # StopIteration: the data ran out
+    for b in batches[1:]:
+      shapes = {k: v.shape for k, v in b.items()}
+      if shapes != {k: v.shape for k, v in batches[0].items()}:
+        raise ValueError(
+          f"train.steps_per_call={n} stacks batches of one shape, but they vary here "
+          f"({ {k: v.shape for k, v in batches[0].items()} } then {shapes}); set "
+          "train.steps_per_call=1 for data whose batch shapes vary (bucketed or packed tasks)")
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+  def get_state(self) -> dict:
+    return self.iterator.get_state()
+
+  def set_state(self, state: dict):
+    self.iterator.set_state(state)
+
+  def close(self):
+    if hasattr(self.iterator, "close"):
+      self.iterator.close()

@@ -64,6 +64,12 @@ def train_step(state: TrainState, batch: Batch, *, objective, grad_accum: int = 
   return new_state, metrics
 
 
+def train_steps(state: TrainState, batches: Batch, **step_kwargs):
+  """`train_step` over a stacked batch (`[steps, rows, ...]`, one step's batch per leading
+  index) in one `lax.scan`: the state after the last step and each step's metrics, stacked."""
+  return jax.lax.scan(functools.partial(train_step, **step_kwargs), state, batches)
+
+
 def eval_step(params, batch: Batch, reference=None, *, apply_fn, objective):
   """Summed loss and weight of one eval batch (combine across batches, then divide), with the
   objective's other sums when it returns them (DPO's rewards); `reference`: the reference
@@ -122,11 +128,12 @@ def sharded_init(model, tx, rng, mesh, lora=None, reference: bool = False, shard
 
 
 def jit_train_step(state_shardings, objective, *, grad_accum: int = 1, dropout: bool = False,
-                   reference: bool = False):
-  """train_step jitted: the state in and out with its shardings (donated); the batch arrives as
-  global arrays already placed on the mesh (jaxlm.sharding.global_batch)."""
-  step = functools.partial(train_step, objective=objective, grad_accum=grad_accum,
-                           dropout=dropout, reference=reference)
+                   reference: bool = False, stacked: bool = False):
+  """train_step jitted (train_steps when `stacked`): the state in and out with its shardings
+  (donated); the batch arrives as global arrays already placed on the mesh
+  (jaxlm.sharding.global_batch)."""
+  step = functools.partial(train_steps if stacked else train_step, objective=objective,
+                           grad_accum=grad_accum, dropout=dropout, reference=reference)
   return jax.jit(step, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
                  donate_argnums=0)
 

@@ -7,11 +7,13 @@ NaN guard, checkpoints, preemption and a closing sample.
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
@@ -20,7 +22,7 @@ from jaxlm import devices, rundir, sharding, textgen
 from jaxlm import generate as gen
 from jaxlm.data import sources
 from jaxlm.data import tokenizers as tok_lib
-from jaxlm.data.iterators import Prefetch
+from jaxlm.data.iterators import Prefetch, Stack
 from jaxlm.models import heads
 from jaxlm.models import lora as lora_lib
 from jaxlm.train import metrics as metrics_lib
@@ -112,6 +114,24 @@ def check_batch(config, mesh):
       f"train.batch_size={config.train.batch_size} must be divisible by the data-parallel "
       f"size {sharding.batch_divisor(mesh)} times train.grad_accum={config.train.grad_accum}"
     )
+  per_call = config.train.steps_per_call
+  if per_call < 1:
+    raise ValueError(f"train.steps_per_call={per_call} must be >= 1")
+  if per_call > 1 and config.kind == "finetune":
+    raise ValueError(f"train.steps_per_call={per_call} stacks batches of one shape, and "
+                     "kind='finetune' batches vary in shape (buckets, packed rows): set "
+                     "train.steps_per_call=1")
+
+
+def call_ends(start: int, total: int, per_call: int, *every: int):
+  """The last step of each jitted call after step `start`: `per_call` steps at a time, cut at
+  the multiples of `per_call` and of each `every` (evaluations, checkpoints) and at `total`, so
+  those act between calls."""
+  cuts = [e for e in (per_call, *every) if e > 0]
+  step = start
+  while step < total:
+    step = min([total] + [(step // e + 1) * e for e in cuts])
+    yield step
 
 
 def _optimizer(config, total_steps: int):
@@ -229,8 +249,12 @@ class Trainer:
       else:  # a checkpoint without an iterator state: replay the deterministic stream to `start`
         for _ in range(start):
           next(mode.batches)
+    stacked = cfg_t.steps_per_call > 1  # each call's steps' batches as one [steps, rows, ...]
+    ends = functools.partial(call_ends, start, mode.total_steps, cfg_t.steps_per_call,
+                             mode.eval_every, run.config.checkpoint.every)
+    source = Stack(mode.batches, np.diff([start, *ends()])) if stacked else mode.batches
     # batches placed on the devices in a background thread; get_state() stays exact
-    batches = Prefetch(mode.batches, lambda b: sharding.global_batch(b, run.mesh), size=2)
+    batches = Prefetch(source, lambda b: sharding.global_batch(b, run.mesh, stacked), size=2)
     self.writer.bar.reset(mode.total_steps)
     self.writer.bar.update(start)
     self.writer.message(f"{run.config.kind}: {self.parameter_summary(state)}; mesh "
@@ -238,7 +262,7 @@ class Trainer:
     objective = mode.objective or objectives.for_head(run.model.cfg.head)
     train_fn = step_lib.jit_train_step(shardings, objective, grad_accum=cfg_t.grad_accum,
                                        dropout=run.model.cfg.dropout > 0,
-                                       reference=mode.reference)
+                                       reference=mode.reference, stacked=stacked)
     peak, device = devices.run_peak_flops(run.model.cfg.dtype, run.config.runtime.peak_flops)
     report = _Reporter(self.writer, self.ckpt, run.schedule, cfg_t.log_every, start,
                        cfg_t.skip_nonfinite, peak=peak, clock=self.clock,
@@ -253,7 +277,7 @@ class Trainer:
     with sharding.mesh_rules(run.mesh), contextlib.closing(batches):
       if start == 0 and mode.eval_at_start:  # the imported model's score, before training
         self.evaluate(state, 0, "(imported weights)")
-      state, final = self.loop(state, train_fn, batches, report, meta, start)
+      state, final = self.loop(state, train_fn, batches, report, meta, start, ends())
       if not final:  # no evaluation since the last start (e.g. resumed at the end)
         final = self.evaluate(state, int(jax.device_get(state.step)))
     with self.clock.timing("checkpoint"):
@@ -268,29 +292,33 @@ class Trainer:
     return {"step": step, **final, **summary,
             "train_seconds": time.perf_counter() - self.clock.begin}
 
-  def loop(self, state, train_fn, batches, report, meta, start: int):
-    """The training loop. Metrics of step s are fetched while step s + 1 runs, so the device
-    never waits for the host; evaluation, checkpoints and preemption act between steps."""
+  def loop(self, state, train_fn, batches, report, meta, start: int, ends):
+    """The training loop: one jitted call per item of `ends` (the last step of each; one step a
+    call unless train.steps_per_call). A call's metrics are fetched while the next call runs, so
+    the device never waits for the host; evaluation, checkpoints and preemption act between
+    calls."""
     mode, every = self.run.mode, self.run.config.checkpoint.every
     final, pending = {}, None
     clock, flops = self.clock, _step_flops(self.run)
-    for step in range(start + 1, mode.total_steps + 1):
-      wait_start = time.perf_counter()  # the previous step runs on the device meanwhile
+    first = start + 1
+    for calls, step in enumerate(ends, 1):  # this call runs steps first..step
+      wait_start = time.perf_counter()  # the previous call runs on the device meanwhile
       batch = next(batches, None)
       data_wait = time.perf_counter() - wait_start
       clock.add("data", data_wait)
       if batch is None:
-        raise ValueError(f"the data ran out at step {step} of {mode.total_steps}")
-      self.profile.before(step)
+        raise ValueError(f"the data ran out at step {first} of {mode.total_steps}")
+      self.profile.before(first, step)
       with clock.timing("step"):
         state, step_metrics = train_fn(state, batch)
         if pending is not None:
           report(*pending, data_wait)
-      pending = (step, step_metrics, batch.inputs.size, flops(batch.inputs.shape))
+      pending = (first, step, step_metrics, batch.inputs.size, flops(batch.inputs.shape))
+      first = step + 1
       evaluated = None
       if step % mode.eval_every == 0 or step == mode.total_steps:
         final = evaluated = self.evaluate(state, step)
-      stop = self.guard.should_stop(step)
+      stop = self.guard.should_stop(start + calls)  # a counter of calls, the same on all hosts
       if stop or evaluated is not None or step % every == 0 or step == mode.total_steps:
         with clock.timing("step"):
           report(*pending)  # never save a state whose step was not finite
@@ -353,41 +381,48 @@ class _Reporter:
     self.total = {"tokens": 0, "flops": 0.0, "seconds": 0.0}  # since the first step's end
     self.first_step_seconds = None
 
-  def __call__(self, step: int, step_metrics, tokens: int, flops: float = 0.0,
+  def __call__(self, first: int, last: int, step_metrics, tokens: int, flops: float = 0.0,
                data_wait: float = 0.0):
-    """`tokens`, `flops`: the step's batch size in tokens and its model FLOPs; `data_wait`:
-    seconds just spent getting a batch (since the previous call)."""
-    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-    self._guard(step, values)
+    """Steps `first`..`last` (one jitted call) ran: `step_metrics` are theirs (stacked over the
+    steps, or one step's scalars); `tokens`, `flops`: the call's batch in tokens and its model
+    FLOPs; `data_wait`: seconds just spent getting a batch (since the previous call)."""
+    fetched = {k: np.atleast_1d(v) for k, v in jax.device_get(step_metrics).items()}
+    rows = [{k: float(v[i]) for k, v in fetched.items()} for i in range(last - first + 1)]
+    for step, values in enumerate(rows, first):
+      self._guard(step, values)
     now = time.perf_counter()
-    record = {"loss": values["loss"], "lr": 0.0, "grad_norm": values["grad_norm"],
-              **{k: v for k, v in values.items() if "/" in k}}  # an objective's own (DPO's)
-    if self.skip_nonfinite:
-      record["skipped_nonfinite"] = self.skipped
-    if step == self.start_step + 1:  # leave compilation out of the throughput
+    timing = {}
+    if first == self.start_step + 1:  # leave compilation out of the throughput
       self.first_step_seconds = now - self.clock.begin
-      record["time_to_first_step"] = self.first_step_seconds
-      record["compile_seconds"] = self.clock.compiled()["seconds"]
-      self.window, self.data_wait, self.tokens, self.flops = (step, now), 0.0, 0, 0.0
+      timing["time_to_first_step"] = self.first_step_seconds
+      timing["compile_seconds"] = self.clock.compiled()["seconds"]
+      self.window, self.data_wait, self.tokens, self.flops = (last, now), 0.0, 0, 0.0
     else:
       self.data_wait += data_wait
       self.tokens += tokens
       self.flops += flops
       last_step, last_time = self.window
       elapsed = max(now - last_time, 1e-9)
-      record["tokens_per_sec"] = self.tokens / elapsed
-      record["data_wait_ms"] = 1e3 * self.data_wait / max(step - last_step, 1)
-      record["data_wait_frac"] = self.data_wait / elapsed
+      timing["tokens_per_sec"] = self.tokens / elapsed
+      timing["data_wait_ms"] = 1e3 * self.data_wait / max(last - last_step, 1)
+      timing["data_wait_frac"] = self.data_wait / elapsed
       if self.peak:
-        record["mfu"] = self.flops / elapsed / self.peak
-        record["hfu"] = record["mfu"] * self.hfu_factor
-      self.writer.progress(step, values["loss"], record["tokens_per_sec"], record.get("mfu"))
-    if step % self.log_every == 0:
-      record["lr"] = float(self.schedule(step - 1))
-      if step > self.start_step + 1:
-        record["goodput"] = self.clock.summary()["goodput"]
-      self.writer.write(step, record)
-      self._close_window(step, now)
+        timing["mfu"] = self.flops / elapsed / self.peak
+        timing["hfu"] = timing["mfu"] * self.hfu_factor
+      self.writer.progress(last, rows[-1]["loss"], timing["tokens_per_sec"], timing.get("mfu"))
+    logged = [step for step in range(first, last + 1) if step % self.log_every == 0]
+    if logged and "tokens_per_sec" in timing:
+      timing["goodput"] = self.clock.summary()["goodput"]
+    for step in logged:
+      values = rows[step - first]
+      record = {"loss": values["loss"], "lr": float(self.schedule(step - 1)),
+                "grad_norm": values["grad_norm"],
+                **{k: v for k, v in values.items() if "/" in k}}  # an objective's own (DPO's)
+      if self.skip_nonfinite:
+        record["skipped_nonfinite"] = self.skipped
+      self.writer.write(step, {**record, **timing})
+    if logged:
+      self._close_window(last, now)
 
   def _close_window(self, step: int, now: float):
     last_step, last_time = self.window
@@ -473,8 +508,9 @@ def _summary_line(steps: int, s: dict) -> str:
 
 
 class _Profile:
-  """profile.steps="A-B": a JAX profiler trace of steps A to B in WORKDIR/profile (process 0),
-  for TensorBoard's profile plugin or Perfetto."""
+  """profile.steps="A-B": a JAX profiler trace of steps A to B (of the calls holding them, with
+  train.steps_per_call) in WORKDIR/profile (process 0), for TensorBoard's profile plugin or
+  Perfetto."""
 
   def __init__(self, steps: str, workdir):
     self.first, self.last = self.parse(steps)
@@ -495,13 +531,14 @@ class _Profile:
       raise ValueError(f"profile.steps={steps!r}: want 1 <= first <= last")
     return first, last
 
-  def before(self, step: int):
-    if step == self.first and jax.process_index() == 0:
+  def before(self, first: int, last: int):
+    """Steps first..last are about to run (one call)."""
+    if self.first is not None and first <= self.first <= last and jax.process_index() == 0:
       jax.profiler.start_trace(self.directory)
       self.active = True
 
-  def after(self, step: int, state):
-    if self.active and step >= self.last:
+  def after(self, last: int, state):
+    if self.active and last >= self.last:
       jax.block_until_ready(state)  # the trace holds the steps' device work
       self.close()
 
