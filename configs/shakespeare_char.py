@@ -4,8 +4,8 @@ r"""nanoGPT's CPU recipe: a 0.8M-parameter character-level GPT on Tiny Shakespea
     --config.data.path=../shared/data/tinyshakespeare/input.txt
 
 First 90% of the text trains, the last 10% validates.
-Cost: 1.5 to 2 minutes on 2 CPU cores (whole runs measured at 84 to 119 s, from a cold compilation
-cache; 33 to 45 ms a step).
+Cost: 1.5 minutes on 2 CPU cores (whole runs measured at 76 to 89 s from a cold compilation
+cache, 50 steps a jitted call; nanoGPT's own train.py took 92 to 112 s beside them).
 Expected: eval_loss about 1.88-1.90 at step 2000 (seed 0: 1.878 on 2026-12-02; seeds 0-6
 earlier: 1.883 to 1.912, mean 1.900; it is a 20-batch estimate); on the whole val split 1.900
 (seed 0) and 1.903 (seed 1), earlier. nanoGPT's own train.py, same recipe and data: 1.886
