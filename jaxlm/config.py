@@ -89,7 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
     grad_accum=1,  # micro-batches per step (batch_size must divide evenly)
     # optimizer steps per jitted call: K > 1 runs K steps in one lax.scan over K batches (one
     # dispatch and one metrics fetch per K steps: small models); evaluation, checkpoints and
-    # SIGTERM act between calls, at multiples of K. Batches must share a shape (not finetune)
+    # SIGTERM act between calls. Calls end at multiples of K and at eval/checkpoint steps (keep
+    # those multiples of K: a call of another length compiles its own program). Batches must
+    # share a shape (not finetune)
     steps_per_call=1,
     seed=0,
     log_every=10,  # steps between metrics.jsonl records

@@ -237,22 +237,27 @@ def _poison(monkeypatch):
   monkeypatch.setattr(pipeline, "build", build)
 
 
+@pytest.mark.parametrize("per_call, every", [(1, 3), (4, 2)])  # (4, 2): calls 1-2, 3-4, 5
 def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
-    tmp_path, text_file, monkeypatch):
+    tmp_path, text_file, monkeypatch, per_call, every):
   _poison(monkeypatch)
-  config = tiny_config(text_file, **{"train.steps": 5, "checkpoint.every": 3})
+  config = tiny_config(text_file, **{"train.steps": 5, "checkpoint.every": every,
+                                     "train.steps_per_call": per_call})
   with pytest.raises(FloatingPointError, match="at step 4; stopping. The last good checkpoint "
-                     "is step 3"):
+                     f"is step {every}"):
     trainer.train(config, str(tmp_path))
-  assert steps_on_disk(tmp_path) == [3]
+  assert steps_on_disk(tmp_path) == [every]
+  # the steps before the bad one are logged, those in its own call too
+  assert [r["step"] for r in records(tmp_path) if "loss" in r] == [1, 2, 3]
   _, params = rundir.load_run(str(tmp_path))
   assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
 
 
-def test_skip_nonfinite_skips_and_counts_the_bad_batch(tmp_path, text_file, monkeypatch):
+@pytest.mark.parametrize("per_call", [1, 5])  # 5: one call, each step's own count
+def test_skip_nonfinite_skips_and_counts_the_bad_batch(tmp_path, text_file, monkeypatch, per_call):
   _poison(monkeypatch)
   config = tiny_config(text_file, **{"train.skip_nonfinite": 2, "train.steps": 5,
-                                     "checkpoint.every": 5})
+                                     "checkpoint.every": 5, "train.steps_per_call": per_call})
   trainer.train(config, str(tmp_path))
   logged = [r for r in records(tmp_path) if "loss" in r]
   assert [r["skipped_nonfinite"] for r in logged] == [0, 0, 0, 1, 1]

@@ -112,6 +112,12 @@ def test_steps_per_call_trains_the_same_steps_and_resumes_exactly(tmp_path):
   np.testing.assert_allclose([by_step["three"][s]["loss"] for s in range(1, 9)],
                              [by_step["one"][s]["loss"] for s in range(1, 9)], rtol=1e-5)
   assert [r["step"] for r in _records(three) if "eval_loss" in r] == [4, 8]
+  # throughput leaves out each call that compiled (the first, and the first of each new length:
+  # 1 at step 4, 2 at steps 5-6); the start-up figures go in the first record only
+  timed = [s for s, r in by_step["three"].items() if "tokens_per_sec" in r]
+  assert timed == [7, 8]
+  assert [s for s, r in by_step["one"].items() if "tokens_per_sec" in r] == list(range(2, 9))
+  assert [s for s, r in by_step["three"].items() if "time_to_first_step" in r] == [1]
   assert sorted(int(d) for d in os.listdir(os.path.join(three, "checkpoints"))
                 if d.isdigit()) == [4, 8]
   # resumed from step 4 (calls of steps 5-6, 7-8, the same programs): exactly the same steps

@@ -254,7 +254,8 @@ class Trainer:
                              mode.eval_every, run.config.checkpoint.every)
     source = Stack(mode.batches, np.diff([start, *ends()])) if stacked else mode.batches
     # batches placed on the devices in a background thread; get_state() stays exact
-    batches = Prefetch(source, lambda b: sharding.global_batch(b, run.mesh, stacked), size=2)
+    batches = Prefetch(source, lambda b: sharding.global_batch(b, run.mesh, stacked),
+                       size=1 if stacked else 2)  # a stacked call's batch is K steps' batches
     self.writer.bar.reset(mode.total_steps)
     self.writer.bar.update(start)
     self.writer.message(f"{run.config.kind}: {self.parameter_summary(state)}; mesh "
@@ -307,7 +308,8 @@ class Trainer:
       data_wait = time.perf_counter() - wait_start
       clock.add("data", data_wait)
       if batch is None:
-        raise ValueError(f"the data ran out at step {first} of {mode.total_steps}")
+        raise ValueError(f"the data ran out at step {first} of {mode.total_steps}"
+                         + (f" (in the call of steps {first}-{step})" if step > first else ""))
       self.profile.before(first, step)
       with clock.timing("step"):
         state, step_metrics = train_fn(state, batch)
@@ -380,6 +382,9 @@ class _Reporter:
     self.data_wait, self.tokens, self.flops = 0.0, 0, 0.0  # since the window started
     self.total = {"tokens": 0, "flops": 0.0, "seconds": 0.0}  # since the first step's end
     self.first_step_seconds = None
+    # the lengths of the calls so far (a new one compiles: out of the throughput), when the last
+    # ended, and the last tokens/s and MFU shown
+    self.call_lengths, self.call_end, self.rate = set(), None, (0.0, None)
 
   def __call__(self, first: int, last: int, step_metrics, tokens: int, flops: float = 0.0,
                data_wait: float = 0.0):
@@ -388,15 +393,18 @@ class _Reporter:
     FLOPs; `data_wait`: seconds just spent getting a batch (since the previous call)."""
     fetched = {k: np.atleast_1d(v) for k, v in jax.device_get(step_metrics).items()}
     rows = [{k: float(v[i]) for k, v in fetched.items()} for i in range(last - first + 1)]
-    for step, values in enumerate(rows, first):
-      self._guard(step, values)
-    now = time.perf_counter()
+    now, previous = time.perf_counter(), self.call_end
+    self.call_end = now
     timing = {}
     if first == self.start_step + 1:  # leave compilation out of the throughput
       self.first_step_seconds = now - self.clock.begin
       timing["time_to_first_step"] = self.first_step_seconds
       timing["compile_seconds"] = self.clock.compiled()["seconds"]
       self.window, self.data_wait, self.tokens, self.flops = (last, now), 0.0, 0, 0.0
+    elif len(rows) not in self.call_lengths:  # a call of a new length compiled its program
+      self._close_window(first - 1, previous)
+      self.window = (last, now)
+      self.writer.progress(last, rows[-1]["loss"], *self.rate)
     else:
       self.data_wait += data_wait
       self.tokens += tokens
@@ -409,18 +417,24 @@ class _Reporter:
       if self.peak:
         timing["mfu"] = self.flops / elapsed / self.peak
         timing["hfu"] = timing["mfu"] * self.hfu_factor
-      self.writer.progress(last, rows[-1]["loss"], timing["tokens_per_sec"], timing.get("mfu"))
+      self.rate = (timing["tokens_per_sec"], timing.get("mfu"))
+      self.writer.progress(last, rows[-1]["loss"], *self.rate)
+    self.call_lengths.add(len(rows))
     logged = [step for step in range(first, last + 1) if step % self.log_every == 0]
     if logged and "tokens_per_sec" in timing:
       timing["goodput"] = self.clock.summary()["goodput"]
-    for step in logged:
-      values = rows[step - first]
+    for step, values in enumerate(rows, first):  # in order: a bad step stops after those before
+      self._guard(step, values)
+      if step % self.log_every:
+        continue
       record = {"loss": values["loss"], "lr": float(self.schedule(step - 1)),
                 "grad_norm": values["grad_norm"],
                 **{k: v for k, v in values.items() if "/" in k}}  # an objective's own (DPO's)
       if self.skip_nonfinite:
         record["skipped_nonfinite"] = self.skipped
       self.writer.write(step, {**record, **timing})
+      timing.pop("time_to_first_step", None)  # the first record of the run has them, once
+      timing.pop("compile_seconds", None)
     if logged:
       self._close_window(last, now)
 
