@@ -3,9 +3,9 @@
   jaxlm train --config configs/demo.py --workdir runs/demo
 
 Needs no download (the text is pydoc_data, shipped with every CPython).
-Cost: 1 to 1.5 minutes on 2 CPU cores (65 to 81 s measured, evaluations, checkpoints and the
-closing sample included; the README's first command took 2 min 9 s from a fresh clone, the
-install included).
+Cost: 1 to 1.5 minutes on 2 CPU cores (56 to 81 s measured, evaluations, checkpoints and the
+closing sample included; the README's first command took 1 min 47 s and 2 min 9 s from a fresh
+clone, the install included).
 Expected: eval_loss 2.18, 1.78, 1.60 at steps 250, 500, 750 and 1.578 at step 800, then a
 sample of Python-documentation-like text, only semi-readable.
 """
