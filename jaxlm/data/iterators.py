@@ -94,13 +94,14 @@ class Stack:
   def __next__(self) -> dict:
     n = next(self.lengths)
     batches = [next(self.iterator) for _ in range(n)]  # StopIteration: the data ran out
+    expected = {k: v.shape for k, v in batches[0].items()}
     for b in batches[1:]:
       shapes = {k: v.shape for k, v in b.items()}
-      if shapes != {k: v.shape for k, v in batches[0].items()}:
+      if shapes != expected:
         raise ValueError(
           f"train.steps_per_call={n} stacks batches of one shape, but they vary here "
-          f"({ {k: v.shape for k, v in batches[0].items()} } then {shapes}); set "
-          "train.steps_per_call=1 for data whose batch shapes vary (bucketed or packed tasks)")
+          f"({expected} then {shapes}); set train.steps_per_call=1 for data whose batch shapes "
+          "vary (bucketed or packed tasks)")
     return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
   def get_state(self) -> dict:

@@ -420,12 +420,12 @@ class _Reporter:
       self.rate = (timing["tokens_per_sec"], timing.get("mfu"))
       self.writer.progress(last, rows[-1]["loss"], *self.rate)
     self.call_lengths.add(len(rows))
-    logged = [step for step in range(first, last + 1) if step % self.log_every == 0]
+    logged = {step for step in range(first, last + 1) if step % self.log_every == 0}
     if logged and "tokens_per_sec" in timing:
       timing["goodput"] = self.clock.summary()["goodput"]
     for step, values in enumerate(rows, first):  # in order: a bad step stops after those before
       self._guard(step, values)
-      if step % self.log_every:
+      if step not in logged:
         continue
       record = {"loss": values["loss"], "lr": float(self.schedule(step - 1)),
                 "grad_norm": values["grad_norm"],
