@@ -1,4 +1,5 @@
-"""Test setup: 8 simulated CPU devices (set before JAX starts) and strict rank promotion."""
+"""Test setup: 8 simulated CPU devices (set before JAX starts), strict rank promotion, the slow
+tier scheduled first, and (strict_skips) no silent skips in CI."""
 
 import importlib.util
 import os
@@ -19,6 +20,16 @@ from jaxlm import runtime  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # tests build the same tiny models again and again: load their programs instead of compiling
 runtime.configure_compile_cache(os.environ["JAXLM_COMPILE_CACHE"])
+
+# strict_skips: under CI=true a skip fails the run (accelerator tests aside); pytester: its test
+pytest_plugins = ["strict_skips", "pytester"]
+
+
+def pytest_collection_modifyitems(items):
+  """The slow tier's files first: with --dist loadfile each file is one worker's job, so the
+  longest jobs start at once instead of trailing at the end of the run."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")

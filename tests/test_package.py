@@ -45,3 +45,25 @@ def test_training_and_reloading_a_char_tokenizer_run_never_imports_torch(tmp_pat
     "print(back.encode('not to be') == tok.encode('not to be'), type(back).__name__, "
     "'torch' in sys.modules)")
   assert out == "True TokenizersBackend False"
+
+
+CORE = ("jax", "flax", "optax", "orbax-checkpoint", "grain", "transformers", "qwix",
+        "ml-collections", "datasets", "tokenizers", "safetensors", "etils")
+
+
+def test_each_core_dependency_has_an_upper_bound_that_admits_the_tested_release():
+  """A fresh install must not pull a release nobody ran: every core dependency is bounded above,
+  and the installed (tested) release lies inside its range."""
+  import tomllib
+  from importlib import metadata
+
+  from packaging.requirements import Requirement
+
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    deps = [Requirement(d) for d in tomllib.load(f)["project"]["dependencies"]]
+  by_name = {d.name.replace("_", "-").lower(): d for d in deps}
+  for name in CORE:
+    spec = by_name[name].specifier
+    assert any(s.operator in ("<", "<=", "==") for s in spec), f"{name} has no upper bound"
+    assert spec.contains(metadata.version(name), prereleases=True), (
+      f"installed {name} {metadata.version(name)} is outside {spec}")
