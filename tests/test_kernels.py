@@ -53,6 +53,17 @@ def test_splash_attention_matches_xla_with_segments_causal_and_gqa():
     np.testing.assert_allclose(g, g_ref, atol=2e-5, rtol=1e-5)
 
 
+def test_splash_kernel_is_reused_by_a_second_trace():
+  """The kernel is cached per shape: a second program (an eval step after the train step) must
+  not find the first trace's tracers in it."""
+  q, k, v, _ = _qkv(1, 128, 2, 1, 8)
+  splash = lambda q, k, v: kernels.attend("splash", q, k, v, None, interpret=True)
+  first = jax.jit(splash)(q, k, v)
+  second = jax.jit(lambda q, k, v: splash(q, k, v) * 2.0)(q, k, v)
+  np.testing.assert_allclose(second, 2.0 * first, rtol=1e-6)
+  np.testing.assert_allclose(first, attend(q, k, v), atol=1e-5, rtol=1e-5)
+
+
 def test_triton_attention_in_a_model_matches_xla_per_device_under_a_mesh():
   """A scanned GQA Llama-style model, packed rows, data-parallel over 2 devices: logits and
   gradients of attention="triton" (Pallas interpret mode, run per device) equal the xla path."""

@@ -32,8 +32,8 @@ from jaxlm.models import cudnn_compat
 KERNELS = ("splash", "cudnn", "triton", "tokamax")
 HALF = ("bfloat16", "float16")
 _SPLASH_BLOCK = 128
-# Every figure below is from JAX's own checks (jax/_src/cudnn/fused_attention_stablehlo.py,
-# check_is_flash_attention; jax 0.10.2) or the gates of JAX's cuDNN attention tests
+# cuDNN's figures are JAX's own checks (jax/_src/cudnn/fused_attention_stablehlo.py,
+# check_is_flash_attention and check_layout; jax 0.10.2) or the gates of its cuDNN attention tests
 # (tests/fused_attention_stablehlo_test.py): flash attention from Ampere (8.0) and cuDNN 8.9.4;
 # head dim a multiple of 8, at most 128 below Hopper and 256 from it; the packed layout needs
 # Hopper (9.0) and cuDNN 9.6; compute capability 10.3 needs cuDNN 9.11.
@@ -66,8 +66,9 @@ class Call:
 
 
 def auto_order(device: Device, call: Call) -> tuple[str, ...]:
-  """The kernels "auto" tries, best first; xla after them. Never tokamax (never run on a GPU)
-  nor cuDNN's packed layout (never run on a GPU; its softmax statistics are [B * T, H, T])."""
+  """The kernels "auto" tries, best first; xla after them. Never tokamax nor cuDNN's packed
+  layout: both never ran on a GPU (MaxText #4476: a default cuDNN path that ignored segment ids),
+  and the packed layout's softmax statistics are [B * T, H, T] fp32 here."""
   if device.platform == "tpu":
     return ("splash",)
   if device.platform == "gpu":
@@ -299,7 +300,9 @@ def _splash_kernel(heads: int, length: int, interpret: bool):
     block_q_dq=block,
     block_kv_dq=block,
   )
-  return sk.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
+  # cached across traces, so its mask arrays must be constants, not the first trace's tracers
+  with jax.ensure_compile_time_eval():
+    return sk.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
 def splash_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT=None, *, interpret=False):
