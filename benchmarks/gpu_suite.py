@@ -28,6 +28,7 @@ Parts:
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -191,7 +192,7 @@ def _max_errors(got, ref):
 
 
 def _kernel_case(rows: list, args, seg, label: str, auto: str, reasons: dict):
-  """One dtype x packing: xla in that dtype (the baseline), then each kernel, against xla in fp32."""
+  """One dtype x packing: xla in that dtype (the baseline), then each kernel, against fp32 xla."""
   import jax
   import jax.numpy as jnp
 
@@ -202,7 +203,10 @@ def _kernel_case(rows: list, args, seg, label: str, auto: str, reasons: dict):
   xla = jax.jit(lambda *a: _out_and_grads(lambda q, k, v: attend(q, k, v, mask), *a))
   ref = xla(*(x.astype(jnp.float32) for x in args))
   base = _max_errors(xla(*args), ref)
-  grads_note = lambda errs: "dq,dk,dv " + ", ".join(f"{e:.3g}" for e in errs[1:])
+
+  def grads_note(errs):
+    return "dq,dk,dv " + ", ".join(f"{e:.3g}" for e in errs[1:])
+
   rows.append(Row("kernels", f"xla {label}", "max|err| out", base[0],
                   note=grads_note(base) + " (baseline)"))
   for impl in kernels.KERNELS:
@@ -211,15 +215,16 @@ def _kernel_case(rows: list, args, seg, label: str, auto: str, reasons: dict):
       rows.append(Row("kernels", case, "refused", None, note=reasons[impl][:110]))
       continue
     try:
-      fn = lambda q, k, v, impl=impl: kernels.attend(impl, q, k, v, seg)
-      errs = _max_errors(jax.jit(lambda *a, fn=fn: _out_and_grads(fn, *a))(*args), ref)
+      fn = functools.partial(kernels.attend, impl, segment_ids_BT=seg)
+      errs = _max_errors(jax.jit(functools.partial(_out_and_grads, fn))(*args), ref)
     except Exception as e:  # noqa: BLE001  (report and go on: one kernel's failure is a result)
       rows.append(Row("kernels", case, "error", None,
                       note=f"{type(e).__name__}: {str(e).splitlines()[0][:110]}"))
       continue
     bad = [n for n, e, b in zip(("out", "dq", "dk", "dv"), errs, base) if e > 4 * b + 1e-3]
     verdict = f"MISMATCH in {', '.join(bad)}" if bad else "ok"
-    rows.append(Row("kernels", case, "max|err| out", errs[0], note=f"{grads_note(errs)}; {verdict}"))
+    note = f"{grads_note(errs)}; {verdict}"
+    rows.append(Row("kernels", case, "max|err| out", errs[0], note=note))
 
 
 def part_kernels(sz: Sizes, rows: list, dry_run: bool = False):

@@ -148,7 +148,11 @@ def test_cudnn_packed_path_hands_cudnn_the_segments_and_heads_that_give_the_xla_
   seg = jnp.asarray(SEGMENTS, jnp.int32)
   mask = attention_mask(seg, causal=True)
   ref = jax.jit(lambda *a: _out_and_grads(lambda q, k, v: attend(q, k, v, mask), *a))
-  got = jax.jit(lambda *a: _out_and_grads(lambda q, k, v: kernels.cudnn_attention(q, k, v, seg), *a))
+
+  def cudnn(q, k, v):
+    return kernels.cudnn_attention(q, k, v, seg)
+
+  got = jax.jit(lambda *a: _out_and_grads(cudnn, *a))
   (out_ref, grads_ref), (out, grads) = ref(q, k, v, ct), got(q, k, v, ct)
   np.testing.assert_allclose(out, out_ref, atol=1e-5, rtol=1e-5)
   for g, g_ref in zip(grads, grads_ref):
@@ -275,7 +279,10 @@ def test_explicit_kernel_that_cannot_run_is_refused_while_the_model_is_traced(at
                     attention=attention)
   tokens = jnp.zeros((2, length), jnp.int32)
   seg = jnp.ones((2, length), jnp.int32)
-  init = lambda r: Transformer(cfg).init(r, tokens, segment_ids_BT=seg)
+
+  def init(rng):
+    return Transformer(cfg).init(rng, tokens, segment_ids_BT=seg)
+
   with pytest.raises(ValueError, match=f"model.attention='{attention}' cannot run here") as err:
     jax.eval_shape(init, jax.random.PRNGKey(0))
   assert "\n" not in str(err.value) and "set model.attention='auto' (here: 'xla')" in str(err.value)

@@ -191,7 +191,10 @@ def triton_blocks(length: int, head_dim: int, itemsize: int, interpret: bool):
     fwd, bwd = min(64, length), min(32, length)
     return (fwd, bwd) if length % fwd == 0 and length % bwd == 0 else None
   row = int(2 ** np.ceil(np.log2(max(head_dim, 1)))) * itemsize  # Triton pads E to a power of 2
-  fits = lambda b, tiles: length % b == 0 and tiles * b * row <= _TRITON_SMEM
+
+  def fits(block, tiles):
+    return length % block == 0 and tiles * block * row <= _TRITON_SMEM
+
   fwd = next((b for b in (128, 64, 32, 16) if fits(b, 5)), None)
   bwd = next((b for b in (64, 32, 16) if fits(b, 6)), None)
   return (fwd, bwd) if fwd and bwd else None
