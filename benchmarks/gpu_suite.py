@@ -5,11 +5,15 @@ Hugging Face transformers on PyTorch (torch.compile, SDPA), decode tokens/s agai
   python benchmarks/gpu_suite.py                 # on a GPU (or TPU): the real sizes
   python benchmarks/gpu_suite.py --smoke         # tiny sizes, any backend (CPU: a few minutes)
   python benchmarks/gpu_suite.py --parts train decode --json out.json
+  python benchmarks/gpu_suite.py --dry-run       # the device JAX sees and the kernel plan only
 
 Parts:
-  kernels  each attention kernel this backend runs (cudnn and triton on GPU, splash on TPU,
-           triton and splash in Pallas interpret mode on CPU) against the xla path, bf16, packed
-           documents, causal, GQA: max |difference| of the output and of dq, dk, dv.
+  kernels  every attention kernel the device at hand runs (jaxlm.models.kernels.why_not; on a
+           CPU triton and splash in Pallas interpret mode, tokamax's XLA path), and xla in the
+           same dtype, against the xla path in fp32: bf16 and fp32, one document per row and
+           packed, causal, GQA 8/2; max |difference| of the output and of dq, dk, dv, MISMATCH
+           where a kernel is off by more than 4x xla's own error + 1e-3. Kernels that cannot
+           run here are listed with the reason, kernels that raise with the error.
   train    AdamW train step, params fp32 and compute bf16: GPT-2 124M at T=1024 and a Llama-3.2-1B
            shaped model at T=2048; jaxlm with attention auto (one document per row, then packed
            documents with segment ids), xla attention, and the chunked loss; HF + torch.compile +
@@ -24,6 +28,7 @@ Parts:
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -143,60 +148,102 @@ def _batch_arrays(rng, batch, seq, vocab, packed):
 
 
 # ------------------------------------------------------------------------------------- kernels
-def part_kernels(sz: Sizes, rows: list):
+def _kernel_inputs(B, T, H, K, E, dtype):
+  """q, k, v and an output cotangent (fp32 draws cast to `dtype`) and packed segment ids: three
+  documents in row 0, two in row 1, boundaries off the kernels' blocks."""
   import jax
   import jax.numpy as jnp
   import numpy as np
 
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  q, ct = (jax.random.normal(k, (B, T, H, E)).astype(dtype) for k in keys[:2])
+  k, v = (jax.random.normal(kk, (B, T, K, E)).astype(dtype) for kk in keys[2:])
+  seg = np.ones((B, T), np.int32)
+  seg[:, T // 3 :] = 2
+  seg[0, (3 * T) // 4 :] = 3
+  return (q, k, v, ct), jnp.asarray(seg[:, :T])
+
+
+def kernel_plan(T: int, E: int):
+  """[(dtype, packed, auto's pick, {kernel: None or why it cannot run})] for the device at hand."""
+  from jaxlm.models import kernels
+
+  device = kernels.device_at_hand()
+  plan = []
+  for dtype in ("bfloat16", "float32"):
+    for packed in (False, True):
+      call = kernels.Call(dtype, E, T, packed)
+      reasons = {k: kernels.why_not(k, device, call) for k in kernels.KERNELS}
+      plan.append((dtype, packed, kernels.choose("auto", device, call), reasons))
+  return device, plan
+
+
+def _out_and_grads(fn, q, k, v, ct):
+  import jax
+
+  out, vjp = jax.vjp(fn, q, k, v)
+  return (out, *vjp(ct))
+
+
+def _max_errors(got, ref):
+  import jax.numpy as jnp
+
+  return [float(jnp.abs(a.astype(jnp.float32) - b).max()) for a, b in zip(got, ref)]
+
+
+def _kernel_case(rows: list, args, seg, label: str, auto: str, reasons: dict):
+  """One dtype x packing: xla in that dtype (the baseline), then each kernel, against fp32 xla."""
+  import jax
+  import jax.numpy as jnp
+
   from jaxlm.models import kernels
   from jaxlm.models.layers import attend, attention_mask
 
-  backend = jax.default_backend()
-  impls = {"gpu": ("cudnn", "triton"), "tpu": ("splash",), "cpu": ("triton", "splash")}[backend]
-  B, T, H, K, E = 2, sz.kernel_seq, 8, 2, 64
-  keys = jax.random.split(jax.random.PRNGKey(0), 4)
-  q, ct = (jax.random.normal(k, (B, T, H, E), jnp.bfloat16) for k in keys[:2])
-  k, v = (jax.random.normal(kk, (B, T, K, E), jnp.bfloat16) for kk in keys[2:])
-  seg = np.ones((B, T), np.int32)
-  seg[:, T // 3 :] = 2
-  seg[1, T // 2 :] = 3
-  seg = jnp.asarray(seg)
   mask = attention_mask(seg, causal=True)
+  xla = jax.jit(lambda *a: _out_and_grads(lambda q, k, v: attend(q, k, v, mask), *a))
+  ref = xla(*(x.astype(jnp.float32) for x in args))
+  base = _max_errors(xla(*args), ref)
 
-  def out_and_grads(fn, q, k, v, ct):
-    out, vjp = jax.vjp(fn, q, k, v)
-    return (out, *vjp(ct))
+  def grads_note(errs):
+    return "dq,dk,dv " + ", ".join(f"{e:.3g}" for e in errs[1:])
 
-  args = (q, k, v, ct)
-  ref = jax.jit(lambda *a: out_and_grads(lambda q, k, v: attend(q, k, v, mask), *a))(*args)
-  for impl in impls:
+  rows.append(Row("kernels", f"xla {label}", "max|err| out", base[0],
+                  note=grads_note(base) + " (baseline)"))
+  for impl in kernels.KERNELS:
+    case = f"{impl}{' (auto)' if impl == auto else ''} {label}"
+    if reasons[impl]:
+      rows.append(Row("kernels", case, "refused", None, note=reasons[impl][:110]))
+      continue
     try:
-      got = jax.jit(
-        lambda *a, impl=impl: out_and_grads(lambda q, k, v: kernels.attend(impl, q, k, v, seg), *a)
-      )(*args)
-      errs = [
-        float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max())
-        for a, b in zip(got, ref)
-      ]
-      rows.append(
-        Row(
-          "kernels",
-          f"{impl} T={T} packed GQA",
-          "max|err| out",
-          errs[0],
-          note="dq,dk,dv " + ", ".join(f"{e:.3g}" for e in errs[1:]),
-        )
-      )
-    except Exception as e:  # noqa: BLE001  (report and go on: a kernel this device lacks)
-      rows.append(
-        Row(
-          "kernels",
-          f"{impl} T={T}",
-          "error",
-          None,
-          note=f"{type(e).__name__}: {str(e).splitlines()[0][:90]}",
-        )
-      )
+      fn = functools.partial(kernels.attend, impl, segment_ids_BT=seg)
+      errs = _max_errors(jax.jit(functools.partial(_out_and_grads, fn))(*args), ref)
+    except Exception as e:  # noqa: BLE001  (report and go on: one kernel's failure is a result)
+      rows.append(Row("kernels", case, "error", None,
+                      note=f"{type(e).__name__}: {str(e).splitlines()[0][:110]}"))
+      continue
+    bad = [n for n, e, b in zip(("out", "dq", "dk", "dv"), errs, base) if e > 4 * b + 1e-3]
+    verdict = f"MISMATCH in {', '.join(bad)}" if bad else "ok"
+    note = f"{grads_note(errs)}; {verdict}"
+    rows.append(Row("kernels", case, "max|err| out", errs[0], note=note))
+
+
+def part_kernels(sz: Sizes, rows: list, dry_run: bool = False):
+  """Every kernel the device at hand runs, and xla in the same dtype, against the xla path in
+  fp32 (forward and dq, dk, dv), bf16 and fp32, one document per row and packed. A kernel that
+  cannot run here is reported with why_not's reason, one that raises with its error; an error
+  over 4x xla's own (same dtype) plus 1e-3 is flagged MISMATCH (a kernel attending across
+  documents, as MaxText #4476's cuDNN path did, is off by O(1))."""
+  B, T, H, K, E = 2, sz.kernel_seq, 8, 2, 64
+  device, plan = kernel_plan(T, E)
+  rows.append(Row("kernels", "device", "note", None, note=str(device)))
+  for dtype, packed, auto, reasons in plan:
+    label = f"{dtype} T={T} GQA {H}/{K} {'packed' if packed else 'one doc/row'}"
+    if dry_run:
+      runs = [k for k, r in reasons.items() if r is None]
+      rows.append(Row("kernels", label, "plan", None, note=f"auto: {auto}; runs: {runs}"))
+      continue
+    args, seg = _kernel_inputs(B, T, H, K, E, dtype)
+    _kernel_case(rows, args, seg if packed else None, label, auto, reasons)
 
 
 # --------------------------------------------------------------------------------------- train
@@ -500,6 +547,9 @@ def main():
     help="PyTorch eager instead of torch.compile (default off in --smoke)",
   )
   parser.add_argument("--json", default=None, help="also write the rows here")
+  parser.add_argument(
+    "--dry-run", action="store_true", help="print the device and the kernel plan, run nothing"
+  )
   args = parser.parse_args()
   import jax
 
@@ -514,12 +564,12 @@ def main():
   print(header, flush=True)
   rows: list[Row] = []
   parts = {
-    "kernels": lambda: part_kernels(sz, rows),
+    "kernels": lambda: part_kernels(sz, rows, args.dry_run),
     "train": lambda: part_train(sz, rows, torch_peer, torch_compile),
     "decode": lambda: part_decode(sz, rows, torch_peer),
     "compile": lambda: part_compile(sz, rows),
   }
-  for part in args.parts:
+  for part in ["kernels"] if args.dry_run else args.parts:
     t0 = time.perf_counter()
     parts[part]()
     print(f"[{part} done in {time.perf_counter() - t0:.0f} s]", flush=True)

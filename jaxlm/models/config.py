@@ -25,8 +25,9 @@ NORM_POSITIONS = ("pre", "post")
 ENCODER_HEADS = ("base", "mlm", "seq_cls", "token_cls", "qa")  # the task heads of models.heads
 HEADS = ("lm", *ENCODER_HEADS)
 DTYPES = ("float32", "bfloat16", "float16")
-# Attention implementations (see models/kernels.py): auto picks splash on TPU, cudnn on GPU.
-ATTENTIONS = ("auto", "xla", "splash", "cudnn", "triton")
+# Attention implementations (models/kernels.py): auto picks the first kernel that runs on the device
+# at hand (kernels.auto_order), else xla; an explicit kernel that cannot run is refused at trace.
+ATTENTIONS = ("auto", "xla", "splash", "cudnn", "triton", "tokamax")
 # Fields a run sets on top of the model it starts from (`model.init_from`); all others come from
 # that checkpoint's own configuration.
 RUN_FIELDS = ("dropout", "dtype", "param_dtype", "remat", "scan_layers", "head", "num_labels",

@@ -1,72 +1,248 @@
-"""Fused attention kernels, chosen by platform, that honour packed documents (segment ids), the
-causal mask and grouped-query heads without materialising [T, S] scores.
+"""Fused attention kernels that honour packed documents (segment ids), the causal mask and
+grouped-query heads without materialising [T, S] scores, and the choice among them.
 
-`model.attention` picks one (see ATTENTIONS in models/config.py):
-  xla     two einsums and a softmax over materialised scores (layers.attend): every backend.
-  splash  TPU splash attention (jax.experimental.pallas.ops.tpu.splash_attention), segment ids
-          and GQA native; T a multiple of 128.
-  cudnn   NVIDIA cuDNN flash attention (half precision); packed documents go to cuDNN's packed
-          ("THD") layout through per-row segment offsets and lengths.
-  triton  the Pallas Triton flash attention of jax.experimental.pallas.ops.gpu (GPU, any float
-          dtype, segment ids native; kv heads repeated for GQA).
-  auto    splash on TPU, cudnn on GPU for bf16/fp16, xla otherwise.
-All run in Pallas interpret mode on a CPU (`interpret=True`) but cudnn, which needs the device.
-Shape letters as in layers.py.
+`model.attention` names one (see ATTENTIONS in models/config.py):
+  xla      two einsums and a softmax over materialised scores (layers.attend): every backend.
+  splash   TPU splash attention (jax.experimental.pallas.ops.tpu.splash_attention), segment ids
+           and GQA native; T a multiple of 128.
+  cudnn    NVIDIA cuDNN flash attention (bf16/fp16) through jax.nn.dot_product_attention; packed
+           documents go to cuDNN's packed ("THD") layout (models/cudnn_compat.py).
+  triton   the Pallas Triton flash attention of jax.experimental.pallas.ops.gpu (any float dtype,
+           segment ids native, kv heads repeated for GQA).
+  tokamax  tokamax.dot_product_attention (its Mosaic GPU kernel on sm90/sm100, else its Triton
+           one); packed documents as a dense [B, 1, T, T] mask, since its API has no segment ids.
+  auto     the first kernel of `auto_order` that runs here (`why_not`), else xla.
+
+The choice is a pure function (`choose`) of a small description of the device (`Device`) and of
+the attention call (`Call`), so every row of docs/performance.md's table is tested on a CPU;
+`device_at_hand` fills the description from JAX. On a CPU, splash and triton run in Pallas
+interpret mode and tokamax runs its XLA implementation (tests). Shape letters as in layers.py.
 """
 
+import dataclasses
 import functools
+import importlib.util
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-KERNELS = ("splash", "cudnn", "triton")
+from jaxlm.models import cudnn_compat
+
+KERNELS = ("splash", "cudnn", "triton", "tokamax")
+HALF = ("bfloat16", "float16")
 _SPLASH_BLOCK = 128
+# cuDNN's figures are JAX's own checks (jax/_src/cudnn/fused_attention_stablehlo.py,
+# check_is_flash_attention and check_layout; jax 0.10.2) or the gates of its cuDNN attention tests
+# (tests/fused_attention_stablehlo_test.py): flash attention from Ampere (8.0) and cuDNN 8.9.4;
+# head dim a multiple of 8, at most 128 below Hopper and 256 from it; the packed layout needs
+# Hopper (9.0) and cuDNN 9.6; compute capability 10.3 needs cuDNN 9.11.
+_CUDNN_MIN, _CUDNN_PACKED_MIN, _CUDNN_SM103_MIN = 8904, 90600, 91100
+# Triton's bf16/fp16 MMA needs Ampere; each Triton block must fit in the shared memory of every
+# GPU from 8.0 on (99 KiB per block on 8.6 and 8.9), with two pipeline stages.
+_TRITON_SMEM = 96 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+  """What the choice needs to know of the device at hand."""
+
+  platform: str  # "cpu" | "gpu" | "tpu" (jax.default_backend())
+  capability: tuple[int, int] | None = None  # CUDA compute capability; None: not an NVIDIA GPU
+  cudnn: int | None = None  # cuDNN version, JAX's encoding (9.6.0 -> 90600); None: not found
+  tokamax: bool = False  # the tokamax package is installed
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+  """What the choice needs to know of one attention call."""
+
+  dtype: str  # compute dtype name, e.g. "bfloat16"
+  head_dim: int  # E
+  length: int  # T (self-attention: S = T)
+  packed: bool  # segment ids given (packed documents, or padding marked as its own segment)
+  causal: bool = True  # False: an encoder
+  decode: bool = False  # a KV-cache decoding step (or its prefill)
+
+
+def auto_order(device: Device, call: Call) -> tuple[str, ...]:
+  """The kernels "auto" tries, best first; xla after them. Never tokamax nor cuDNN's packed
+  layout: both never ran on a GPU (MaxText #4476: a default cuDNN path that ignored segment ids),
+  and the packed layout's softmax statistics are [B * T, H, T] fp32 here."""
+  if device.platform == "tpu":
+    return ("splash",)
+  if device.platform == "gpu":
+    return ("triton",) if call.packed else ("cudnn", "triton")
+  return ()
+
+
+def why_not(kernel: str, device: Device, call: Call) -> str | None:
+  """Why `kernel` cannot run `call` on `device` (one clause), or None when it can."""
+  check = {"splash": _splash, "cudnn": _cudnn, "triton": _triton, "tokamax": _tokamax}[kernel]
+  return check(device, call)
+
+
+def choose(choice: str, device: Device, call: Call) -> str:
+  """The implementation `choice` ("auto", "xla" or one of KERNELS) means for `call` on `device`.
+
+  Kernels serve causal self-attention of whole sequences (training, scoring); encoders and
+  KV-cache decoding use xla whatever the choice.
+
+  Raises:
+    ValueError: when an explicitly chosen kernel cannot run `call` on `device`, naming the fix.
+  """
+  if choice == "xla" or call.decode or not call.causal:
+    return "xla"
+  if choice == "auto":
+    return next((k for k in auto_order(device, call) if why_not(k, device, call) is None), "xla")
+  if choice not in KERNELS:
+    raise ValueError(f"model.attention={choice!r} is not one of {('auto', 'xla', *KERNELS)}")
+  reason = why_not(choice, device, call)
+  if reason:
+    raise ValueError(
+      f"model.attention={choice!r} cannot run here: {reason}; set model.attention='auto' "
+      f"(here: {choose('auto', device, call)!r})"
+    )
+  return choice
+
+
+def _gpu_text(device: Device) -> str:
+  cap = device.capability
+  return f"this GPU has compute capability {cap[0]}.{cap[1]}" if cap else "this GPU is not CUDA"
+
+
+def _version_text(version: int) -> str:
+  major, rest = (version // 10000, version % 10000) if version >= 10000 else divmod(version, 1000)
+  return f"{major}.{rest // 100}.{rest % 100}"
+
+
+def _nvidia(device: Device, what: str, interpreted: str = "") -> str | None:
+  """Why `what` cannot run on `device` for want of an NVIDIA GPU of compute capability 8.0+ (a
+  CPU passes when `interpreted` says how it runs there)."""
+  if device.platform == "cpu" and interpreted:
+    return None
+  if device.platform != "gpu":
+    where = f" ({interpreted} on a CPU)" if interpreted else ""
+    return f"{what} runs on NVIDIA GPUs{where}, not on a {device.platform}"
+  if device.capability is None or device.capability < (8, 0):
+    return f"{what} needs an NVIDIA GPU of compute capability 8.0+, {_gpu_text(device)}"
+  return None
+
+
+def _splash(device: Device, call: Call) -> str | None:
+  if device.platform not in ("tpu", "cpu"):
+    return f"splash attention runs on a TPU (interpreted on a CPU), not on a {device.platform}"
+  if call.length % _SPLASH_BLOCK:
+    return f"splash tiles the length in blocks of {_SPLASH_BLOCK}, got {call.length}"
+  return None
+
+
+def _cudnn(device: Device, call: Call) -> str | None:
+  reason = _nvidia(device, "cuDNN flash attention")
+  if reason:
+    return reason
+  cap, version = device.capability, device.cudnn
+  if version is None or version < _CUDNN_MIN:
+    found = f"found {_version_text(version)}" if version else "none found"
+    return f"cuDNN flash attention needs cuDNN {_version_text(_CUDNN_MIN)}+, {found}"
+  if cap == (10, 3) and version < _CUDNN_SM103_MIN:
+    return f"compute capability 10.3 needs cuDNN 9.11+, found {_version_text(version)}"
+  if call.dtype not in HALF:
+    return f"cuDNN flash attention takes bfloat16 or float16, model.dtype is {call.dtype}"
+  most = 256 if cap >= (9, 0) else 128
+  if call.head_dim > most or call.head_dim % 8:
+    return (
+      f"cuDNN's head dim must be a multiple of 8 and at most {most} on compute capability "
+      f"{cap[0]}.{cap[1]}, got {call.head_dim}"
+    )
+  if call.packed and cap < (9, 0):
+    return f"cuDNN's packed layout (segment ids) needs compute capability 9.0+, {_gpu_text(device)}"
+  if call.packed and version < _CUDNN_PACKED_MIN:
+    return f"cuDNN's packed layout (segment ids) needs cuDNN 9.6+, found {_version_text(version)}"
+  return None
+
+
+def _triton(device: Device, call: Call) -> str | None:
+  reason = _nvidia(device, "Pallas Triton attention", interpreted="interpreted")
+  if reason:
+    return reason
+  itemsize = jnp.dtype(call.dtype).itemsize
+  if triton_blocks(call.length, call.head_dim, itemsize, device.platform == "cpu") is None:
+    return f"Triton tiles the length in blocks of 16 to 128, got {call.length}"
+  return None
+
+
+def _tokamax(device: Device, call: Call) -> str | None:
+  reason = _nvidia(device, "tokamax attention", interpreted="its XLA path")
+  if reason:
+    return reason
+  if not device.tokamax:
+    return "the tokamax package is not installed (pip install tokamax)"
+  return None
+
+
+def triton_blocks(length: int, head_dim: int, itemsize: int, interpret: bool):
+  """(forward block, backward block) for the Triton kernel, or None when none tiles `length`.
+
+  On a GPU the largest power of two whose tiles, by an estimate (two pipeline stages of K and V
+  blocks beside the Q block), fit _TRITON_SMEM; interpreted, 64 and 32 (or the whole length).
+  """
+  if interpret:
+    fwd, bwd = min(64, length), min(32, length)
+    return (fwd, bwd) if length % fwd == 0 and length % bwd == 0 else None
+  row = int(2 ** np.ceil(np.log2(max(head_dim, 1)))) * itemsize  # Triton pads E to a power of 2
+
+  def fits(block, tiles):
+    return length % block == 0 and tiles * block * row <= _TRITON_SMEM
+
+  fwd = next((b for b in (128, 64, 32, 16) if fits(b, 5)), None)
+  bwd = next((b for b in (64, 32, 16) if fits(b, 6)), None)
+  return (fwd, bwd) if fwd and bwd else None
+
+
+@functools.cache
+def _device(backend: str) -> Device:
+  tokamax = importlib.util.find_spec("tokamax") is not None
+  if backend != "gpu":
+    return Device(backend, tokamax=tokamax)
+  try:
+    major, minor = jax.devices("gpu")[0].compute_capability.split(".")
+    capability = (int(major), int(minor))
+  except (AttributeError, ValueError):  # ROCm reports no CUDA compute capability
+    capability = None
+  return Device("gpu", capability, cudnn_compat.cudnn_version() if capability else None, tokamax)
+
+
+def device_at_hand(backend: str | None = None) -> Device:
+  """The Device of `backend` (default: JAX's default backend), read from JAX once."""
+  return _device(backend or jax.default_backend())
 
 
 def resolve(
-  choice: str, *, dtype, causal: bool, decode: bool, length: int, backend: str | None = None
+  choice: str,
+  *,
+  dtype,
+  head_dim: int,
+  length: int,
+  packed: bool,
+  causal: bool = True,
+  decode: bool = False,
+  device: Device | None = None,
 ) -> str:
-  """The attention implementation `choice` ("auto" or one of ATTENTIONS) means here.
-
-  Kernels serve causal self-attention of whole sequences (training, scoring, prefill without a
-  cache); encoders and KV-cache decoding use xla. "auto" also falls back to xla where the kernel
-  would not apply (fp32 on GPU, T not a multiple of 128 on TPU).
-
-  Raises:
-    ValueError: when an explicitly chosen kernel cannot run these inputs.
-  """
-  backend = backend or jax.default_backend()
-  if choice == "xla" or decode or not causal:
-    return "xla"
-  half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-  if choice == "auto":
-    if backend == "tpu" and length % _SPLASH_BLOCK == 0:
-      return "splash"
-    if backend == "gpu" and half:
-      return "cudnn"
-    return "xla"
-  if choice == "splash" and length % _SPLASH_BLOCK:
-    raise ValueError(
-      f"model.attention='splash' needs a length that is a multiple of "
-      f"{_SPLASH_BLOCK}, got {length}; pad the sequences or use attention='xla'"
-    )
-  if choice == "cudnn" and not half:
-    raise ValueError(
-      "model.attention='cudnn' needs model.dtype bfloat16 or float16; set it or "
-      "use attention='triton'"
-    )
-  return choice
+  """`choose` on the device at hand (or `device`), called as the model is traced, so an explicit
+  kernel that cannot run is refused before anything compiles."""
+  call = Call(jnp.dtype(dtype).name, head_dim, length, packed, causal, decode)
+  return choose(choice, device or device_at_hand(), call)
 
 
 def attend(impl: str, q_BTHE, k_BSKE, v_BSKE, segment_ids_BT=None, *, interpret=None):
   """Causal attention within segments by the kernel `impl` (one of KERNELS): [B, T, H, E].
 
   Args:
-    impl: "splash", "cudnn" or "triton".
+    impl: "splash", "cudnn", "triton" or "tokamax".
     q_BTHE, k_BSKE, v_BSKE: queries, keys and values; K divides H (grouped-query attention).
     segment_ids_BT: packed-document ids (contiguous runs); None = one document per row.
-    interpret: run the Pallas kernel in interpret mode (default: on CPU).
+    interpret: run Pallas kernels in interpret mode, tokamax's XLA path (default: on a CPU).
   """
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
@@ -74,6 +250,8 @@ def attend(impl: str, q_BTHE, k_BSKE, v_BSKE, segment_ids_BT=None, *, interpret=
     kernel = functools.partial(splash_attention, interpret=interpret)
   elif impl == "triton":
     kernel = functools.partial(triton_attention, interpret=interpret)
+  elif impl == "tokamax":
+    kernel = functools.partial(tokamax_attention, interpret=interpret)
   elif impl == "cudnn":
     kernel = cudnn_attention
   else:
@@ -125,7 +303,9 @@ def _splash_kernel(heads: int, length: int, interpret: bool):
     block_q_dq=block,
     block_kv_dq=block,
   )
-  return sk.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
+  # cached across traces, so its mask arrays must be constants, not the first trace's tracers
+  with jax.ensure_compile_time_eval():
+    return sk.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
 def splash_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT=None, *, interpret=False):
@@ -146,17 +326,23 @@ def splash_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT=None, *, interpret=F
   return out_BHTE.transpose(0, 2, 1, 3).astype(q_BTHE.dtype)
 
 
+def _repeat_kv(q_BTHE, k_BSKE, v_BSKE):
+  H, K = q_BTHE.shape[2], k_BSKE.shape[2]
+  if K == H:
+    return k_BSKE, v_BSKE
+  return jnp.repeat(k_BSKE, H // K, axis=2), jnp.repeat(v_BSKE, H // K, axis=2)
+
+
 def triton_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT=None, *, interpret=False):
   """Pallas Triton flash attention (GPU): causal, segment ids; kv heads repeated for GQA."""
   from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 
-  H, K, E = q_BTHE.shape[2], k_BSKE.shape[2], q_BTHE.shape[3]
-  T = q_BTHE.shape[1]
-  if K != H:
-    k_BSKE = jnp.repeat(k_BSKE, H // K, axis=2)
-    v_BSKE = jnp.repeat(v_BSKE, H // K, axis=2)
-  block = min(128 if not interpret else 64, T)
-  back = min(64 if not interpret else 32, T)
+  T, E = q_BTHE.shape[1], q_BTHE.shape[3]
+  k_BSHE, v_BSHE = _repeat_kv(q_BTHE, k_BSKE, v_BSKE)
+  blocks = triton_blocks(T, E, q_BTHE.dtype.itemsize, interpret)
+  if blocks is None:
+    raise ValueError(f"Triton tiles the length in blocks of 16 to 128, got {T}; use xla")
+  block, back = blocks
   sizes = gpu_attention.BlockSizes(
     block_q=block,
     block_k=block,
@@ -169,14 +355,38 @@ def triton_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT=None, *, interpret=F
     segment_ids_BT = segment_ids_BT.astype(jnp.int32)
   return gpu_attention.mha(
     q_BTHE,
-    k_BSKE,
-    v_BSKE,
+    k_BSHE,
+    v_BSHE,
     segment_ids_BT,
     sm_scale=E**-0.5,
     causal=True,
     block_sizes=sizes,
     interpret=interpret,
   )
+
+
+def tokamax_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT=None, *, interpret=False):
+  """tokamax.dot_product_attention: its Mosaic GPU kernel (sm90, sm100), else its Triton kernel,
+  never its XLA fallback; on a CPU (`interpret`) its XLA path. GQA native; segment ids become a
+  dense [B, 1, T, T] mask (B T^2 bytes), its API having none."""
+  import tokamax
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():  # else tokamax parses sys.argv, the host program's arguments,
+    flags.FLAGS.mark_as_parsed()  # for its absl flags, and fails on any it does not know
+  mask_B1TS = None
+  if segment_ids_BT is not None:
+    mask_B1TS = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
+  with jax.numpy_rank_promotion("allow"):  # tokamax's own code broadcasts across ranks
+    return tokamax.dot_product_attention(
+      q_BTHE,
+      k_BSKE,
+      v_BSKE,
+      mask=mask_B1TS,
+      is_causal=True,
+      scale=q_BTHE.shape[-1] ** -0.5,
+      implementation="xla" if interpret else ("mosaic", "triton"),
+    )
 
 
 def segment_offsets(segment_ids_BT, max_segments: int | None = None):
@@ -198,29 +408,18 @@ def segment_offsets(segment_ids_BT, max_segments: int | None = None):
 
 
 def cudnn_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT=None):
-  """cuDNN flash attention (GPU, bf16/fp16): causal; packed documents in cuDNN's packed layout."""
+  """cuDNN flash attention (GPU, bf16/fp16), causal. One document per row: the public
+  jax.nn.dot_product_attention (GQA native). Packed documents: cuDNN's packed layout through
+  models/cudnn_compat.py, kv heads repeated (JAX strides the kv offsets by the query heads)."""
   E = q_BTHE.shape[-1]
   if segment_ids_BT is None:
     return jax.nn.dot_product_attention(
       q_BTHE, k_BSKE, v_BSKE, is_causal=True, implementation="cudnn"
     )
-  from jax._src.cudnn.fused_attention_stablehlo import MaskType
-  from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_dpa
-
+  k_BSHE, v_BSHE = _repeat_kv(q_BTHE, k_BSKE, v_BSKE)
   lengths_BM, starts_BM1 = segment_offsets(segment_ids_BT)
-  return cudnn_dpa(
-    q_BTHE,
-    k_BSKE,
-    v_BSKE,
-    None,
-    None,
-    lengths_BM,
-    lengths_BM,
-    starts_BM1,
-    starts_BM1,
-    scale=float(E**-0.5),
-    mask_type=MaskType.PADDING_CAUSAL,
-    qkv_layout="BTNH",
+  return cudnn_compat.packed_attention(
+    q_BTHE, k_BSHE, v_BSHE, lengths_BM, starts_BM1, scale=float(E**-0.5)
   )
 
 

@@ -146,7 +146,7 @@ def attend(q_BTHE, k_BSKE, v_BSKE, mask_B1TS=None, *, impl="xla", segment_ids_BT
 
   impl "xla" (see models/kernels.resolve) writes it as two einsums over materialised scores
   (rather than jax.nn.dot_product_attention's XLA path, which is slower to differentiate on
-  CPU) under `mask_B1TS` (default causal). A kernel impl (splash, cudnn, triton) attends
+  CPU) under `mask_B1TS` (default causal). A kernel impl (see kernels.KERNELS) attends
   causally within `segment_ids_BT` without materialising scores; it ignores `mask_B1TS`.
   """
   if impl != "xla":
@@ -180,10 +180,11 @@ def _attend_one(q_B1KGE, k_BSKE, v_BSKE, mask_B11S):
   return out_BKGE[:, None].astype(v_BSKE.dtype)
 
 
-def attention_impl(cfg: ModelConfig, length: int, decode: bool = False) -> str:
-  """The attention implementation cfg.attention means for this model, length and backend."""
-  return kernels.resolve(cfg.attention, dtype=cfg.dtype, causal=cfg.causal, decode=decode,
-                         length=length)
+def attention_impl(cfg: ModelConfig, length: int, packed: bool, decode: bool = False) -> str:
+  """The attention implementation cfg.attention means for this model, length, batch (`packed`:
+  segment ids given) and device; an explicit kernel that cannot run here raises ValueError."""
+  return kernels.resolve(cfg.attention, dtype=cfg.dtype, head_dim=cfg.head_size, length=length,
+                         packed=packed, causal=cfg.causal, decode=decode)
 
 
 class DecodeMask(nn.Module):
@@ -284,7 +285,7 @@ class Attention(nn.Module):
     else:  # every query block needs every key: gathered whole when the length is sharded
       k_BTKE = nn.with_logical_constraint(k_BTKE, ("batch", None, "kv_heads", "head_dim"))
       v_BTKE = nn.with_logical_constraint(v_BTKE, ("batch", None, "kv_heads", "head_dim"))
-    impl = attention_impl(cfg, x_BTD.shape[1], self.decode)
+    impl = attention_impl(cfg, x_BTD.shape[1], segment_ids_BT is not None, self.decode)
     out_BTHE = attend(q_BTHE, k_BTKE, v_BTKE, mask, impl=impl, segment_ids_BT=segment_ids_BT)
     out_BTHE = checkpoint_name(out_BTHE, ATTENTION_OUT)
     std = cfg.init_std / self.num_layers_scale

@@ -124,7 +124,7 @@ class Transformer(nn.Module):
       if segment_ids_BT is None:
         segment_ids_BT = jnp.ones((B, T), jnp.int32)
       mask = DecodeMask(name="decode_mask")(segment_ids_BT)
-    elif attention_impl(cfg, T) != "xla":  # the kernel reads the segment ids
+    elif attention_impl(cfg, T, segment_ids_BT is not None) != "xla":  # kernels read the ids
       mask = None
     elif cfg.causal:
       mask = attention_mask(segment_ids_BT, causal=True)
