@@ -261,6 +261,9 @@ class JaxLM(TemplateLM):
     """
     groups = {}
     for i, (_, context, continuation) in enumerate(requests):
+      if not continuation:
+        raise ValueError(f"a loglikelihood request has an empty continuation (context "
+                         f"{requests[i][0]!r}); check the task's doc_to_choice / doc_to_target")
       groups.setdefault(tuple(context + continuation[:-1]), []).append(i)
     passes = [(requests[max(m, key=lambda i: len(requests[i][2]))], m) for m in groups.values()]
     width = 1 << (max((len(m) for m in groups.values()), default=1) - 1).bit_length()
@@ -390,9 +393,23 @@ def task_manager(tasks, include_path=None):
 
   if include_path:
     local = TaskManager(include_path=include_path, include_defaults=False)
-    if all(t in local.all_tasks for t in tasks):
+    if all(local.match_tasks([t]) for t in tasks):
       return local
   return TaskManager(include_path=include_path)
+
+
+def resolve_tasks(manager, tasks) -> list[str]:
+  """The task names `tasks` stand for (glob patterns expanded, YAML paths kept), as lm-eval's
+  command line resolves them; unknown ones are refused before any model is loaded."""
+  names, unknown = [], []
+  for t in tasks:
+    matched = manager.match_tasks([t]) or ([t] if os.path.isfile(t) else [])
+    names += matched
+    unknown += [] if matched else [t]
+  if unknown:
+    raise ValueError(f"no lm-eval task named {unknown}: give names lm-eval knows (lm-eval ls "
+                     "tasks) or that the YAML files under --include_path define")
+  return names
 
 
 def evaluate(tasks, *, workdir=None, hf=None, include_path=None, limit=None, num_fewshot=None,
@@ -407,13 +424,13 @@ def evaluate(tasks, *, workdir=None, hf=None, include_path=None, limit=None, num
   from lm_eval import simple_evaluate
   from lm_eval.loggers import EvaluationTracker
 
-  tasks = list(tasks)
+  manager = task_manager(list(tasks), include_path)
+  names = resolve_tasks(manager, tasks)
   source = {"workdir": os.fspath(workdir)} if workdir else {"hf": os.fspath(hf or "")}
   tracker = EvaluationTracker(output_path=os.fspath(output_path)) if output_path else None
-  results = simple_evaluate(model="jaxlm", model_args={**source, **model_args}, tasks=tasks,
+  results = simple_evaluate(model="jaxlm", model_args={**source, **model_args}, tasks=names,
                             num_fewshot=num_fewshot, limit=limit, log_samples=False,
-                            task_manager=task_manager(tasks, include_path),
-                            evaluation_tracker=tracker)
+                            task_manager=manager, evaluation_tracker=tracker)
   if results is None or tracker is None:
     return results, None
   return results, _save(tracker, results, next(iter(source.values())))

@@ -92,10 +92,23 @@ def _greedy_hf(tiny, prompt: str, n: int) -> list[int]:
   return out[0, len(ids):].tolist()
 
 
+def _stop_string(tiny) -> tuple[str, int]:
+  """(a word of some prompt's greedy continuation that is not in the text before it, which
+  prompt)."""
+  tok = tiny["tokenizer"]
+  for i, prompt in enumerate(PROMPTS):
+    ids = _greedy_hf(tiny, prompt, GEN_TOKENS)
+    for j in range(1, len(ids)):
+      piece = tok.decode(ids[j:j + 1])
+      if piece.strip().isalpha() and piece not in tok.decode(ids[:j]):
+        return piece, i
+  raise AssertionError("no prompt's continuation has a word to stop at")
+
+
 @pytest.fixture(scope="module")
 def tasks(tiny):
-  """Three lm-eval task files with local data; the generate task's stop string is a piece of
-  the first prompt's greedy continuation, so that it cuts it short."""
+  """Three lm-eval task files with local data; the generate task's stop string cuts a prompt's
+  greedy continuation after a few tokens."""
   directory = tiny["root"] / "tasks"
   directory.mkdir()
   _write_task(directory, "tiny_mc",
@@ -109,15 +122,13 @@ def tasks(tiny):
               + _metrics(("word_perplexity", "weighted_perplexity", False),
                          ("byte_perplexity", "weighted_perplexity", False),
                          ("bits_per_byte", "bits_per_byte", False)))
-  tok = tiny["tokenizer"]
-  pieces = [tok.decode([t]) for t in _greedy_hf(tiny, PROMPTS[0], GEN_TOKENS)[2:]]
-  stop = next(p for p in pieces if p.strip().isalpha())
+  stop, cut = _stop_string(tiny)
   _write_task(directory, "tiny_gen", [{"prompt": p, "answer": "x"} for p in PROMPTS],
               "output_type: generate_until\ndoc_to_text: \"{{prompt}}\"\n"
               f"doc_to_target: answer\ngeneration_kwargs:\n  until: [{json.dumps(stop)}]\n"
               f"  max_gen_toks: {GEN_TOKENS}\n  do_sample: false\n"
               + _metrics(("exact_match", "mean", True)))
-  return {"dir": str(directory), "stop": stop,
+  return {"dir": str(directory), "stop": stop, "cut": cut,
           "manager": lmeval.task_manager(["tiny_mc"], str(directory))}
 
 
@@ -169,9 +180,10 @@ def test_jaxlm_scores_as_lm_evals_hf_backend_scores_the_export(tiny, tasks, jax_
 
   generations = _responses(ours, "tiny_gen")
   assert generations == _responses(ref, "tiny_gen")
-  full = tiny["tokenizer"].decode(_greedy_hf(tiny, PROMPTS[0], GEN_TOKENS))
-  assert tasks["stop"] in full and generations[0] == [full.split(tasks["stop"])[0]], \
-    "the stop string cut the first continuation"
+  cut = tasks["cut"]
+  full = tiny["tokenizer"].decode(_greedy_hf(tiny, PROMPTS[cut], GEN_TOKENS))
+  assert generations[cut] == [full.split(tasks["stop"])[0]] and 0 < len(generations[cut][0]) \
+    < len(full), "the stop string cut a continuation short"
   print(f"\nparity with lm-eval's hf backend: loglikelihood max rel. diff {ll_err:.2e}, "
         f"perplexities {ppl_err:.2e}, rolling log-likelihoods "
         f"{_relative(rolling, rolling_ref):.2e}; {len(generations)} generations identical")
@@ -301,6 +313,16 @@ def test_eval_flags_out_of_place_are_usage_errors(tmp_path, capsys, args, messag
   assert exit_info.value.code == 2 and f"jaxlm: error: {message}" in err, err
 
 
+def test_an_unknown_task_is_refused_before_the_model_loads(tasks, capsys, tmp_path):
+  from jaxlm import cli
+
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["jaxlm", "eval", "--hf", str(tmp_path / "absent"), "--tasks", "tiny_mc,tiny_nope",
+              "--include_path", tasks["dir"]])
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 1 and "no lm-eval task named ['tiny_nope']" in err, err
+
+
 def test_import_jaxlm_imports_neither_lm_eval_nor_torch():
   code = ("import sys, jaxlm, jaxlm.cli; print(sorted(m for m in ('lm_eval', 'torch') "
           "if m in sys.modules)); import jaxlm.lmeval; print(sorted(m for m in "
@@ -308,3 +330,24 @@ def test_import_jaxlm_imports_neither_lm_eval_nor_torch():
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
   assert result.stdout.split() == ["[]", "['lm_eval']"], result.stderr[-2000:]
+
+
+@pytest.mark.slow  # real processes joined by jax.distributed: the slow tier (pytest -m slow)
+def test_two_processes_each_score_their_share_and_lm_eval_gathers_it(tiny, tasks, tmp_path):
+  from test_multihost import launch, wait
+
+  run, out = str(tmp_path / "run"), str(tmp_path / "out")
+  assert _jaxlm("convert", "--from-hf", tiny["src"], "--workdir", run).returncode == 0
+  names = ["tiny_mc", "tiny_ppl", "tiny_gen"]
+  logs = wait(launch(2, 2, ["eval", "--workdir", run, "--tasks", ",".join(names),
+                            "--include_path", tasks["dir"], "--output_path", out], str(tmp_path)),
+              str(tmp_path))
+  assert "|tiny_mc |" in logs[0] and "|tiny_mc |" not in logs[1], "the first process prints"
+  [written] = glob.glob(os.path.join(out, "*", "results_*.json"))
+  with open(written) as f:
+    two = json.load(f)["results"]
+  one = _evaluate(lmeval.JaxLM(workdir=run), tasks, names)["results"]
+  for name in names:
+    for metric, value in one[name].items():
+      if isinstance(value, float) and "stderr" not in metric:
+        assert two[name][metric] == pytest.approx(value, rel=1e-6), (name, metric)
