@@ -204,7 +204,7 @@ def test_a_task_of_200_varied_requests_compiles_a_handful_of_programs(tiny):
 
   # a batch size of its own: none of its programs was compiled by the tests before it
   jax_lm = lmeval.JaxLM(model=tiny["model"], params=tiny["params"], tokenizer=tiny["tokenizer"],
-                        batch_size=24)
+                        batch_size=8)
 
   rng = np.random.RandomState(0)
   words = tiny["tokenizer"].decode(rng.randint(0, 50000, 4000).tolist()).split()
