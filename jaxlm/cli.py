@@ -54,7 +54,8 @@ flags.DEFINE_integer("step", None, "convert --to-hf: checkpoint step (default: t
 flags.DEFINE_bool("merge", False, "convert --to-hf of a LoRA run: write the merged model instead "
                   "of a PEFT adapter")
 flags.DEFINE_string("split", "dev", "eval: the task split to score (dev | test | train)")
-flags.DEFINE_string("tasks", None, "eval: lm-eval tasks to run, comma-separated (docs/evaluation.md)")
+flags.DEFINE_string("tasks", None, "eval: lm-eval tasks to run, comma-separated "
+                    "(docs/evaluation.md)")
 flags.DEFINE_string("include_path", None, "eval --tasks: a directory of lm-eval task YAML files")
 flags.DEFINE_integer("limit", None, "eval --tasks: score the first N documents of each task")
 flags.DEFINE_integer("num_fewshot", None, "eval --tasks: few-shot examples per prompt (default: "

@@ -13,13 +13,12 @@ import os
 import subprocess
 import sys
 
+import lm_eval
 import numpy as np
 import pytest
+import torch  # the reference is lm-eval's hf backend, on torch
+import transformers
 from conftest import CHATML, REPO, SHARED_DATA
-
-torch = pytest.importorskip("torch", reason="the reference is lm-eval's hf backend, on torch")
-transformers = pytest.importorskip("transformers")
-lm_eval = pytest.importorskip("lm_eval")
 
 import jaxlm
 from jaxlm import lmeval, runtime
@@ -300,8 +299,11 @@ def test_jaxlm_eval_tasks_prints_the_table_and_writes_the_results_json(tiny, tas
 
   from_hf = _jaxlm("eval", "--hf", tiny["src"], *args)
   assert from_hf.returncode == 0, from_hf.stderr[-3000:]
-  rows = lambda text: [r for r in text.splitlines() if r.startswith("|")][2:]
-  assert rows(from_hf.stdout) == rows(result.stdout), "the run and its source score alike"
+  assert _rows(from_hf.stdout) == _rows(result.stdout), "the run and its source score alike"
+
+
+def _rows(table: str) -> list[str]:
+  return [r for r in table.splitlines() if r.startswith("|")][2:]
 
 
 @pytest.mark.parametrize("args, message", [
