@@ -7,6 +7,8 @@
   jaxlm convert --workdir DIR --to-hf OUT [--step N]     (a run's checkpoint -> HF directory;
                  a LoRA run's -> a PEFT adapter directory, or with --merge the merged model)
   jaxlm eval --workdir runs/sst2 --split dev     (fine-tuning runs: the task's metrics)
+  jaxlm eval --workdir runs/demo --tasks T1,T2 [--include_path DIR] [--limit N] [--num_fewshot K]
+             [--output_path DIR]     (or --hf HF_DIR_OR_GGUF; lm-eval tasks: its results table)
   jaxlm plan --config configs/llama3_8b.py --device v5p-64    (or --device h100 --hosts 4)
 """
 
@@ -26,7 +28,8 @@ COMMAND_FLAGS = {
                "seed", "stop"),
   "plot": ("workdir", "out"),
   "convert": ("from-hf", "to-hf", "workdir", "step", "merge"),
-  "eval": ("workdir", "split"),
+  "eval": ("workdir", "split", "hf", "tasks", "include_path", "limit", "num_fewshot",
+           "output_path"),
   "plan": ("config", "device", "hosts"),
 }
 COMMANDS = tuple(COMMAND_FLAGS)
@@ -42,8 +45,8 @@ flags.DEFINE_integer("top_k", 0, "generate: keep the k most likely tokens (0: al
 flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass")
 flags.DEFINE_integer("seed", 0, "generate: sampling seed")
 flags.DEFINE_multi_string("stop", None, "generate: stop when the text contains this string")
-flags.DEFINE_string("hf", None, "generate: a Hugging Face model directory or .gguf file to use "
-                    "instead of --workdir")
+flags.DEFINE_string("hf", None, "generate, eval --tasks: a Hugging Face model directory or .gguf "
+                    "file to use instead of --workdir")
 flags.DEFINE_string("out", None, "plot: PNG path (default WORKDIR/loss.png)")
 flags.DEFINE_string("from-hf", None, "convert: HF model directory, .gguf file or hub id to import")
 flags.DEFINE_string("to-hf", None, "convert: directory to write the run's checkpoint to, in HF format")
@@ -51,6 +54,13 @@ flags.DEFINE_integer("step", None, "convert --to-hf: checkpoint step (default: t
 flags.DEFINE_bool("merge", False, "convert --to-hf of a LoRA run: write the merged model instead "
                   "of a PEFT adapter")
 flags.DEFINE_string("split", "dev", "eval: the task split to score (dev | test | train)")
+flags.DEFINE_string("tasks", None, "eval: lm-eval tasks to run, comma-separated "
+                    "(docs/evaluation.md)")
+flags.DEFINE_string("include_path", None, "eval --tasks: a directory of lm-eval task YAML files")
+flags.DEFINE_integer("limit", None, "eval --tasks: score the first N documents of each task")
+flags.DEFINE_integer("num_fewshot", None, "eval --tasks: few-shot examples per prompt (default: "
+                     "each task's own)")
+flags.DEFINE_string("output_path", None, "eval --tasks: directory for lm-eval's results JSON")
 flags.DEFINE_string("device", "cpu", "plan: the target's devices, NAME or a slice NAME-N "
                     "(v4 v5e v5p v6e a100 h100 h200 cpu; v5p-64 = 32 chips)")
 flags.DEFINE_integer("hosts", None, "plan: hosts of --device NAME (default 1; implied by NAME-N)")
@@ -136,6 +146,12 @@ def _train():
 
 
 def _eval():
+  if FLAGS.tasks:
+    return _eval_tasks()
+  for name in ("hf", "include_path", "limit", "num_fewshot", "output_path"):
+    if FLAGS[name].present:
+      raise UsageError(f"eval --{name} goes with --tasks=T1,T2 (lm-eval tasks); without --tasks "
+                       "eval scores a run on its own evaluation (--workdir, --split)")
   from jaxlm import rundir
 
   config = rundir.read_config(FLAGS.workdir)
@@ -149,6 +165,28 @@ def _eval():
   if jax.process_index():  # every process scores (collectively); process 0 prints
     return
   print(" ".join(f"{prefix}{k}={v:.4f}" for k, v in scores.items()))
+
+
+def _eval_tasks():
+  """lm-eval tasks on a run or an HF model: lm-eval's table printed, its results JSON written."""
+  from jaxlm import rundir
+
+  if FLAGS["split"].present:
+    raise UsageError("eval --split scores a fine-tuning run; lm-eval tasks pick their own split")
+  if bool(FLAGS.workdir) == bool(FLAGS.hf):
+    raise UsageError("eval --tasks needs exactly one of --workdir=RUN or --hf=HF_DIR_OR_GGUF")
+  _start(None if FLAGS.hf else rundir.read_config(FLAGS.workdir))
+  from jaxlm import lmeval
+
+  tasks = [t for t in FLAGS.tasks.split(",") if t]
+  results, written = lmeval.evaluate(
+    tasks, workdir=FLAGS.workdir, hf=FLAGS.hf, include_path=FLAGS.include_path,
+    limit=FLAGS.limit, num_fewshot=FLAGS.num_fewshot, output_path=FLAGS.output_path)
+  if results is None:  # processes other than the first: lm-eval gathered their results
+    return
+  print(lmeval.table(results))
+  if written:
+    print(f"wrote {written}", file=sys.stderr)
 
 
 def _generate():
@@ -229,7 +267,8 @@ def _main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise UsageError(f"usage: jaxlm {{{'|'.join(COMMANDS)}}} --workdir DIR [flags]; got {argv[1:]}")
   _check_flags(argv[1])
-  if not FLAGS.workdir and argv[1] != "plan" and not (argv[1] == "generate" and FLAGS.hf):
+  if not FLAGS.workdir and argv[1] != "plan" and not (argv[1] in ("generate", "eval")
+                                                      and FLAGS.hf):
     raise UsageError(f"{argv[1]} needs --workdir=DIR")
   {"train": _train, "generate": _generate, "plot": _plot, "convert": _convert,
    "eval": _eval, "plan": _plan}[argv[1]]()
