@@ -62,7 +62,8 @@ flags.DEFINE_integer("num_fewshot", None, "eval --tasks: few-shot examples per p
                      "each task's own)")
 flags.DEFINE_string("output_path", None, "eval --tasks: directory for lm-eval's results JSON")
 flags.DEFINE_string("device", "cpu", "plan: the target's devices, NAME or a slice NAME-N "
-                    "(v4 v5e v5p v6e a100 h100 h200 cpu; v5p-64 = 32 chips)")
+                    "(v4 v5e v5p v6e a100 a100-40gb h100 h100-pcie h100-nvl h200 h200-nvl cpu; "
+                    "h100 = SXM; v5p-64 = 32 chips)")
 flags.DEFINE_integer("hosts", None, "plan: hosts of --device NAME (default 1; implied by NAME-N)")
 flags.DEFINE_bool("debug", False, "show full tracebacks instead of one-line errors")
 FLAGS = flags.FLAGS

@@ -1,4 +1,5 @@
-"""The one table of accelerator kinds (memory, peak FLOP/s) and the model-FLOPs count per token.
+"""The one table of accelerator kinds (memory, peak FLOP/s per matmul precision) and the FLOPs
+counts per token: model FLOPs (MFU) and the FLOPs the devices actually run (HFU).
 
 Read by the trainer (MFU and hardware-FLOPs utilisation in every run) and by `jaxlm plan` (does a
 model fit). Peaks are dense (no sparsity) per chip, from the vendors' data sheets.
@@ -8,6 +9,11 @@ import dataclasses
 import os
 import re
 
+# model.matmul_precision -> the lax.Precision level it names (jax/_src/lax/lax.py's
+# _precision_strings: the names jax_default_matmul_precision accepts as Precision levels)
+PRECISION_LEVELS = {"default": 0, "bfloat16": 0, "high": 1, "tensorfloat32": 1, "highest": 2,
+                    "float32": 2}
+
 
 @dataclasses.dataclass(frozen=True)
 class DeviceKind:
@@ -15,26 +21,45 @@ class DeviceKind:
 
   name: str
   memory_bytes: int
-  bf16_flops: float  # dense peak per chip
-  fp32_flops: float
+  bf16_flops: float  # dense bf16/fp16 matmul peak per chip
+  # float32 matmuls at precision default, high, highest (what XLA runs them as, see _gpu/_tpu)
+  fp32_flops: tuple[float, float, float]
   match: str  # regex on jax.Device.device_kind
   chips_per_host: int = 8  # devices of one host (a TPU VM worker, a GPU node)
   cores_per_chip: int = 1  # TPU slice names count TensorCores: v5p-64 is 32 chips
 
 
+def _tpu(name, memory, bf16, match, per_host, cores=1) -> DeviceKind:
+  """A TPU: float32 matmuls run as 1 bfloat16 pass at precision default, 3 at high and 6 at
+  highest (lax.Precision's docstring; docs.jax.dev/en/latest/201/precision.html)."""
+  return DeviceKind(name, memory, bf16, (bf16, bf16 / 3, bf16 / 6), match, per_host, cores)
+
+
+def _gpu(name, memory, bf16, tf32, fp32, match) -> DeviceKind:
+  """An NVIDIA GPU (Ampere or later): float32 matmuls run on the tensor cores as TensorFloat-32
+  at precision default and high, on the CUDA cores as float32 at highest (lax.Precision)."""
+  return DeviceKind(name, memory, bf16, (tf32, tf32, fp32), match)
+
+
 GiB = 1 << 30
+# Listed most specific first: kind_of takes the first whose pattern matches.
 DEVICE_KINDS = {
   d.name: d
   for d in (
-    DeviceKind("v4", 32 * GiB, 275e12, 275e12 / 2, r"^TPU v4", 4, 2),
-    DeviceKind("v5e", 16 * GiB, 197e12, 197e12 / 2, r"^TPU v5 ?(lite|e)", 4),
-    DeviceKind("v5p", 95 * GiB, 459e12, 459e12 / 2, r"^TPU v5p?$", 4, 2),
-    DeviceKind("v6e", 32 * GiB, 918e12, 918e12 / 2, r"^TPU v6", 4),
-    DeviceKind("a100", 80 * GiB, 312e12, 19.5e12, r"A100"),
-    DeviceKind("h100", 80 * GiB, 989e12, 67e12, r"H100"),
-    DeviceKind("h200", 141 * GiB, 989e12, 67e12, r"H200"),
+    _tpu("v4", 32 * GiB, 275e12, r"^TPU v4", 4, 2),
+    _tpu("v5e", 16 * GiB, 197e12, r"^TPU v5 ?(lite|e)", 4),
+    _tpu("v5p", 95 * GiB, 459e12, r"^TPU v5p?$", 4, 2),
+    _tpu("v6e", 32 * GiB, 918e12, r"^TPU v6", 4),
+    # "NVIDIA A100-SXM4-40GB", "NVIDIA A100-PCIE-40GB": the PCIe and SXM cards have one peak
+    _gpu("a100-40gb", 40 * GiB, 312e12, 156e12, 19.5e12, r"A100.*40GB"),
+    _gpu("a100", 80 * GiB, 312e12, 156e12, 19.5e12, r"A100"),
+    _gpu("h100-pcie", 80 * GiB, 756e12, 378e12, 51e12, r"H100 PCIe"),  # "NVIDIA H100 PCIe"
+    _gpu("h100-nvl", 94 * GiB, 835.5e12, 417.5e12, 60e12, r"H100 NVL"),  # "NVIDIA H100 NVL"
+    _gpu("h100", 80 * GiB, 989e12, 494.7e12, 67e12, r"H100"),  # SXM: "NVIDIA H100 80GB HBM3"
+    _gpu("h200-nvl", 141 * GiB, 835.5e12, 417.5e12, 60e12, r"H200 NVL"),  # "NVIDIA H200 NVL"
+    _gpu("h200", 141 * GiB, 989e12, 494.7e12, 67e12, r"H200"),  # SXM: "NVIDIA H200"
     # a laptop/server CPU: its peak is measured from the cores present (see cpu_kind)
-    DeviceKind("cpu", 16 * GiB, 0.0, 0.0, r"^cpu$"),
+    DeviceKind("cpu", 16 * GiB, 0.0, (0.0, 0.0, 0.0), r"^cpu$"),
   )
 }
 
@@ -57,7 +82,7 @@ def cpu_kind(cores: int | None = None, ghz: float | None = None) -> DeviceKind:
     pass
   per_cycle = 64 if " avx512f" in flags else 32
   peak = cores * per_cycle * (ghz or (mhz / 1e3 if mhz else 2.5)) * 1e9
-  return DeviceKind("cpu", mem, peak, peak, r"^cpu$")
+  return DeviceKind("cpu", mem, peak, (peak, peak, peak), r"^cpu$")
 
 
 def kind_of(device_kind: str) -> DeviceKind | None:
@@ -79,9 +104,18 @@ def named(name: str) -> DeviceKind:
   return DEVICE_KINDS[name]
 
 
-def peak_flops(kind: DeviceKind, dtype: str) -> float:
-  """Peak FLOP/s of one chip for matmuls in `dtype` (bfloat16/float16 use the bf16 peak)."""
-  return kind.fp32_flops if dtype == "float32" else kind.bf16_flops
+def peak_flops(kind: DeviceKind, dtype: str, precision: str = "default") -> float:
+  """Peak FLOP/s of one chip for matmuls in `dtype` at `precision` (model.matmul_precision).
+
+  bfloat16/float16 matmuls run at the bf16 peak whatever the precision; float32 ones at the peak
+  of what XLA runs them as: TensorFloat-32 on the GPU's tensor cores (default, high) or its
+  float32 cores (highest); one, three or six bfloat16 passes on a TPU.
+  """
+  if precision not in PRECISION_LEVELS:
+    raise ValueError(f"matmul precision {precision!r} is not one of {tuple(PRECISION_LEVELS)}")
+  if dtype != "float32":
+    return kind.bf16_flops
+  return kind.fp32_flops[PRECISION_LEVELS[precision]]
 
 
 def model_flops_per_token(cfg, seq_len: int, *, training: bool = True,
@@ -106,7 +140,8 @@ def model_flops_per_token(cfg, seq_len: int, *, training: bool = True,
   return (3 if weight_grads else 2) * forward if training else forward
 
 
-def run_peak_flops(dtype: str, per_device: float = 0.0) -> tuple[float, str]:
+def run_peak_flops(dtype: str, per_device: float = 0.0,
+                   precision: str = "default") -> tuple[float, str]:
   """(peak FLOP/s of all devices of the run, the device kind's name), for MFU.
 
   `per_device` overrides the table. CPU devices split one processor, so a CPU run's peak is that
@@ -118,17 +153,131 @@ def run_peak_flops(dtype: str, per_device: float = 0.0) -> tuple[float, str]:
   kind = kind_of(device.device_kind) or kind_of(device.platform)
   name = kind.name if kind else device.device_kind
   if device.platform == "cpu":
-    return (per_device or peak_flops(kind, dtype)) * jax.process_count(), name
-  peak = per_device or (peak_flops(kind, dtype) if kind else 0.0)
+    return (per_device or peak_flops(kind, dtype, precision)) * jax.process_count(), name
+  peak = per_device or (peak_flops(kind, dtype, precision) if kind else 0.0)
   return peak * jax.device_count(), name
 
 
-def hardware_flops_factor(remat: str, lora: bool = False, reference: bool = False) -> float:
-  """Hardware FLOPs over model FLOPs of a training step: rematerialising the blocks runs their
-  forward matmuls twice (one more forward pass); saving matmul outputs ("dots") or nothing
-  recomputes none. LoRA's model FLOPs have no weight gradients (2 forward passes), but jaxlm
-  merges the adapters into the weights before the matmuls, so the step computes each frozen
-  weight's full gradient and projects it onto the adapters (3 forward passes' worth). DPO's
-  reference model adds one forward pass to both."""
-  passes = 3 + (0 if remat in ("none", "dots") else 1) + reference
-  return passes / ((2 if lora else 3) + reference)
+# A block's values (models/layers.py): the matmuls' outputs and "mid", the residual stream between
+# attention and MLP (no matmul of its own: its norm's input or, post-norm, output), each with the
+# values it is computed from. "qk" and "av" are attention's batched matmuls (the scores, and the
+# probabilities times the values); "k" and "q" include RoPE.
+_INPUTS = {"qk": ("q", "k"), "av": ("qk", "v"), "o": ("av",), "mid": ("o",), "gate": ("mid",),
+           "up": ("mid",), "down": ("gate", "up")}
+# What each model.remat policy keeps of a block for the backward pass (models/transformer.py);
+# the backward recomputes the rest of what it reads. dots: the outputs of dots without batch
+# dimensions, i.e. every weight matmul and neither qk nor av; attention: the attention output.
+_SAVED = {"dots": frozenset({"q", "k", "v", "o", "gate", "up", "down"}),
+          "attention": frozenset({"av"}), "full": frozenset()}
+
+
+def hardware_flops_per_token(cfg, seq_len: int, *, attention: str = "xla", trained=None,
+                             reference: bool = False) -> float:
+  """FLOPs the devices run per token of a training step over rows of `seq_len` tokens: the
+  matmuls of the forward pass, of the backward pass (a matmul's gradient for each operand that
+  needs one: a trained weight, or an input with trained params upstream) and of what model.remat
+  makes the backward pass recompute (the values it reads that the policy did not keep, and what
+  they are computed from). Elementwise work (norms, softmax, the optimizer) is left out, as in
+  model FLOPs.
+
+  For attention="xla", which computes every query-key score, masked or not, this is the program
+  jaxlm gives XLA, matmul for matmul (tests/test_metrics.py checks it against XLA's cost analysis
+  per remat policy, and with LoRA). For a kernel (splash, cudnn, triton), which cost analysis
+  cannot see into, an estimate: the causally masked half of the scores skipped, the backward
+  recomputing the scores (as FlashAttention-2's does), the kernel's forward recomputed under any
+  remat policy (its softmax statistics are not among what a policy keeps).
+
+  Args:
+    cfg: the ModelConfig.
+    attention: the attention implementation the run uses (models.layers.attention_impl).
+    trained: '/'-joined paths (or path prefixes) of the params the step trains; None = all. A
+      LoRA run's adapted kernels count as trained: jaxlm merges the adapters into the kernels
+      before the matmuls, so each gets its full gradient (projected onto the adapters, whose own
+      per-step matmuls are left out: rank / tokens per step of those kernels' FLOPs).
+    reference: DPO's reference model: one more forward pass.
+  """
+  L, kernel = cfg.num_layers, attention != "xla"
+  prefix = "" if cfg.causal else "transformer/"  # an encoder's stack sits under its heads
+
+  def trains(*paths) -> bool:
+    return trained is None or any(
+      p == t or p.startswith(t + "/") or t.startswith(p + "/") for t in trained for p in paths)
+
+  f = _block_matmuls(cfg, seq_len / 2 if kernel and cfg.causal else seq_len)
+  forward, extra = L * sum(f.values()), 0.0
+  flowing = trains(*(prefix + n for n in ("embed", "pos_embed", "type_embed", "embed_norm")))
+  for i in range(L):
+    block_extra, flowing = _block_backward(
+      f, lambda name, i=i: trains(f"{prefix}block_{i}/{name}", f"{prefix}blocks/{name}"),
+      flowing, cfg, kernel)
+    extra += block_extra
+  flowing = flowing or trains(prefix + "final_norm")
+  for flops, path in _head_matmuls(cfg, seq_len):
+    forward += flops
+    extra += flops * (flowing + trains(path))
+    flowing = flowing or trains(path.split("/")[0])
+  return (1 + reference) * forward + extra
+
+
+def _block_matmuls(cfg, keys: float) -> dict:
+  """Forward FLOPs per token of each matmul of one block, attending to `keys` keys a query."""
+  D, H, K, E, F = cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.hidden_dim
+  out = {"q": 2 * D * H * E, "k": 2 * D * K * E, "v": 2 * D * K * E, "qk": 2 * keys * H * E,
+         "av": 2 * keys * H * E, "o": 2 * H * E * D, "up": 2 * D * F, "down": 2 * F * D}
+  if cfg.gated_mlp:
+    out["gate"] = 2 * D * F
+  return out
+
+
+def _block_backward(f: dict, trains, flowing: bool, cfg, kernel: bool) -> tuple[float, bool]:
+  """(backward and recomputed FLOPs per token of one block, whether its input needs a gradient)
+  for a block whose input needs a gradient when `flowing` (a trained param upstream);
+  `trains(name)` says whether the block's params under `name` train."""
+  pre = cfg.norm_position == "pre"
+  into = flowing or (pre and trains("attn_norm"))  # a gradient for q, k and v's input
+  q, k, v = (into or trains(f"attn/{n}") for n in "qkv")
+  attn = q or k or v  # a gradient for the attention output
+  w = {n: trains(f"{'attn' if n in 'qkvo' else 'mlp'}/{n}/kernel")  # trained weights
+       for n in f if n not in ("qk", "av")}
+  total = sum(f[n] * (into + w[n]) for n in "qkv") + f["o"] * (attn + w["o"])
+  total += f["qk"] * (q + k + (kernel and attn)) + f["av"] * ((q or k) + v)
+  mid = flowing or attn or trains("attn/o") or trains("attn_norm")
+  into_mlp = mid or (pre and trains("mlp_norm"))
+  mlp_in = [n for n in ("gate", "up") if n in f]
+  total += sum(f[n] * (into_mlp + w[n]) for n in mlp_in)
+  hidden = into_mlp or any(trains(f"mlp/{n}") for n in mlp_in)
+  total += f["down"] * (hidden + w["down"])
+  out = mid or hidden or trains("mlp/down") or trains("mlp_norm")
+  if cfg.remat == "none":
+    return total, out
+  # what the backward reads: each matmul's other operand, the softmax's probabilities, the MLP
+  # activation's inputs, the weight gradients' inputs, each norm's input
+  acts = into_mlp or any(w[n] for n in mlp_in) or w["down"]
+  reads = {"k": q, "q": k, "qk": attn, "v": q or k, "av": w["o"], "gate": acts, "up": acts,
+           "mid": into_mlp or any(w[n] for n in mlp_in) or (not pre and out)}
+  if not pre:  # the norms' inputs: x + o's output, mid + down's output
+    reads.update(o=mid, down=out)
+  saved = _SAVED[cfg.remat] - ({"qk", "av"} if kernel else set())
+  if kernel and attn:  # the kernel's backward reads q, k, v and its output
+    reads.update(q=True, k=True, v=True, av=True)
+  todo, recomputed = [n for n, read in reads.items() if read], set()
+  while todo:
+    name = todo.pop()
+    if name not in saved and name not in recomputed:
+      recomputed.add(name)
+      todo.extend(_INPUTS.get(name, ()))
+  return total + sum(f.get(n, 0.0) for n in recomputed), out
+
+
+def _head_matmuls(cfg, seq_len: int) -> list:
+  """(forward FLOPs per token, the weight's param path) of each matmul of the head, in order."""
+  D, V, C = cfg.embed_dim, cfg.vocab_size, cfg.num_labels
+  if cfg.head == "lm":
+    return [(2 * D * V, "embed/embedding" if cfg.tie_embeddings else "lm_head/kernel")]
+  if cfg.head == "mlm":  # dense transform, then the decoder tied to the token embedding
+    return [(2 * D * D, "mlm_head/transform/kernel"), (2 * D * V, "transformer/embed/embedding")]
+  row = 1 / seq_len  # a sequence head reads one token a row
+  return {"token_cls": [(2 * D * C, "classifier/kernel")], "qa": [(4 * D, "qa_outputs/kernel")],
+          "seq_cls": [(2 * D * D * row, "pooler/dense/kernel"),
+                      (2 * D * C * row, "classifier/kernel")],
+          "base": [(2 * D * D * row, "pooler/dense/kernel")] if cfg.pooler else []}[cfg.head]

@@ -56,9 +56,11 @@ def target(device: str, hosts: int | None = None) -> Target:
   """The target a `--device NAME[-N] [--hosts H]` pair names: NAME a kind of devices.DEVICE_KINDS;
   N as the vendor counts a slice (TPU v4/v5p: TensorCores, so v5p-64 is 32 chips; else chips);
   without N, H hosts of the kind's chips_per_host (cpu: the devices present)."""
-  match = re.fullmatch(r"([a-z0-9]+?)(?:-(\d+))?", device.lower())
+  # a name's parts after the first hold a letter (h100-pcie, a100-40gb); a count is all digits
+  match = re.fullmatch(r"([a-z0-9]+(?:-[a-z0-9]*[a-z][a-z0-9]*)*)(?:-(\d+))?", device.lower())
   if not match:
-    raise ValueError(f"--device={device!r}: expected NAME or NAME-N, e.g. v5p, v5p-64, h100")
+    raise ValueError(f"--device={device!r}: expected NAME or NAME-N, e.g. v5p, v5p-64, h100, "
+                     "h100-pcie-8")
   kind = devices.named(match.group(1))
   per_host = jax.local_device_count() if kind.name == "cpu" else kind.chips_per_host
   if match.group(2):
@@ -315,13 +317,14 @@ def report(plan: Plan, config_name: str = "", lever_plans=None) -> str:
   cfg, t = plan.model, plan.target
   mesh = " ".join(f"{k}={v}" for k, v in plan.mesh.items())
   step_flops = plan.flops_per_token * plan.tokens_per_step
-  peak = devices.peak_flops(t.kind, cfg.dtype) * t.chips
+  peak = devices.peak_flops(t.kind, cfg.dtype, cfg.matmul_precision) * t.chips
   lines = [
     f"jaxlm plan {config_name} on {t.name}, {t.kind.memory_bytes / GiB:.0f} GiB each",
     (
       f"model        {plan.params:,} parameters (L={cfg.num_layers} D={cfg.embed_dim} "
       f"H={cfg.num_heads} K={cfg.kv_heads} F={cfg.hidden_dim} V={cfg.vocab_size}), "
       f"{cfg.dtype} compute, {cfg.param_dtype} params, remat={cfg.remat}"
+      + (f", matmul_precision={cfg.matmul_precision}" if cfg.dtype == "float32" else "")
     ),
     (
       f"FLOPs        {plan.flops_per_token:.3e} per token (training = 3 x forward, causal "

@@ -36,6 +36,12 @@ def test_targets_parse_as_the_vendors_name_slices():
     plan.target("v5p-64", hosts=2)
   with pytest.raises(ValueError, match=r"unknown device 'tpu9'"):
     plan.target("tpu9")
+  # h100 stays the SXM card; the PCIe and NVL cards have names (and peaks) of their own
+  t = plan.target("h100-pcie-16")
+  assert (t.kind.name, t.chips, t.hosts) == ("h100-pcie", 16, 2)
+  assert t.kind.bf16_flops < plan.target("h100").kind.bf16_flops
+  assert plan.target("h100-nvl").kind.name == "h100-nvl"
+  assert (plan.target("a100-40gb-8").kind.memory_bytes, plan.target("a100").chips) == (40 << 30, 8)
 
 
 def test_parameter_counts_equal_the_real_models():

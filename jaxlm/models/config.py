@@ -25,13 +25,17 @@ NORM_POSITIONS = ("pre", "post")
 ENCODER_HEADS = ("base", "mlm", "seq_cls", "token_cls", "qa")  # the task heads of models.heads
 HEADS = ("lm", *ENCODER_HEADS)
 DTYPES = ("float32", "bfloat16", "float16")
+# How float32 matmuls run (jax_default_matmul_precision's Precision levels, aliases paired):
+# default/bfloat16 = one bf16 pass on TPU, TF32 on Ampere+ GPUs; high/tensorfloat32 = 3 bf16
+# passes on TPU, TF32 on GPUs; highest/float32 = 6 bf16 passes on TPU, full fp32 on GPUs.
+MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 # Attention implementations (models/kernels.py): auto picks the first kernel that runs on the device
 # at hand (kernels.auto_order), else xla; an explicit kernel that cannot run is refused at trace.
 ATTENTIONS = ("auto", "xla", "splash", "cudnn", "triton", "tokamax")
 # Fields a run sets on top of the model it starts from (`model.init_from`); all others come from
 # that checkpoint's own configuration.
 RUN_FIELDS = ("dropout", "dtype", "param_dtype", "remat", "scan_layers", "head", "num_labels",
-              "attention", "loss_chunk")
+              "attention", "loss_chunk", "matmul_precision")
 
 
 def dtype_name(dtype: Any, what: str = "dtype") -> str:
@@ -88,6 +92,8 @@ class ModelConfig:
   init_std: float = 0.02
   dtype: str = "float32"  # compute dtype; params stay in param_dtype (jnp.bfloat16 etc. accepted)
   param_dtype: str = "float32"
+  # float32 matmuls' precision for a training run (one of MATMUL_PRECISIONS); MFU's peak follows
+  matmul_precision: str = "default"
   remat: str = "none"  # none | full | dots (save matmul outputs) | attention (save attn outputs)
   scan_layers: bool = False  # nn.scan over layers: faster compiles for deep models
   attention: str = "auto"  # one of ATTENTIONS: the attention kernel (models/kernels.py)
@@ -115,6 +121,7 @@ class ModelConfig:
       ("norm_position", NORM_POSITIONS),
       ("head", HEADS),
       ("attention", ATTENTIONS),
+      ("matmul_precision", MATMUL_PRECISIONS),
     ):
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")

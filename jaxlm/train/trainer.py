@@ -23,7 +23,7 @@ from jaxlm import generate as gen
 from jaxlm.data import sources
 from jaxlm.data import tokenizers as tok_lib
 from jaxlm.data.iterators import Prefetch, Stack
-from jaxlm.models import heads
+from jaxlm.models import heads, layers
 from jaxlm.models import lora as lora_lib
 from jaxlm.train import metrics as metrics_lib
 from jaxlm.train import modes, objectives, optim, preemption
@@ -67,7 +67,9 @@ def train(config, workdir) -> dict:
       writer = metrics_lib.MetricsWriter(run.workdir, run.mode.total_steps,
                                          enabled=jax.process_index() == 0,
                                          wandb_cfg=config.wandb, config=config)
-    with preemption.PreemptionGuard() as guard:
+    # float32 matmuls at the configured precision: jit reads it as it traces each program
+    with preemption.PreemptionGuard() as guard, \
+        jax.default_matmul_precision(run.model.cfg.matmul_precision):
       return Trainer(run, ckpt, writer, guard, clock).fit(step0)
   finally:
     ckpt.close()
@@ -264,12 +266,14 @@ class Trainer:
     train_fn = step_lib.jit_train_step(shardings, objective, grad_accum=cfg_t.grad_accum,
                                        dropout=run.model.cfg.dropout > 0,
                                        reference=mode.reference, stacked=stacked)
-    peak, device = devices.run_peak_flops(run.model.cfg.dtype, run.config.runtime.peak_flops)
+    precision = run.model.cfg.matmul_precision
+    peak, device = devices.run_peak_flops(run.model.cfg.dtype, run.config.runtime.peak_flops,
+                                          precision)
     report = _Reporter(self.writer, self.ckpt, run.schedule, cfg_t.log_every, start,
                        cfg_t.skip_nonfinite, peak=peak, clock=self.clock,
-                       hfu_factor=devices.hardware_flops_factor(
-                         run.model.cfg.remat, lora=run.lora is not None,
-                         reference=bool(mode.reference)))
+                       hfu_factor=_hfu_factor(run), first_record={
+                         "matmul_precision": precision,
+                         "peak_flops_per_device": peak / jax.device_count()})
     if cfg_t.skip_nonfinite:  # the count so far lives in optax.apply_if_finite's state
       report.skipped = int(jax.device_get(state.opt_state.total_notfinite))
     meta = rundir.checkpoint_meta(run.config, run.tokenizer,
@@ -371,14 +375,16 @@ class _Reporter:
 
   def __init__(self, writer, ckpt, schedule, log_every, start_step, skip_nonfinite: int = 0, *,
                peak: float = 0.0, clock: metrics_lib.Goodput | None = None,
-               hfu_factor: float = 1.0):
+               hfu_factor: float = 1.0, first_record: dict | None = None):
     """`peak`: FLOP/s of all the run's devices (0: unknown, no MFU); `clock`: the run's
-    Goodput, for time to first step and the running goodput."""
+    Goodput, for time to first step and the running goodput; `first_record`: figures the first
+    step record written carries (the matmul precision and peak MFU is measured against)."""
     self.writer, self.ckpt, self.log_every = writer, ckpt, log_every
     self.schedule = jax.jit(schedule)  # one small program, not a dozen eager ops each compiled
     self.start_step, self.window = start_step, (start_step, time.perf_counter())
     self.skip_nonfinite, self.skipped, self.skipped_in_row = skip_nonfinite, 0, 0
     self.peak, self.clock, self.hfu_factor = peak, clock or metrics_lib.Goodput(), hfu_factor
+    self.first_record = dict(first_record or {})
     self.data_wait, self.tokens, self.flops = 0.0, 0, 0.0  # since the window started
     self.total = {"tokens": 0, "flops": 0.0, "seconds": 0.0}  # since the first step's end
     self.first_step_seconds = None
@@ -432,7 +438,8 @@ class _Reporter:
                 **{k: v for k, v in values.items() if "/" in k}}  # an objective's own (DPO's)
       if self.skip_nonfinite:
         record["skipped_nonfinite"] = self.skipped
-      self.writer.write(step, {**record, **timing})
+      self.writer.write(step, {**record, **timing, **self.first_record})
+      self.first_record = {}
       timing.pop("time_to_first_step", None)  # the first record of the run has them, once
       timing.pop("compile_seconds", None)
     if logged:
@@ -506,6 +513,19 @@ def _step_flops(run: Run):
     return cache[shape]
 
   return flops
+
+
+def _hfu_factor(run: Run) -> float:
+  """Hardware over model FLOPs of the run's steps (devices.hardware_flops_per_token: what the
+  remat policy recomputes, all T x T scores under XLA's attention, a merged LoRA's full kernel
+  gradients), at the run's sequence length (finetune: task.max_len, the longest bucket)."""
+  cfg, config = run.model.cfg, run.config
+  seq_len = config.task.max_len if config.kind == "finetune" else config.data.seq_len
+  trained = None if run.lora is None else [t.path for t in run.lora.targets] + list(run.lora.full)
+  hardware = devices.hardware_flops_per_token(
+    cfg, seq_len, attention=layers.attention_impl(cfg, seq_len), trained=trained,
+    reference=bool(run.mode and run.mode.reference))
+  return hardware * seq_len / _step_flops(run)((1, seq_len))
 
 
 def _summary_line(steps: int, s: dict) -> str:
