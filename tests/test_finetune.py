@@ -16,8 +16,6 @@ from jaxlm.data import buckets
 from jaxlm.data.batch import Batch
 from jaxlm.train import objectives
 
-torch = pytest.importorskip("torch", reason="the tiny checkpoints are built with transformers")
-transformers = pytest.importorskip("transformers")
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
   os.path.abspath(__file__)))), "shared", "data")
 

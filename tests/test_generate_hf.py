@@ -4,10 +4,8 @@
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch", reason="the HF parity tests build reference models in torch")
-transformers = pytest.importorskip("transformers")
-
+import torch
+import transformers
 from hf_testing import random_hf_model
 
 import jaxlm

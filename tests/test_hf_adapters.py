@@ -9,12 +9,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
-
-torch = pytest.importorskip("torch", reason="the PEFT side runs in torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft", reason="pip install peft --no-deps (the test extra)")
-
+import torch
+import transformers
 from hf_testing import random_hf_model
 
 import jaxlm

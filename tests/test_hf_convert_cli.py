@@ -8,10 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+import transformers
 from conftest import REPO
-
-torch = pytest.importorskip("torch", reason="the reference model is built in torch")
-transformers = pytest.importorskip("transformers")
 
 from jaxlm import config as config_lib
 from jaxlm.data import tokenizers as tok_lib

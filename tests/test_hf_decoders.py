@@ -7,10 +7,8 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch", reason="the HF parity tests build reference models in torch")
-transformers = pytest.importorskip("transformers")
-
+import torch
+import transformers
 from hf_testing import random_hf_model
 
 import jaxlm

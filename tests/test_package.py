@@ -54,9 +54,9 @@ CORE = ("jax", "flax", "optax", "orbax-checkpoint", "grain", "transformers", "qw
 def test_each_core_dependency_has_an_upper_bound_that_admits_the_tested_release():
   """A fresh install must not pull a release nobody ran: every core dependency is bounded above,
   and the installed (tested) release lies inside its range."""
-  import tomllib
   from importlib import metadata
 
+  import tomllib
   from packaging.requirements import Requirement
 
   with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
