@@ -522,8 +522,11 @@ def _hfu_factor(run: Run) -> float:
   cfg, config = run.model.cfg, run.config
   seq_len = config.task.max_len if config.kind == "finetune" else config.data.seq_len
   trained = None if run.lora is None else [t.path for t in run.lora.targets] + list(run.lora.full)
+  # the kernel a batch of the run gets: packed rows carry segment ids (sft, dpo and finetune
+  # pack; lm and mlm when data.packing is not "none")
+  packed = config.kind in ("sft", "dpo", "finetune") or config.data.packing != "none"
   hardware = devices.hardware_flops_per_token(
-    cfg, seq_len, attention=layers.attention_impl(cfg, seq_len), trained=trained,
+    cfg, seq_len, attention=layers.attention_impl(cfg, seq_len, packed), trained=trained,
     reference=bool(run.mode and run.mode.reference))
   return hardware * seq_len / _step_flops(run)((1, seq_len))
 
