@@ -140,9 +140,9 @@ def _eval():
 
   config = rundir.read_config(FLAGS.workdir)
   _start(config)
-  from jaxlm.train import trainer
+  from jaxlm.train import evaluation
 
-  scores = trainer.evaluate_run(FLAGS.workdir, FLAGS.split)
+  scores = evaluation.evaluate_run(FLAGS.workdir, FLAGS.split)
   prefix = f"{FLAGS.split}_" if config.kind == "finetune" else ""
   import jax
 
@@ -188,9 +188,9 @@ def _convert():
     raise UsageError("convert needs exactly one of --from-hf=SRC or --to-hf=OUT")
   _start()
   if src:
-    from jaxlm.train import trainer
+    from jaxlm.train import convert
 
-    print(f"converted {src} into the run directory {trainer.convert_from_hf(src, FLAGS.workdir)}")
+    print(f"converted {src} into the run directory {convert.convert_from_hf(src, FLAGS.workdir)}")
     return
   from jaxlm import rundir
   from jaxlm.hf import api

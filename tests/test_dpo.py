@@ -235,7 +235,9 @@ def test_bad_preference_rows_fail_naming_the_row(chat_tokenizer, tmp_path):
 # --- training -------------------------------------------------------------------------------------
 
 
-def test_a_dpo_run_raises_the_margin_and_logs_trls_metrics(chat_tokenizer, tmp_path):
+def _dpo_config(chat_tokenizer, tmp_path):
+  """A tiny DPO run: 48 pairs whose chosen response repeats the prompt's word, a quarter held
+  out."""
   tok_dir = tmp_path / "tok"
   chat_tokenizer.save_pretrained(str(tok_dir))
   data = tmp_path / "pairs.jsonl"
@@ -264,6 +266,11 @@ def test_a_dpo_run_raises_the_margin_and_logs_trls_metrics(chat_tokenizer, tmp_p
   c.checkpoint.use_async = False
   c.sample.max_new_tokens = 0
   c.runtime.cpu_devices = 1
+  return c
+
+
+def test_a_dpo_run_raises_the_margin_and_logs_trls_metrics(chat_tokenizer, tmp_path):
+  c = _dpo_config(chat_tokenizer, tmp_path)
   final = trainer.train(c, str(tmp_path / "run"))
   records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   train_recs = [r for r in records if "rewards/margins" in r]
@@ -275,6 +282,46 @@ def test_a_dpo_run_raises_the_margin_and_logs_trls_metrics(chat_tokenizer, tmp_p
   assert train_recs[-1]["rewards/margins"] > 0 and train_recs[-1]["loss"] < np.log(2)
   assert final["eval_rewards/margins"] > 0 and final["eval_loss"] < np.log(2)
   assert final["eval_rewards/accuracies"] > 0.5
+
+
+def test_dpo_evaluates_through_the_one_eval_step_with_the_reference(
+  chat_tokenizer, tmp_path, monkeypatch
+):
+  """The dpo mode scores the held-out pairs with step.jit_eval_step (reference=True), as the
+  other modes do; its metrics are the objective's sums over the eval batches divided by their
+  pairs, computed here batch by batch without the mode."""
+  from jaxlm import sharding
+  from jaxlm.data.batch import process_rows
+  from jaxlm.train import step as step_lib
+
+  jitted, evals = [], []
+  real_jit, real_batches = step_lib.jit_eval_step, preference.eval_batches
+  monkeypatch.setattr(
+    step_lib, "jit_eval_step", lambda *a, **kw: jitted.append(kw) or real_jit(*a, **kw)
+  )
+  monkeypatch.setattr(
+    preference, "eval_batches", lambda *a, **kw: evals.extend(real_batches(*a, **kw)) or evals
+  )
+  c = _dpo_config(chat_tokenizer, tmp_path)
+  c.data.val_fraction = 0.75  # 36 held-out pairs: two eval batches
+  run = trainer.setup(c, str(tmp_path / "run"))
+  assert jitted == [{"reference": True}] and len(evals) == 2
+  params, reference = (
+    step_lib.sharded_init(run.model, run.tx, jax.random.PRNGKey(seed), run.mesh)[0].params
+    for seed in (0, 1)
+  )
+  with sharding.mesh_rules(run.mesh):
+    got = run.mode.evaluate(params, reference)
+  objective = dpo.objective(c.dpo)
+  sums_fn = jax.jit(lambda p, b, r: objective(run.model.apply, p, b, None, True, reference=r))
+  host = jax.device_get((params, reference))
+  sums = [sums_fn(host[0], Batch(**process_rows(b, 0, 1)), host[1]) for b in evals]
+  pairs = sum(float(aux["weight"]) for _, aux in sums)
+  want = {"eval_loss": sum(float(loss) for loss, _ in sums) / pairs}
+  want.update({f"eval_{k}": sum(float(aux[k]) for _, aux in sums) / pairs for k in METRICS})
+  assert sorted(got) == sorted(want) and abs(want["eval_rewards/margins"]) > 1e-3
+  for k, value in want.items():
+    np.testing.assert_allclose(got[k], value, rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def test_with_lora_the_reference_is_the_base_and_a_step_raises_the_margin(chat_tokenizer):
