@@ -24,11 +24,11 @@ def convert_from_hf(src: str, workdir) -> str:
   config.train.batch_size = jax.device_count()
   config.optim.name, config.optim.b1 = "sgd", 0.0  # plain SGD keeps no optimizer state
   run = setup(config, p, with_data=False)
-  ckpt = rundir.open_checkpoints(config, p)
+  ckpt = rundir.open_checkpoints(run.config, p)
   try:
     quiet = metrics_lib.MetricsWriter(p, 0, enabled=False)
     state, _, _ = Trainer(run, ckpt, quiet, None).start_state(None)
-    ckpt.save(0, state, meta=rundir.checkpoint_meta(config, run.tokenizer, src))
+    ckpt.save(0, state, meta=rundir.checkpoint_meta(run.config, run.tokenizer, src))
     ckpt.wait()
   finally:
     ckpt.close()

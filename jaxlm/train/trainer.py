@@ -6,6 +6,7 @@ NaN guard, checkpoints, preemption and a closing sample.
 """
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import time
@@ -58,7 +59,7 @@ def train(config, workdir) -> dict:
   clock = metrics_lib.Goodput()
   with clock.timing("startup"):
     run = setup(config, workdir)
-    ckpt, step0 = rundir.open_run(config, run.workdir)
+    ckpt, step0 = rundir.open_run(run.config, run.workdir)
   writer = None
   try:
     with clock.timing("startup"):
@@ -66,7 +67,7 @@ def train(config, workdir) -> dict:
         rundir.trim_metrics(run.workdir, step0 or 0)  # the resumed run writes them again
       writer = metrics_lib.MetricsWriter(run.workdir, run.mode.total_steps,
                                          enabled=jax.process_index() == 0,
-                                         wandb_cfg=config.wandb, config=config)
+                                         wandb_cfg=run.config.wandb, config=run.config)
     with preemption.PreemptionGuard() as guard:
       return Trainer(run, ckpt, writer, guard, clock).fit(step0)
   finally:
@@ -145,8 +146,10 @@ def _optimizer(config, total_steps: int):
 
 
 def setup(config, workdir, *, with_data: bool = True) -> Run:
-  """Resolves tokenizer, model (recording an imported model's fields in config.model), mesh,
-  mode and optimizer. Writes nothing: the run directory is written once the state is settled."""
+  """Resolves tokenizer, model, mesh, mode and optimizer. Writes nothing: the run directory is
+  written once the state is settled; nor changes `config`: Run.config is a resolved copy (an
+  imported model's fields in its model section, a PEFT adapter's settings in its lora section)."""
+  config = copy.deepcopy(config)
   kind = check_kind(config)
   _Profile.parse(config.profile.steps)
   workdir = rundir.path(workdir)
