@@ -6,7 +6,8 @@
   jaxlm convert --from-hf SRC --workdir DIR     (HF directory, .gguf file or hub id -> run dir)
   jaxlm convert --workdir DIR --to-hf OUT [--step N]     (a run's checkpoint -> HF directory;
                  a LoRA run's -> a PEFT adapter directory, or with --merge the merged model)
-  jaxlm eval --workdir runs/sst2 --split dev     (fine-tuning runs: the task's metrics)
+  jaxlm eval --workdir runs/sst2 --split dev     (fine-tuning runs: the task's metrics; other
+                 kinds: the eval loss on the held-out tail, their one split, dev)
   jaxlm plan --config configs/llama3_8b.py --device v5p-64    (or --device h100 --hosts 4)
 """
 
@@ -50,7 +51,8 @@ flags.DEFINE_string("to-hf", None, "convert: directory to write the run's checkp
 flags.DEFINE_integer("step", None, "convert --to-hf: checkpoint step (default: the latest)")
 flags.DEFINE_bool("merge", False, "convert --to-hf of a LoRA run: write the merged model instead "
                   "of a PEFT adapter")
-flags.DEFINE_string("split", "dev", "eval: the task split to score (dev | test | train)")
+flags.DEFINE_string("split", "dev", "eval: the split to score: a fine-tuning run's task split "
+                    "(dev | test | train); other kinds have dev alone (their held-out tail)")
 flags.DEFINE_string("device", "cpu", "plan: the target's devices, NAME or a slice NAME-N "
                     "(v4 v5e v5p v6e a100 h100 h200 cpu; v5p-64 = 32 chips)")
 flags.DEFINE_integer("hosts", None, "plan: hosts of --device NAME (default 1; implied by NAME-N)")

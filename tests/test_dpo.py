@@ -312,6 +312,8 @@ def test_dpo_evaluates_through_the_one_eval_step_with_the_reference(
   )
   with sharding.mesh_rules(run.mesh):
     got = run.mode.evaluate(params, reference)
+    with pytest.raises(ValueError, match="dpo.loss='sigmoid' needs the reference model's params"):
+      run.mode.evaluate(params)  # a params-only restore (jaxlm eval) has no reference
   objective = dpo.objective(c.dpo)
   sums_fn = jax.jit(lambda p, b, r: objective(run.model.apply, p, b, None, True, reference=r))
   host = jax.device_get((params, reference))
