@@ -194,7 +194,7 @@ def test_pairs_train_on_responses_only_and_packed_logps_equal_each_sequence_alon
 
   net = heads.build_model(ModelConfig(**cfg))
   params = jax.jit(net.init)(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
-  packed = jax.jit(lambda p, b: dpo.sequence_logps(objectives.model_outputs(net.apply, p, b), b))
+  packed = jax.jit(lambda p, b: dpo.sequence_logps(objectives.token_logps(net.apply, p, b), b))
   pc, pr, nc, _, valid = map(np.asarray, packed(params, Batch(**batch)))
   got = sorted(zip(pc[valid], pr[valid], nc[valid]), key=lambda x: x[2] + x[0])
   # each sequence alone, unpacked: one row per sequence (causal, so the padding after it is moot)
@@ -216,6 +216,50 @@ def test_pairs_train_on_responses_only_and_packed_logps_equal_each_sequence_alon
   want = sorted(want, key=lambda x: x[2] + x[0])
   assert valid.sum() == len(pairs)
   np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
+
+
+def test_dpo_with_loss_chunk_has_the_same_loss_rewards_and_gradients(chat_tokenizer):
+  """model.loss_chunk=48 on rows of 128: the policy's and the reference's token log-probs come
+  from the LM head applied chunk by chunk (the last chunk padded); DPO's loss, rewards and
+  gradients equal the logits path (fp32, rtol 1e-5), tied and untied; and with chunks of 16 the
+  compiled step holds under half the [B, T, V] fp32 logits the plain path holds."""
+  from jaxlm.models.config import ModelConfig
+
+  pairs, _ = preference.encode_pairs(
+    chat_tokenizer, [(f"r{i}", r) for i, r in enumerate(ROWS * 3)], row_len=128
+  )
+  batch = Batch(**preference.pack(pairs, 4, 128, pad_id=0))
+  values = _tiny_llama(len(chat_tokenizer)).to_dict()
+  values.pop("init_from")
+  objective = dpo.objective(base_config().dpo)
+  for tied in (True, False):
+    cfg = ModelConfig(**{**values, "tie_embeddings": tied})
+    nets = [heads.build_model(cfg.replace(loss_chunk=chunk)) for chunk in (0, 48)]
+    params, reference = (
+      jax.jit(nets[0].init)(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))["params"]
+      for seed in (0, 1)
+    )
+    ((loss_ref, aux_ref), grads_ref), ((loss, aux), grads) = (
+      jax.jit(jax.value_and_grad(
+        lambda p, net=net: objective(net.apply, p, batch, None, True, reference=reference),
+        has_aux=True,
+      ))(params)
+      for net in nets
+    )
+    assert aux_ref["weight"] == len(pairs) and abs(float(aux_ref["rewards/margins"])) > 1e-3
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+    for k, value in aux_ref.items():
+      np.testing.assert_allclose(aux[k], value, rtol=1e-5, atol=1e-6, err_msg=k)
+    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+      np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-7)
+
+  def temp_bytes(chunk):  # of the compiled train-time program (loss and gradients)
+    net = heads.build_model(cfg.replace(loss_chunk=chunk))
+    fn = jax.grad(lambda p: objective(net.apply, p, batch, None, True, reference=reference)[0])
+    return jax.jit(fn).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+  logits_bytes = 4 * 128 * cfg.vocab_size * 4  # [B, T, V] fp32
+  assert temp_bytes(16) < logits_bytes / 2 < logits_bytes <= temp_bytes(0)
 
 
 def test_bad_preference_rows_fail_naming_the_row(chat_tokenizer, tmp_path):
