@@ -6,7 +6,8 @@
   jaxlm convert --from-hf SRC --workdir DIR     (HF directory, .gguf file or hub id -> run dir)
   jaxlm convert --workdir DIR --to-hf OUT [--step N]     (a run's checkpoint -> HF directory;
                  a LoRA run's -> a PEFT adapter directory, or with --merge the merged model)
-  jaxlm eval --workdir runs/sst2 --split dev     (fine-tuning runs: the task's metrics)
+  jaxlm eval --workdir runs/sst2 --split dev     (fine-tuning runs: the task's metrics; other
+                 kinds: the eval loss on the held-out tail, their one split, dev)
   jaxlm eval --workdir runs/demo --tasks T1,T2 [--include_path DIR] [--limit N] [--num_fewshot K]
              [--output_path DIR]     (or --hf HF_DIR_OR_GGUF; lm-eval tasks: its results table)
   jaxlm plan --config configs/llama3_8b.py --device v5p-64    (or --device h100 --hosts 4)
@@ -49,11 +50,13 @@ flags.DEFINE_string("hf", None, "generate, eval --tasks: a Hugging Face model di
                     "file to use instead of --workdir")
 flags.DEFINE_string("out", None, "plot: PNG path (default WORKDIR/loss.png)")
 flags.DEFINE_string("from-hf", None, "convert: HF model directory, .gguf file or hub id to import")
-flags.DEFINE_string("to-hf", None, "convert: directory to write the run's checkpoint to, in HF format")
+flags.DEFINE_string("to-hf", None,
+                    "convert: directory to write the run's checkpoint to, in HF format")
 flags.DEFINE_integer("step", None, "convert --to-hf: checkpoint step (default: the latest)")
 flags.DEFINE_bool("merge", False, "convert --to-hf of a LoRA run: write the merged model instead "
                   "of a PEFT adapter")
-flags.DEFINE_string("split", "dev", "eval: the task split to score (dev | test | train)")
+flags.DEFINE_string("split", "dev", "eval: the split to score: a fine-tuning run's task split "
+                    "(dev | test | train); other kinds have dev alone (their held-out tail)")
 flags.DEFINE_string("tasks", None, "eval: lm-eval tasks to run, comma-separated "
                     "(docs/evaluation.md)")
 flags.DEFINE_string("include_path", None, "eval --tasks: a directory of lm-eval task YAML files")
@@ -157,9 +160,9 @@ def _eval():
 
   config = rundir.read_config(FLAGS.workdir)
   _start(config)
-  from jaxlm.train import trainer
+  from jaxlm.train import evaluation
 
-  scores = trainer.evaluate_run(FLAGS.workdir, FLAGS.split)
+  scores = evaluation.evaluate_run(FLAGS.workdir, FLAGS.split)
   prefix = f"{FLAGS.split}_" if config.kind == "finetune" else ""
   import jax
 
@@ -227,9 +230,9 @@ def _convert():
     raise UsageError("convert needs exactly one of --from-hf=SRC or --to-hf=OUT")
   _start()
   if src:
-    from jaxlm.train import trainer
+    from jaxlm.train import convert
 
-    print(f"converted {src} into the run directory {trainer.convert_from_hf(src, FLAGS.workdir)}")
+    print(f"converted {src} into the run directory {convert.convert_from_hf(src, FLAGS.workdir)}")
     return
   from jaxlm import rundir
   from jaxlm.hf import api

@@ -1,5 +1,7 @@
-"""Loss curves of a run (train loss and eval loss against step) drawn to a PNG."""
+"""Loss curves of a run (train loss and eval loss against step) drawn to a PNG; the run and the
+PNG may be local or remote (gs://), both through etils.epath."""
 
+import io
 import json
 import os
 
@@ -21,7 +23,8 @@ def plot_run(workdir: str, out: str | None = None) -> str:
   import matplotlib.pyplot as plt
 
   records = read_metrics(workdir)
-  out = out or os.path.join(workdir, "loss.png")
+  run = rundir.path(workdir)
+  dest = rundir.path(out) if out else run / "loss.png"
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for key, label in (("loss", "train loss"), ("eval_loss", "val loss")):
     points = [(r["step"], r[key]) for r in records if key in r]
@@ -29,10 +32,12 @@ def plot_run(workdir: str, out: str | None = None) -> str:
       ax.plot(*zip(*points), label=label, marker="o" if key == "eval_loss" else None)
   ax.set_xlabel("step")
   ax.set_ylabel("cross-entropy (nats/token)")
-  ax.set_title(os.path.basename(os.path.abspath(workdir)))
+  ax.set_title(run.name)
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(out, dpi=120)
+  png = io.BytesIO()  # matplotlib writes local files; epath writes these bytes to gs:// too
+  fig.savefig(png, format="png", dpi=120)
   plt.close(fig)
-  return out
+  dest.write_bytes(png.getvalue())
+  return os.fspath(dest)

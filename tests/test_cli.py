@@ -87,6 +87,21 @@ def test_plot_draws_a_png(trained_run, tmp_path):
   assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eval_scores_the_held_out_tail_and_refuses_another_split(trained_run):
+  workdir, _ = trained_run
+  refused = jaxlm("eval", "--workdir", workdir, "--split", "test")
+  assert refused.returncode == 1 and "Traceback" not in refused.stderr
+  assert ("jaxlm: error: --split='test': a kind='lm' run has one held-out split, 'dev' (the "
+          "data.val_fraction tail of its data); use --split=dev\n") in refused.stderr
+  assert not refused.stdout
+  scored = jaxlm("eval", "--workdir", workdir)  # the newest checkpoint, as the run scored it
+  assert scored.returncode == 0, scored.stderr[-3000:]
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  last = [r for r in records if "eval_loss" in r][-1]
+  printed = float(re.search(r"^eval_loss=(\S+) ", scored.stdout).group(1))
+  assert printed == pytest.approx(last["eval_loss"], abs=1e-4)
+
+
 @pytest.mark.parametrize("args, message", [
   (["--config.train.stepz=5"], "stepz"),
   (["--config.train.steps=many"], "steps"),

@@ -194,7 +194,7 @@ def test_pairs_train_on_responses_only_and_packed_logps_equal_each_sequence_alon
 
   net = heads.build_model(ModelConfig(**cfg))
   params = jax.jit(net.init)(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
-  packed = jax.jit(lambda p, b: dpo.sequence_logps(objectives.model_outputs(net.apply, p, b), b))
+  packed = jax.jit(lambda p, b: dpo.sequence_logps(objectives.token_logps(net.apply, p, b), b))
   pc, pr, nc, _, valid = map(np.asarray, packed(params, Batch(**batch)))
   got = sorted(zip(pc[valid], pr[valid], nc[valid]), key=lambda x: x[2] + x[0])
   # each sequence alone, unpacked: one row per sequence (causal, so the padding after it is moot)
@@ -218,6 +218,50 @@ def test_pairs_train_on_responses_only_and_packed_logps_equal_each_sequence_alon
   np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
 
 
+def test_dpo_with_loss_chunk_has_the_same_loss_rewards_and_gradients(chat_tokenizer):
+  """model.loss_chunk=48 on rows of 128: the policy's and the reference's token log-probs come
+  from the LM head applied chunk by chunk (the last chunk padded); DPO's loss, rewards and
+  gradients equal the logits path (fp32, rtol 1e-5), tied and untied; and with chunks of 16 the
+  compiled step holds under half the [B, T, V] fp32 logits the plain path holds."""
+  from jaxlm.models.config import ModelConfig
+
+  pairs, _ = preference.encode_pairs(
+    chat_tokenizer, [(f"r{i}", r) for i, r in enumerate(ROWS * 3)], row_len=128
+  )
+  batch = Batch(**preference.pack(pairs, 4, 128, pad_id=0))
+  values = _tiny_llama(len(chat_tokenizer)).to_dict()
+  values.pop("init_from")
+  objective = dpo.objective(base_config().dpo)
+  for tied in (True, False):
+    cfg = ModelConfig(**{**values, "tie_embeddings": tied})
+    nets = [heads.build_model(cfg.replace(loss_chunk=chunk)) for chunk in (0, 48)]
+    params, reference = (
+      jax.jit(nets[0].init)(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))["params"]
+      for seed in (0, 1)
+    )
+    ((loss_ref, aux_ref), grads_ref), ((loss, aux), grads) = (
+      jax.jit(jax.value_and_grad(
+        lambda p, net=net: objective(net.apply, p, batch, None, True, reference=reference),
+        has_aux=True,
+      ))(params)
+      for net in nets
+    )
+    assert aux_ref["weight"] == len(pairs) and abs(float(aux_ref["rewards/margins"])) > 1e-3
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+    for k, value in aux_ref.items():
+      np.testing.assert_allclose(aux[k], value, rtol=1e-5, atol=1e-6, err_msg=k)
+    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+      np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-7)
+
+  def temp_bytes(chunk):  # of the compiled train-time program (loss and gradients)
+    net = heads.build_model(cfg.replace(loss_chunk=chunk))
+    fn = jax.grad(lambda p: objective(net.apply, p, batch, None, True, reference=reference)[0])
+    return jax.jit(fn).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+  logits_bytes = 4 * 128 * cfg.vocab_size * 4  # [B, T, V] fp32
+  assert temp_bytes(16) < logits_bytes / 2 < logits_bytes <= temp_bytes(0)
+
+
 def test_bad_preference_rows_fail_naming_the_row(chat_tokenizer, tmp_path):
   for row, says in (
     ({"prompt": "q", "chosen": "a"}, "row f:3 has no rejected"),
@@ -235,7 +279,9 @@ def test_bad_preference_rows_fail_naming_the_row(chat_tokenizer, tmp_path):
 # --- training -------------------------------------------------------------------------------------
 
 
-def test_a_dpo_run_raises_the_margin_and_logs_trls_metrics(chat_tokenizer, tmp_path):
+def _dpo_config(chat_tokenizer, tmp_path):
+  """A tiny DPO run: 48 pairs whose chosen response repeats the prompt's word, a quarter held
+  out."""
   tok_dir = tmp_path / "tok"
   chat_tokenizer.save_pretrained(str(tok_dir))
   data = tmp_path / "pairs.jsonl"
@@ -264,6 +310,11 @@ def test_a_dpo_run_raises_the_margin_and_logs_trls_metrics(chat_tokenizer, tmp_p
   c.checkpoint.use_async = False
   c.sample.max_new_tokens = 0
   c.runtime.cpu_devices = 1
+  return c
+
+
+def test_a_dpo_run_raises_the_margin_and_logs_trls_metrics(chat_tokenizer, tmp_path):
+  c = _dpo_config(chat_tokenizer, tmp_path)
   final = trainer.train(c, str(tmp_path / "run"))
   records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   train_recs = [r for r in records if "rewards/margins" in r]
@@ -275,6 +326,48 @@ def test_a_dpo_run_raises_the_margin_and_logs_trls_metrics(chat_tokenizer, tmp_p
   assert train_recs[-1]["rewards/margins"] > 0 and train_recs[-1]["loss"] < np.log(2)
   assert final["eval_rewards/margins"] > 0 and final["eval_loss"] < np.log(2)
   assert final["eval_rewards/accuracies"] > 0.5
+
+
+def test_dpo_evaluates_through_the_one_eval_step_with_the_reference(
+  chat_tokenizer, tmp_path, monkeypatch
+):
+  """The dpo mode scores the held-out pairs with step.jit_eval_step (reference=True), as the
+  other modes do; its metrics are the objective's sums over the eval batches divided by their
+  pairs, computed here batch by batch without the mode."""
+  from jaxlm import sharding
+  from jaxlm.data.batch import process_rows
+  from jaxlm.train import step as step_lib
+
+  jitted, evals = [], []
+  real_jit, real_batches = step_lib.jit_eval_step, preference.eval_batches
+  monkeypatch.setattr(
+    step_lib, "jit_eval_step", lambda *a, **kw: jitted.append(kw) or real_jit(*a, **kw)
+  )
+  monkeypatch.setattr(
+    preference, "eval_batches", lambda *a, **kw: evals.extend(real_batches(*a, **kw)) or evals
+  )
+  c = _dpo_config(chat_tokenizer, tmp_path)
+  c.data.val_fraction = 0.75  # 36 held-out pairs: two eval batches
+  run = trainer.setup(c, str(tmp_path / "run"))
+  assert jitted == [{"reference": True}] and len(evals) == 2
+  params, reference = (
+    step_lib.sharded_init(run.model, run.tx, jax.random.PRNGKey(seed), run.mesh)[0].params
+    for seed in (0, 1)
+  )
+  with sharding.mesh_rules(run.mesh):
+    got = run.mode.evaluate(params, reference)
+    with pytest.raises(ValueError, match="dpo.loss='sigmoid' needs the reference model's params"):
+      run.mode.evaluate(params)  # a params-only restore (jaxlm eval) has no reference
+  objective = dpo.objective(c.dpo)
+  sums_fn = jax.jit(lambda p, b, r: objective(run.model.apply, p, b, None, True, reference=r))
+  host = jax.device_get((params, reference))
+  sums = [sums_fn(host[0], Batch(**process_rows(b, 0, 1)), host[1]) for b in evals]
+  pairs = sum(float(aux["weight"]) for _, aux in sums)
+  want = {"eval_loss": sum(float(loss) for loss, _ in sums) / pairs}
+  want.update({f"eval_{k}": sum(float(aux[k]) for _, aux in sums) / pairs for k in METRICS})
+  assert sorted(got) == sorted(want) and abs(want["eval_rewards/margins"]) > 1e-3
+  for k, value in want.items():
+    np.testing.assert_allclose(got[k], value, rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def test_with_lora_the_reference_is_the_base_and_a_step_raises_the_margin(chat_tokenizer):

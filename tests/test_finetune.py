@@ -25,7 +25,7 @@ SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
                                                 ("squad", "squad_v1.1", "f1")])
 def test_finetune_then_eval_scores_the_saved_run_the_same(task, folder, metric, tiny_bert,
                                                           tmp_path):
-  from jaxlm.train import trainer
+  from jaxlm.train import evaluation, trainer
 
   data_dir = os.path.join(SHARED_DATA, folder)
   if not os.path.isdir(data_dir):
@@ -37,7 +37,7 @@ def test_finetune_then_eval_scores_the_saved_run_the_same(task, folder, metric, 
   result = trainer.train(c, str(tmp_path))
   assert result["step"] >= 3  # 24 examples (more windows for squad) in batches of 8
   assert np.isfinite(result[metric])
-  again = trainer.evaluate_run(str(tmp_path), "dev")
+  again = evaluation.evaluate_run(str(tmp_path), "dev")
   assert again[metric] == pytest.approx(result[metric], abs=1e-6)
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   losses = [r["loss"] for r in records if "loss" in r]

@@ -1,5 +1,6 @@
-"""`jaxlm convert` both ways and `model.init_from`, on a tiny random Llama with a char tokenizer:
-the run directory generates what transformers generates, and exports back unchanged."""
+"""`jaxlm convert` both ways (jaxlm/train/convert.py makes the run directory) and
+`model.init_from`, on a tiny random Llama with a char tokenizer: the run directory generates what
+transformers generates, and exports back unchanged."""
 
 import json
 import os

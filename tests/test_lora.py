@@ -22,7 +22,7 @@ from jaxlm.models import config as model_config
 from jaxlm.models import heads
 from jaxlm.models import lora as lora_lib
 from jaxlm.models.layers import OutProjection
-from jaxlm.train import objectives, optim, preemption, trainer
+from jaxlm.train import objectives, optim, preemption, startup, trainer
 from jaxlm.train import step as step_lib
 
 torch = pytest.importorskip("torch", reason="the base model is a tiny random transformers Llama")
@@ -95,7 +95,7 @@ def test_lora_starts_at_the_base_bitwise_trains_only_adapters_and_merged_equals_
   abstract, shardings = step_lib.abstract_state(run.model, run.tx, run.mesh, run.lora)
   state = step_lib.sharded_init(run.model, run.tx, jax.random.PRNGKey(0), run.mesh, run.lora)[0]
   base = rundir.init_params(base_dir, run.model.cfg)
-  state = rundir.with_imported(state, base, abstract)
+  state = startup.with_imported(state, base, abstract)
   tokens = jnp.asarray(np.random.RandomState(0).randint(0, 40, (8, 16)))
   # 2 layers x (q, k, v, o, gate, up, down)
   assert len(run.lora.targets) == 14 and run.lora.scale == 2.0

@@ -1,5 +1,6 @@
-"""Objectives (jaxlm.train.objectives): the chunked linear cross entropy equals the plain
-logits path in value and gradients, for tied and untied heads, and never holds the whole logits.
+"""Objectives (jaxlm.train.objectives): the chunked linear cross entropy, and the chunked token
+log-probs DPO sums, equal the plain logits path in value and gradients, for tied and untied heads,
+and never hold the whole logits.
 """
 
 import jax
@@ -58,6 +59,44 @@ def test_chunked_loss_never_holds_the_whole_logits():
 
   plain = temp_bytes(_plain_sums)
   chunked = temp_bytes(lambda *a: objectives.chunked_lm_loss_sums(*a, chunk=32))
+  logits_bytes = B * T * V * 4
+  assert plain >= logits_bytes
+  assert chunked < logits_bytes / 2, (plain, chunked)
+
+
+def _plain_logps(hidden_BTD, head_VD, targets_BT):
+  logits_BTV = jnp.einsum("btd,vd->btv", hidden_BTD, head_VD)
+  return jnp.take_along_axis(jax.nn.log_softmax(logits_BTV), targets_BT[..., None], -1)[..., 0]
+
+
+def test_chunked_token_logps_and_their_gradients_equal_the_plain_path():
+  """T = 50 in chunks of 16 (the last one padded); the gradients of a nonlinear function of the
+  log-probs (as DPO's loss of per-sequence sums is), for the hidden states and the head."""
+  hidden, head, targets, weights = _arrays()
+  chunked = lambda h, w: objectives.chunked_token_logps(h, w, targets, chunk=16)
+  plain = lambda h, w: _plain_logps(h, w, targets)
+  logps = jax.jit(chunked)(hidden, head)
+  assert logps.shape == targets.shape and logps.dtype == jnp.float32
+  np.testing.assert_allclose(logps, plain(hidden, head), rtol=1e-5, atol=1e-5)
+  loss = lambda fn: lambda h, w: jax.nn.log_sigmoid((fn(h, w) * weights).sum(-1) / 10).sum()
+  grads = jax.jit(jax.grad(loss(chunked), argnums=(0, 1)))(hidden, head)
+  grads_ref = jax.jit(jax.grad(loss(plain), argnums=(0, 1)))(hidden, head)
+  for g, g_ref in zip(grads, grads_ref):
+    np.testing.assert_allclose(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_token_logps_never_hold_the_whole_logits():
+  """As test_chunked_loss_never_holds_the_whole_logits, for the log-probs' gradients."""
+  B, T, D, V = 2, 256, 32, 8192
+  args = (jax.ShapeDtypeStruct((B, T, D), jnp.float32), jax.ShapeDtypeStruct((V, D), jnp.float32),
+          jax.ShapeDtypeStruct((B, T), jnp.int32))
+
+  def temp_bytes(fn):
+    grad_fn = jax.grad(lambda h, w, t: jax.nn.log_sigmoid(fn(h, w, t).sum(-1)).sum(), (0, 1))
+    return jax.jit(grad_fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+  plain = temp_bytes(_plain_logps)
+  chunked = temp_bytes(lambda h, w, t: objectives.chunked_token_logps(h, w, t, chunk=32))
   logits_bytes = B * T * V * 4
   assert plain >= logits_bytes
   assert chunked < logits_bytes / 2, (plain, chunked)

@@ -1,6 +1,7 @@
 """Tests jaxlm/rundir.py: the run directory's files, reading a run without writing to it (also
 through `jaxlm generate` and `jaxlm convert --to-hf`), `model.init_from` another run, and the
-start-up precedence (resume > init_from > scratch)."""
+start-up precedence end to end (resume > init_from > scratch; jaxlm/train/startup.py, whose own
+tests are test_startup.py)."""
 
 import hashlib
 import json

@@ -1,7 +1,7 @@
 """A run directory in a bucket: `--workdir gs://bucket/run` against a local GCS emulator (the Go
 fake-gcs-server the test starts): the training text is read from the bucket; config, tokenizer,
 metrics, TensorBoard events and Orbax checkpoints (TensorStore's gcs driver) land in the bucket,
-the run resumes from it and exports from it, and no local `gs:` folder appears."""
+the run resumes from it, plots and exports from it, and no local `gs:` folder appears."""
 
 import json
 import os
@@ -62,7 +62,7 @@ def _config(text_path, steps):
 def test_a_run_in_a_bucket_writes_resumes_and_exports_there(bucket, tmp_path, monkeypatch):
   from etils import epath
 
-  from jaxlm import rundir
+  from jaxlm import plot, rundir
   from jaxlm.hf import api
   from jaxlm.train import trainer
 
@@ -81,6 +81,8 @@ def test_a_run_in_a_bucket_writes_resumes_and_exports_there(bucket, tmp_path, mo
   assert resumed["step"] == 6
   records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+  png = plot.plot_run(workdir)  # `jaxlm plot`: metrics read from, and loss.png written to, there
+  assert png == f"{workdir}/loss.png" and epath.Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   saved, params = rundir.load_run(workdir)
   out = api.to_hf(saved.model, params, str(tmp_path / "hf"), tokenizer=saved.tokenizer)
   assert os.path.isfile(os.path.join(out, "config.json"))

@@ -3,6 +3,7 @@ masked-LM (its loss counts only the masked positions), a kind refuses a model it
 and a config names its kind explicitly; several steps per jitted call run the same steps,
 evaluate and checkpoint at the same steps and resume exactly."""
 
+import copy
 import importlib.util
 import json
 import os
@@ -138,3 +139,21 @@ def test_steps_per_call_refuses_tasks_whose_batches_vary_in_shape(tmp_path):
   config.train.steps_per_call = 4
   with pytest.raises(ValueError, match="kind='finetune' batches vary in shape"):
     trainer.check_batch(config, sharding.make_mesh(config.mesh))
+
+
+def test_setup_leaves_the_callers_config_as_it_was(tmp_path):
+  """setup resolves the model (vocab_size 0: the tokenizer's) on a copy: Run.config holds the
+  resolved values, the config passed in stays equal to a copy taken before."""
+  text = tmp_path / "text.txt"
+  text.write_text("the quick brown fox jumps over the lazy dog\n" * 50)
+  config = base_config()
+  config.model.update({"vocab_size": 0, "num_layers": 1, "embed_dim": 32, "num_heads": 2,
+                       "max_seq_len": 16})
+  config.data.update({"source": "file", "path": str(text), "seq_len": 16, "tokenizer": "char"})
+  config.train.update({"steps": 2, "batch_size": 8})
+  config.optim.warmup_steps = 1
+  config.lock()
+  before = copy.deepcopy(config)
+  run = trainer.setup(config, str(tmp_path / "run"))
+  assert config == before and config.is_locked and config.model.vocab_size == 0
+  assert run.config is not config and run.config.model.vocab_size == run.model.cfg.vocab_size > 0

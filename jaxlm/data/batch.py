@@ -1,10 +1,12 @@
-"""The one data contract: `Batch`, what every data path produces and every train/eval step reads.
+"""The one data contract: `Batch`, what every data path produces and every train/eval step reads,
+and `BatchIterator`, what every resumable stream of batches the trainer receives provides.
 
 Sources build batches as dicts of numpy arrays with these field names (one process's rows);
 `jaxlm.sharding.global_batch` turns them into a Batch of global arrays on the mesh.
 """
 
 import dataclasses
+from typing import Protocol, runtime_checkable
 
 import jax
 import numpy as np
@@ -48,3 +50,20 @@ def from_dict(arrays: dict) -> Batch:
 def process_rows(arrays: dict, index: int, count: int) -> dict:
   """Process `index`'s share (of `count`) of every array of a batch all processes built whole."""
   return {k: np.array_split(v, count)[index] for k, v in arrays.items()}
+
+
+@runtime_checkable
+class BatchIterator(Protocol):
+  """A resumable iterator of this process's batches (dicts of numpy arrays named by Batch's
+  fields): the modes' train batches (pipeline.DataIterator, buckets.TaskBatches,
+  preference.PairBatches) and the wrappers the loop puts around them (iterators.Prefetch,
+  iterators.Stack). get_state() is JSON-serializable and saved with each checkpoint;
+  set_state(state) continues exactly after the batch that state was taken at."""
+
+  def __iter__(self) -> "BatchIterator": ...
+
+  def __next__(self) -> dict: ...
+
+  def get_state(self) -> dict: ...
+
+  def set_state(self, state: dict) -> None: ...

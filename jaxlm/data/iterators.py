@@ -6,6 +6,8 @@ import threading
 
 import numpy as np
 
+from jaxlm.data.batch import BatchIterator
+
 _DONE = object()
 
 
@@ -17,7 +19,7 @@ class Prefetch:
   set_state() is allowed before the first next() (when a run restores), not after.
   """
 
-  def __init__(self, iterator, transform=lambda x: x, size: int = 2):
+  def __init__(self, iterator: BatchIterator, transform=lambda x: x, size: int = 2):
     self.iterator, self.transform, self.size = iterator, transform, size
     self._state = iterator.get_state()
     self._queue: queue.Queue | None = None
@@ -85,7 +87,7 @@ class Stack:
   get_state() / set_state() are the iterator's own, exact between stacks.
   """
 
-  def __init__(self, iterator, lengths):
+  def __init__(self, iterator: BatchIterator, lengths):
     self.iterator, self.lengths = iterator, iter(lengths)
 
   def __iter__(self):

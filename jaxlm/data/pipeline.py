@@ -30,8 +30,8 @@ LAYOUT = "global-batch-blocks"
 
 
 class DataIterator:
-  """This process's batches. The loop's protocol: next() -> dict of numpy arrays (the local
-  batch), get_state() -> JSON-serializable dict, set_state(dict).
+  """This process's batches, a jaxlm.data.batch.BatchIterator: next() -> dict of numpy arrays
+  (the local batch), get_state() -> JSON-serializable dict, set_state(dict).
 
   The state is a position in the stream of global batches of `batch_size` rows, identical on
   every process, so a state saved by any process of any process count continues this one.

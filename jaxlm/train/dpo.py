@@ -3,12 +3,12 @@ response log-probs of the policy and the reference, and the metrics TRL's DPOTra
 
 Pairs arrive packed (jaxlm.data.preference): in each row, pair k is segment 2k + 1 (chosen) and
 segment 2k + 2 (rejected); a token's log-prob counts towards its segment's sum where its weight
-is 1 (response tokens). Shape letters: B rows, T tokens, P pair slots per row.
+is 1 (response tokens). With model.loss_chunk the log-probs come from the LM head applied chunk by
+chunk (objectives.token_logps). Shape letters: B rows, T tokens, P pair slots per row.
 """
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jaxlm.data.batch import Batch
 from jaxlm.train import objectives
@@ -16,13 +16,11 @@ from jaxlm.train import objectives
 LOSSES = ("sigmoid", "ipo", "simpo")
 
 
-def sequence_logps(logits_BTV, batch: Batch):
-  """Per pair slot: (chosen logp sums, rejected logp sums, chosen response tokens, rejected
-  response tokens, slot holds a pair), each [B, P] with P = ceil(T / 2)."""
+def sequence_logps(logp_BT, batch: Batch):
+  """Per pair slot, from the token log-probs `logp_BT` (objectives.token_logps): (chosen logp
+  sums, rejected logp sums, chosen response tokens, rejected response tokens, slot holds a pair),
+  each [B, P] with P = ceil(T / 2)."""
   B, T = batch.inputs.shape
-  logp_BT = -optax.softmax_cross_entropy_with_integer_labels(
-    logits_BTV.astype(jnp.float32), batch.targets
-  )
   weights_BT = batch.weights.astype(jnp.float32)
   P = (T + 1) // 2
   slots = 2 * P + 1  # segment ids 0 (padding) .. 2P
@@ -115,8 +113,8 @@ def objective(cfg):
   check_config(cfg)
 
   def sums(apply_fn, params, batch: Batch, rng, deterministic, *, reference=None):
-    logits = objectives.model_outputs(apply_fn, params, batch, rng, deterministic)
-    pc, pr, nc, nr, valid_BP = sequence_logps(logits, batch)
+    logp_BT = objectives.token_logps(apply_fn, params, batch, rng, deterministic)
+    pc, pr, nc, nr, valid_BP = sequence_logps(logp_BT, batch)
     if cfg.loss == "simpo":  # reference-free: no second forward pass
       rc, rr = jnp.zeros_like(pc), jnp.zeros_like(pr)
     else:
@@ -126,8 +124,8 @@ def objective(cfg):
           "params-only restore lacks; use the run's own eval records"
         )
       ref = jax.lax.stop_gradient(reference)
-      ref_logits = objectives.model_outputs(apply_fn, ref, batch, None, True)
-      rc, rr, _, _, _ = jax.lax.stop_gradient(sequence_logps(ref_logits, batch))
+      ref_logp_BT = objectives.token_logps(apply_fn, ref, batch, None, True)
+      rc, rr, _, _, _ = jax.lax.stop_gradient(sequence_logps(ref_logp_BT, batch))
     losses, chosen_r, rejected_r = preference_loss(
       pc,
       pr,

@@ -20,6 +20,7 @@ import tqdm
 
 from jaxlm import rundir, runtime
 
+
 class Goodput:
   """Splits a run's wall time into train steps (the productive part) and the rest: start-up,
   compilation, data waits, evaluation, checkpoint saves, the closing sample.

@@ -19,7 +19,7 @@ from jaxlm.data import buckets as bucket_lib
 from jaxlm.data import mlm as mlm_lib
 from jaxlm.data import pipeline, preference
 from jaxlm.data import tokenize as tokenize_lib
-from jaxlm.data.batch import process_rows
+from jaxlm.data.batch import BatchIterator, process_rows
 from jaxlm.tasks import registry
 from jaxlm.train import dpo, objectives
 from jaxlm.train import step as step_lib
@@ -29,7 +29,7 @@ from jaxlm.train import step as step_lib
 class Mode:
   """What the trainer needs from a kind of run."""
 
-  batches: object  # this process's rows as dicts; get_state() / set_state() resume it exactly
+  batches: BatchIterator | None  # this process's rows; get_state() / set_state() resume it
   evaluate: Callable[..., dict]  # (params, reference=None) -> metrics on the eval split
   total_steps: int
   eval_every: int  # steps between evaluations
@@ -58,6 +58,21 @@ def _positive(config, key: str) -> int:
   return value
 
 
+def _mean_eval(eval_fn, params, batches: list[dict], mesh, *reference) -> dict:
+  """The sums of `eval_fn` (step.jit_eval_step) over `batches` (this process's rows of each)
+  divided by their summed weight: {"eval_loss", "eval_<name>" for each of the objective's other
+  sums}; {} without batches. `reference`: the reference model's params (or None), for an
+  eval_fn jitted with reference=True (DPO)."""
+  if not batches:
+    return {}
+  # fetched one by one: on CPU, many queued multi-device programs can stall XLA's collectives
+  sums = [jax.device_get(eval_fn(params, sharding.global_batch(b, mesh), *reference))
+          for b in batches]
+  weight = max(sum(float(s["weight"]) for s in sums), 1.0)
+  return {f"eval_{'loss' if k == 'loss_sum' else k}": sum(float(s[k]) for s in sums) / weight
+          for k in sums[0] if k != "weight"}
+
+
 # --- lm, sft, mlm: token streams ------------------------------------------------------------------
 
 def _lm_mode(config, tokenizer, model, mesh, params_shardings) -> Mode:
@@ -75,13 +90,10 @@ def _lm_mode(config, tokenizer, model, mesh, params_shardings) -> Mode:
 
   def evaluate(params, reference=None) -> dict:
     """Mean token loss and perplexity over the fixed eval batches."""
-    if not data.eval_batches:
-      return {}
-    # fetched one by one: on CPU, many queued multi-device programs can stall XLA's collectives
-    sums = [jax.device_get(eval_fn(params, sharding.global_batch(b, mesh)))
-            for b in data.eval_batches]
-    loss = sum(float(s["loss_sum"]) for s in sums) / max(sum(float(s["weight"]) for s in sums), 1)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    out = _mean_eval(eval_fn, params, data.eval_batches, mesh)
+    if out:
+      out["eval_ppl"] = math.exp(min(out["eval_loss"], 50.0))
+    return out
 
   return Mode(data.train, evaluate, _positive(config, "steps"), _positive(config, "eval_every"),
               data.summary, eval_at_start=bool(config.model.init_from))
@@ -103,23 +115,12 @@ def _dpo_mode(config, tokenizer, model, mesh, params_shardings) -> Mode:
                                    cfg_t.seed, jax.process_index(), jax.process_count())
   evals = preference.eval_batches(val_pairs, cfg_t.batch_size, cfg_d.seq_len, pad_id,
                                   cfg_t.eval_batches) if n_val else []
-  eval_fn = jax.jit(functools.partial(step_lib.eval_step, apply_fn=model.apply,
-                                      objective=objective),
-                    in_shardings=(params_shardings, None, params_shardings))
+  eval_fn = step_lib.jit_eval_step(model.apply, params_shardings, objective, reference=True)
+  evals = [process_rows(b, jax.process_index(), jax.process_count()) for b in evals]
 
   def evaluate(params, reference=None) -> dict:
     """Mean DPO loss and TRL's reward metrics over the held-out pairs."""
-    if not evals:
-      return {}
-    sums = [jax.device_get(eval_fn(params, sharding.global_batch(
-      process_rows(b, jax.process_index(), jax.process_count()), mesh), reference))
-            for b in evals]
-    n = max(sum(float(s["weight"]) for s in sums), 1.0)
-    out = {"eval_loss": sum(float(s["loss_sum"]) for s in sums) / n}
-    for k in sums[0]:
-      if k not in ("loss_sum", "weight"):
-        out[f"eval_{k}"] = sum(float(s[k]) for s in sums) / n
-    return out
+    return _mean_eval(eval_fn, params, evals, mesh, reference)
 
   summary = (f"{len(train_pairs):,} train / {len(val_pairs):,} eval preference pairs"
              + (f" ({dropped} longer than a row dropped)" if dropped else "")

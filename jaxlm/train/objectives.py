@@ -6,7 +6,7 @@ the task loss for classification, regression, token classification and QA.
 A decoder whose config sets `loss_chunk` (models/config.py) is trained by a fused linear
 cross entropy (`chunked_lm_loss_sums`): the model returns its final hidden states and the LM head
 is applied here, `loss_chunk` positions at a time, so [B, T, V] fp32 logits never exist at once,
-neither forward nor backward.
+neither forward nor backward. DPO's per-token log-probs (`token_logps`) are chunked the same way.
 """
 
 import flax.linen as nn
@@ -50,17 +50,51 @@ def chunked_lm_loss_sums(hidden_BTD, head_VD, targets_BT, weights_BT=None, *, ch
   if weights_BT is None:
     weights_BT = jnp.ones((B, T), jnp.float32)
   weights_BT = weights_BT.astype(jnp.float32)
+  h_NBCD, targets_NBC, weights_NBC = _in_chunks(chunk, hidden_BTD.astype(dtype), targets_BT,
+                                                weights_BT)
+  total = _fused_ce(h_NBCD, head_VD.astype(dtype), targets_NBC, weights_NBC)
+  return total, weights_BT.sum()
+
+
+def chunked_token_logps(hidden_BTD, head_VD, targets_BT, *, chunk: int, dtype=None):
+  """log p(target) at every position, [B, T] fp32, of the logits hidden_BTD @ head_VD.T computed
+  `chunk` positions of every row at a time: only [B, chunk, V] logits exist at once. For
+  objectives that combine token log-probs otherwise than by one weighted sum (DPO's per-sequence
+  sums): the backward pass recomputes each chunk's logits (jax.checkpoint), a fourth head matmul
+  where chunked_lm_loss_sums needs three.
+
+  Args:
+    hidden_BTD, head_VD, dtype: as chunked_lm_loss_sums.
+    targets_BT: the token whose log-prob each position gives.
+    chunk: positions per chunk; T is padded to a multiple of it (the padding dropped after).
+  """
+  B, T = targets_BT.shape
+  dtype = dtype or hidden_BTD.dtype
+  w_VD = head_VD.astype(dtype)
+
+  @jax.checkpoint
+  def body(_, xs):
+    h_BCD, targets_BC = xs
+    losses_BC, _, _ = _chunk_ce(h_BCD, w_VD, targets_BC)
+    return None, -losses_BC
+
+  _, logps_NBC = jax.lax.scan(body, None, _in_chunks(chunk, hidden_BTD.astype(dtype), targets_BT))
+  return jnp.swapaxes(logps_NBC, 0, 1).reshape(B, -1)[:, :T]
+
+
+def _in_chunks(chunk: int, *arrays_BT) -> list:
+  """Each [B, T, ...] array zero-padded along T to a multiple of `chunk` (at most T) and split
+  into [N, B, chunk, ...] chunks, the scan axis first."""
+  B, T = arrays_BT[0].shape[:2]
   chunk = min(chunk, T)
   n = -(-T // chunk)
   pad = n * chunk - T
-  if pad:
-    hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
-    targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-    weights_BT = jnp.pad(weights_BT, ((0, 0), (0, pad)))
-  to_chunks = lambda x: jnp.swapaxes(x.reshape(B, n, chunk, *x.shape[2:]), 0, 1)
-  total = _fused_ce(to_chunks(hidden_BTD.astype(dtype)), head_VD.astype(dtype),
-                    to_chunks(targets_BT), to_chunks(weights_BT))
-  return total, weights_BT.sum()
+  chunks = []
+  for x in arrays_BT:
+    if pad:
+      x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+    chunks.append(jnp.swapaxes(x.reshape(B, n, chunk, *x.shape[2:]), 0, 1))
+  return chunks
 
 
 def _chunk_ce(h_BCD, w_VD, targets_BC):
@@ -172,6 +206,15 @@ def _chunked_loss_cfg(apply_fn):
   return cfg
 
 
+def _final_hidden(apply_fn, params, batch: Batch, rng, deterministic):
+  """A decoder's final (normed) hidden states for `batch`, its LM head left to the objective."""
+  return apply_fn(
+    {"params": params}, batch.inputs, segment_ids_BT=batch.segment_ids,
+    positions_BT=batch.positions, deterministic=deterministic,
+    rngs=None if deterministic else {"dropout": rng}, return_hidden=True,
+  )
+
+
 def token_sums(apply_fn, params, batch: Batch, rng, deterministic):
   """Cross entropy at the batch's targets (next tokens, or the tokens under MLM masks); fused
   with the LM head, chunk by chunk, when the decoder's cfg.loss_chunk asks for it."""
@@ -179,13 +222,21 @@ def token_sums(apply_fn, params, batch: Batch, rng, deterministic):
   if cfg is None:
     logits_BTV = model_outputs(apply_fn, params, batch, rng, deterministic)
     return lm_loss_sums(logits_BTV, batch.targets, batch.weights)
-  hidden_BTD = apply_fn(
-    {"params": params}, batch.inputs, segment_ids_BT=batch.segment_ids,
-    positions_BT=batch.positions, deterministic=deterministic,
-    rngs=None if deterministic else {"dropout": rng}, return_hidden=True,
-  )
+  hidden_BTD = _final_hidden(apply_fn, params, batch, rng, deterministic)
   return chunked_lm_loss_sums(hidden_BTD, lm_head_VD(cfg, params), batch.targets, batch.weights,
                               chunk=cfg.loss_chunk, dtype=jnp.dtype(cfg.dtype))
+
+
+def token_logps(apply_fn, params, batch: Batch, rng=None, deterministic=True):
+  """log p(target) of a decoder at every position of the batch, [B, T] fp32 (DPO sums them per
+  sequence); the LM head applied chunk by chunk when the decoder's cfg.loss_chunk asks for it."""
+  cfg = _chunked_loss_cfg(apply_fn)
+  if cfg is None:
+    logits_BTV = model_outputs(apply_fn, params, batch, rng, deterministic)
+    return -_ce(logits_BTV, batch.targets)
+  hidden_BTD = _final_hidden(apply_fn, params, batch, rng, deterministic)
+  return chunked_token_logps(hidden_BTD, lm_head_VD(cfg, params), batch.targets,
+                             chunk=cfg.loss_chunk, dtype=jnp.dtype(cfg.dtype))
 
 
 def for_head(head: str):

@@ -138,6 +138,10 @@ def jit_train_step(state_shardings, objective, *, grad_accum: int = 1, dropout: 
                  donate_argnums=0)
 
 
-def jit_eval_step(apply_fn, params_shardings, objective):
+def jit_eval_step(apply_fn, params_shardings, objective, *, reference: bool = False):
+  """eval_step jitted: the params in their shardings, the batch as global arrays. With
+  `reference`, the step takes the reference model's params third, as they are placed (the state's
+  frozen weights), or None when a params-only restore has none: the objective then says so."""
+  in_shardings = (params_shardings, None) + ((None,) if reference else ())
   return jax.jit(functools.partial(eval_step, apply_fn=apply_fn, objective=objective),
-                 in_shardings=(params_shardings, None))
+                 in_shardings=in_shardings)

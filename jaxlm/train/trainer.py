@@ -1,14 +1,14 @@
-"""The one trainer. Every kind of run (lm, sft, dpo, mlm, finetune) is set up here and goes through one
-loop: a pure jitted step over a resumable batch iterator, with hooks for evaluation, metrics, the
+"""The one trainer. Every kind of run (lm, sft, dpo, mlm, finetune) is set up here and goes
+through one loop: a pure jitted step over a resumable batch iterator, with hooks for evaluation, metrics, the
 NaN guard, checkpoints, preemption and a closing sample.
 
   jaxlm train --config configs/demo.py --workdir runs/demo
 """
 
 import contextlib
+import copy
 import dataclasses
 import functools
-import math
 import time
 
 import jax
@@ -22,11 +22,12 @@ from jaxlm import devices, rundir, sharding, textgen
 from jaxlm import generate as gen
 from jaxlm.data import sources
 from jaxlm.data import tokenizers as tok_lib
+from jaxlm.data.batch import BatchIterator
 from jaxlm.data.iterators import Prefetch, Stack
-from jaxlm.models import heads, layers
+from jaxlm.models import heads
 from jaxlm.models import lora as lora_lib
 from jaxlm.train import metrics as metrics_lib
-from jaxlm.train import modes, objectives, optim, preemption
+from jaxlm.train import modes, objectives, optim, preemption, reporter, startup
 from jaxlm.train import step as step_lib
 
 
@@ -58,7 +59,7 @@ def train(config, workdir) -> dict:
   clock = metrics_lib.Goodput()
   with clock.timing("startup"):
     run = setup(config, workdir)
-    ckpt, step0 = rundir.open_run(config, run.workdir)
+    ckpt, step0 = rundir.open_run(run.config, run.workdir)
   writer = None
   try:
     with clock.timing("startup"):
@@ -66,7 +67,7 @@ def train(config, workdir) -> dict:
         rundir.trim_metrics(run.workdir, step0 or 0)  # the resumed run writes them again
       writer = metrics_lib.MetricsWriter(run.workdir, run.mode.total_steps,
                                          enabled=jax.process_index() == 0,
-                                         wandb_cfg=config.wandb, config=config)
+                                         wandb_cfg=run.config.wandb, config=run.config)
     # float32 matmuls at the configured precision: jit reads it as it traces each program
     with preemption.PreemptionGuard() as guard, \
         jax.default_matmul_precision(run.model.cfg.matmul_precision):
@@ -147,8 +148,10 @@ def _optimizer(config, total_steps: int):
 
 
 def setup(config, workdir, *, with_data: bool = True) -> Run:
-  """Resolves tokenizer, model (recording an imported model's fields in config.model), mesh,
-  mode and optimizer. Writes nothing: the run directory is written once the state is settled."""
+  """Resolves tokenizer, model, mesh, mode and optimizer. Writes nothing: the run directory is
+  written once the state is settled; nor changes `config`: Run.config is a resolved copy (an
+  imported model's fields in its model section, a PEFT adapter's settings in its lora section)."""
+  config = copy.deepcopy(config)
   kind = check_kind(config)
   _Profile.parse(config.profile.steps)
   workdir = rundir.path(workdir)
@@ -217,7 +220,7 @@ class Trainer:
             f"full fine-tune's {full_opt_bytes / 2**20:.2f} MiB)")
 
   def start_state(self, step0: int | None):
-    """(state, shardings, data iterator state) by rundir's precedence (resume > init_from >
+    """(state, shardings, data iterator state) by startup's precedence (resume > init_from >
     scratch); then the run directory records the config and tokenizer."""
     run, cfg = self.run, self.run.config
     # full-parameter DPO keeps the starting weights as its reference (with LoRA: the base)
@@ -229,9 +232,9 @@ class Trainer:
       return step_lib.sharded_init(run.model, run.tx, jax.random.PRNGKey(cfg.train.seed),
                                    run.mesh, run.lora, copy_ref, shardings)[0]
 
-    state, data_state = rundir.initial_state(self.ckpt, step0, cfg, run.model.cfg,
-                                             abstract=abstract, init=scratch,
-                                             message=self.writer.message)
+    state, data_state = startup.initial_state(self.ckpt, step0, cfg, run.model.cfg,
+                                              abstract=abstract, init=scratch,
+                                              message=self.writer.message)
     if copy_ref and step0 is None:  # the starting weights (a resume restores them)
       state = state.replace(frozen=jax.tree.map(lambda x: x.copy(), state.params))
     if jax.process_index() == 0:
@@ -269,9 +272,9 @@ class Trainer:
     precision = run.model.cfg.matmul_precision
     peak, device = devices.run_peak_flops(run.model.cfg.dtype, run.config.runtime.peak_flops,
                                           precision)
-    report = _Reporter(self.writer, self.ckpt, run.schedule, cfg_t.log_every, start,
+    report = reporter.Reporter(self.writer, self.ckpt, run.schedule, cfg_t.log_every, start,
                        cfg_t.skip_nonfinite, peak=peak, clock=self.clock,
-                       hfu_factor=_hfu_factor(run), first_record={
+                       hfu_factor=reporter.hfu_factor(run), first_record={
                          "matmul_precision": precision,
                          "peak_flops_per_device": peak / jax.device_count()})
     if cfg_t.skip_nonfinite:  # the count so far lives in optax.apply_if_finite's state
@@ -293,18 +296,18 @@ class Trainer:
     summary = report.summary(device)
     if summary:
       self.writer.write(step, summary)
-      self.writer.message(_summary_line(step - start, summary))
+      self.writer.message(reporter.summary_line(step - start, summary))
     return {"step": step, **final, **summary,
             "train_seconds": time.perf_counter() - self.clock.begin}
 
-  def loop(self, state, train_fn, batches, report, meta, start: int, ends):
+  def loop(self, state, train_fn, batches: BatchIterator, report, meta, start: int, ends):
     """The training loop: one jitted call per item of `ends` (the last step of each; one step a
     call unless train.steps_per_call). A call's metrics are fetched while the next call runs, so
     the device never waits for the host; evaluation, checkpoints and preemption act between
     calls."""
     mode, every = self.run.mode, self.run.config.checkpoint.every
     final, pending = {}, None
-    clock, flops = self.clock, _step_flops(self.run)
+    clock, flops = self.clock, reporter.step_flops(self.run)
     first = start + 1
     for calls, step in enumerate(ends, 1):  # this call runs steps first..step
       wait_start = time.perf_counter()  # the previous call runs on the device meanwhile
@@ -370,180 +373,6 @@ class Trainer:
     print(c.prompt + text, flush=True)
 
 
-class _Reporter:
-  """Host side of each step: NaN guard, progress bar, and a metrics record every `log_every`."""
-
-  def __init__(self, writer, ckpt, schedule, log_every, start_step, skip_nonfinite: int = 0, *,
-               peak: float = 0.0, clock: metrics_lib.Goodput | None = None,
-               hfu_factor: float = 1.0, first_record: dict | None = None):
-    """`peak`: FLOP/s of all the run's devices (0: unknown, no MFU); `clock`: the run's
-    Goodput, for time to first step and the running goodput; `first_record`: figures the first
-    step record written carries (the matmul precision and peak MFU is measured against)."""
-    self.writer, self.ckpt, self.log_every = writer, ckpt, log_every
-    self.schedule = jax.jit(schedule)  # one small program, not a dozen eager ops each compiled
-    self.start_step, self.window = start_step, (start_step, time.perf_counter())
-    self.skip_nonfinite, self.skipped, self.skipped_in_row = skip_nonfinite, 0, 0
-    self.peak, self.clock, self.hfu_factor = peak, clock or metrics_lib.Goodput(), hfu_factor
-    self.first_record = dict(first_record or {})
-    self.data_wait, self.tokens, self.flops = 0.0, 0, 0.0  # since the window started
-    self.total = {"tokens": 0, "flops": 0.0, "seconds": 0.0}  # since the first step's end
-    self.first_step_seconds = None
-    # the lengths of the calls so far (a new one compiles: out of the throughput), when the last
-    # ended, and the last tokens/s and MFU shown
-    self.call_lengths, self.call_end, self.rate = set(), None, (0.0, None)
-
-  def __call__(self, first: int, last: int, step_metrics, tokens: int, flops: float = 0.0,
-               data_wait: float = 0.0):
-    """Steps `first`..`last` (one jitted call) ran: `step_metrics` are theirs (stacked over the
-    steps, or one step's scalars); `tokens`, `flops`: the call's batch in tokens and its model
-    FLOPs; `data_wait`: seconds just spent getting a batch (since the previous call)."""
-    fetched = {k: np.atleast_1d(v) for k, v in jax.device_get(step_metrics).items()}
-    rows = [{k: float(v[i]) for k, v in fetched.items()} for i in range(last - first + 1)]
-    now, previous = time.perf_counter(), self.call_end
-    self.call_end = now
-    timing = {}
-    if first == self.start_step + 1:  # leave compilation out of the throughput
-      self.first_step_seconds = now - self.clock.begin
-      timing["time_to_first_step"] = self.first_step_seconds
-      timing["compile_seconds"] = self.clock.compiled()["seconds"]
-      self.window, self.data_wait, self.tokens, self.flops = (last, now), 0.0, 0, 0.0
-    elif len(rows) not in self.call_lengths:  # a call of a new length compiled its program
-      self._close_window(first - 1, previous)
-      self.window = (last, now)
-      self.writer.progress(last, rows[-1]["loss"], *self.rate)
-    else:
-      self.data_wait += data_wait
-      self.tokens += tokens
-      self.flops += flops
-      last_step, last_time = self.window
-      elapsed = max(now - last_time, 1e-9)
-      timing["tokens_per_sec"] = self.tokens / elapsed
-      timing["data_wait_ms"] = 1e3 * self.data_wait / max(last - last_step, 1)
-      timing["data_wait_frac"] = self.data_wait / elapsed
-      if self.peak:
-        timing["mfu"] = self.flops / elapsed / self.peak
-        timing["hfu"] = timing["mfu"] * self.hfu_factor
-      self.rate = (timing["tokens_per_sec"], timing.get("mfu"))
-      self.writer.progress(last, rows[-1]["loss"], *self.rate)
-    self.call_lengths.add(len(rows))
-    logged = {step for step in range(first, last + 1) if step % self.log_every == 0}
-    if logged and "tokens_per_sec" in timing:
-      timing["goodput"] = self.clock.summary()["goodput"]
-    for step, values in enumerate(rows, first):  # in order: a bad step stops after those before
-      self._guard(step, values)
-      if step not in logged:
-        continue
-      record = {"loss": values["loss"], "lr": float(self.schedule(step - 1)),
-                "grad_norm": values["grad_norm"],
-                **{k: v for k, v in values.items() if "/" in k}}  # an objective's own (DPO's)
-      if self.skip_nonfinite:
-        record["skipped_nonfinite"] = self.skipped
-      self.writer.write(step, {**record, **timing, **self.first_record})
-      self.first_record = {}
-      timing.pop("time_to_first_step", None)  # the first record of the run has them, once
-      timing.pop("compile_seconds", None)
-    if logged:
-      self._close_window(last, now)
-
-  def _close_window(self, step: int, now: float):
-    last_step, last_time = self.window
-    if step > self.start_step + 1 and last_step > self.start_step:
-      self.total["tokens"] += self.tokens
-      self.total["flops"] += self.flops
-      self.total["seconds"] += now - last_time
-    self.window, self.data_wait, self.tokens, self.flops = (step, now), 0.0, 0, 0.0
-
-  def summary(self, device: str) -> dict:
-    """The run's closing figures: mean tokens/s and MFU over its steps (the first, which
-    compiles, left out), compile seconds, time to first step, goodput and where the rest went."""
-    if self.first_step_seconds is None:
-      return {}
-    self._close_window(self.window[0] + 1, time.perf_counter())
-    compiled = self.clock.compiled()
-    out = {"time_to_first_step": self.first_step_seconds, "compile_seconds": compiled["seconds"],
-           "xla_compiles": compiled["xla_compiles"],
-           "compile_cache_hits": compiled["cache_hits"], **self.clock.summary()}
-    seconds = self.total["seconds"]
-    if seconds > 0:
-      out["mean_tokens_per_sec"] = self.total["tokens"] / seconds
-      if self.peak:
-        out["mean_mfu"] = self.total["flops"] / seconds / self.peak
-        out["mean_hfu"] = out["mean_mfu"] * self.hfu_factor
-    out["device"] = device
-    return out
-
-  def _guard(self, step: int, values: dict):
-    """Stops on a non-finite loss, or counts it when skipping (optax.apply_if_finite)."""
-    finite = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
-    if finite:
-      self.skipped_in_row = 0
-      return
-    if not self.skip_nonfinite:
-      bad = {k: values[k] for k in ("loss", "grad_norm") if not math.isfinite(values[k])}
-      self._stop(f"non-finite {bad} at step {step}; stopping", "lower optim.lr, raise "
-                 "optim.warmup_steps, or set train.skip_nonfinite=N to skip up to N such "
-                 "batches in a row")
-    self.skipped += 1
-    self.skipped_in_row += 1
-    if self.skipped_in_row > self.skip_nonfinite:
-      self._stop(f"{self.skipped_in_row} non-finite losses in a row up to step {step} (more "
-                 f"than train.skip_nonfinite={self.skip_nonfinite}); stopping", "")
-    self.writer.message(f"step {step}: non-finite loss, update skipped ({self.skipped} so far)")
-
-  def _stop(self, what: str, advice: str):
-    self.ckpt.wait()
-    raise FloatingPointError(
-      f"{what}. The last good checkpoint is step {self.ckpt.latest_step()} in "
-      f"{self.ckpt.directory}" + (f" ({advice})" if advice else ""))
-
-
-def _step_flops(run: Run):
-  """FLOPs of a training step over a batch of `shape` [B, T]: model FLOPs per token (causal
-  attention counted as half) times the tokens. A LoRA run computes no gradients of its frozen
-  weights; DPO with a reference model adds the reference's forward pass."""
-  cfg, cache = run.model.cfg, {}
-  reference = bool(run.mode and run.mode.reference)
-
-  def flops(shape) -> float:
-    if shape not in cache:
-      per_token = devices.model_flops_per_token(cfg, shape[-1], weight_grads=run.lora is None)
-      if reference:
-        per_token += devices.model_flops_per_token(cfg, shape[-1], training=False)
-      cache[shape] = per_token * math.prod(shape)
-    return cache[shape]
-
-  return flops
-
-
-def _hfu_factor(run: Run) -> float:
-  """Hardware over model FLOPs of the run's steps (devices.hardware_flops_per_token: what the
-  remat policy recomputes, all T x T scores under XLA's attention, a merged LoRA's full kernel
-  gradients), at the run's sequence length (finetune: task.max_len, the longest bucket)."""
-  cfg, config = run.model.cfg, run.config
-  seq_len = config.task.max_len if config.kind == "finetune" else config.data.seq_len
-  trained = None if run.lora is None else [t.path for t in run.lora.targets] + list(run.lora.full)
-  # the kernel a batch of the run gets: packed rows carry segment ids (sft, dpo and finetune
-  # pack; lm and mlm when data.packing is not "none")
-  packed = config.kind in ("sft", "dpo", "finetune") or config.data.packing != "none"
-  hardware = devices.hardware_flops_per_token(
-    cfg, seq_len, attention=layers.attention_impl(cfg, seq_len, packed), trained=trained,
-    reference=bool(run.mode and run.mode.reference))
-  return hardware * seq_len / _step_flops(run)((1, seq_len))
-
-
-def _summary_line(steps: int, s: dict) -> str:
-  line = f"{steps} steps: time to first step {s['time_to_first_step']:.1f} s"
-  if "mean_tokens_per_sec" in s:
-    line += f", {s['mean_tokens_per_sec']:,.0f} tokens/s"
-  if "mean_mfu" in s:
-    line += f", MFU {100 * s['mean_mfu']:.1f}% of {s['device']}"
-  spent = ", ".join(f"{b} {100 * s[b + '_frac']:.0f}%" for b in metrics_lib.Goodput.BUCKETS
-                    if s[b + "_frac"] >= 0.005)
-  return (f"{line}; goodput {100 * s['goodput']:.0f}% of {s['wall_seconds']:.0f} s wall "
-          f"(compile {s['compile_seconds']:.1f} s: {s['xla_compiles']} programs compiled, "
-          f"{s['compile_cache_hits']} loaded from the cache; {spent})")
-
-
 class _Profile:
   """profile.steps="A-B": a JAX profiler trace of steps A to B (of the calls holding them, with
   train.steps_per_call) in WORKDIR/profile (process 0), for TensorBoard's profile plugin or
@@ -585,42 +414,3 @@ class _Profile:
       self.active = False
 def _nbytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
-def convert_from_hf(src: str, workdir) -> str:
-  """Makes `workdir` a jaxlm run directory (config.json, tokenizer/, a step-0 checkpoint) holding
-  the HF checkpoint `src`, so `jaxlm generate`, `jaxlm convert --to-hf` and
-  `model.init_from=WORKDIR` work on it."""
-  p = rundir.path(workdir)
-  if (p / rundir.CHECKPOINT_DIR).exists():
-    raise ValueError(f"{p} already holds checkpoints; convert into a new directory")
-  config = config_lib.base_config()
-  stored = rundir.init_model_config(src, {})
-  config.kind = "lm" if stored.causal else ("mlm" if stored.head == "mlm" else "finetune")
-  config.model.update(head=stored.head, num_labels=stored.num_labels, init_from=src)
-  config.data.seq_len = min(config.data.seq_len, stored.max_seq_len)
-  config.train.batch_size = jax.device_count()
-  config.optim.name, config.optim.b1 = "sgd", 0.0  # plain SGD keeps no optimizer state
-  run = setup(config, p, with_data=False)
-  ckpt = rundir.open_checkpoints(config, p)
-  try:
-    quiet = metrics_lib.MetricsWriter(p, 0, enabled=False)
-    state, _, _ = Trainer(run, ckpt, quiet, None).start_state(None)
-    ckpt.save(0, state, meta=rundir.checkpoint_meta(config, run.tokenizer, src))
-    ckpt.wait()
-  finally:
-    ckpt.close()
-  return str(p)
-
-
-def evaluate_run(workdir, split: str = "dev") -> dict:
-  """Scores the newest checkpoint of the run in `workdir` with its kind's evaluator: the task's
-  metrics on `split` for finetune runs, the eval loss for language models (`jaxlm eval`)."""
-  config = rundir.read_config(workdir)
-  mesh = sharding.make_mesh(config.mesh)
-  saved, params = rundir.load_run(workdir, mesh=mesh)
-  shardings = jax.tree.map(lambda x: x.sharding, params)
-  mode = modes.build(config, saved.tokenizer, saved.model, mesh, shardings,
-                     eval_split=split if config.kind == "finetune" else None, train=False)
-  with sharding.mesh_rules(mesh):
-    return mode.evaluate(params)
