@@ -1,6 +1,6 @@
 """The one trainer. Every kind of run (lm, sft, dpo, mlm, finetune) is set up here and goes
-through one loop: a pure jitted step over a resumable batch iterator, with hooks for evaluation, metrics, the
-NaN guard, checkpoints, preemption and a closing sample.
+through one loop: a pure jitted step over a resumable batch iterator, with hooks for evaluation,
+metrics, the NaN guard, checkpoints, preemption and a closing sample.
 
   jaxlm train --config configs/demo.py --workdir runs/demo
 """
