@@ -101,7 +101,8 @@ def main():
   print(f"{'until on disk (median, s)':34s}{sync_s:14.3f}{statistics.median(async_total):14.3f}")
   print(f"ratio async/sync blocking: {async_s / sync_s:.3f} "
         f"({'under' if async_s < 0.1 * sync_s else 'NOT under'} the 10% target)")
-  print(f"simulated loop of {args.loop_steps} steps: {alone:.3f} s alone, {with_save:.3f} s with an "
+  print(f"simulated loop of {args.loop_steps} steps: {alone:.3f} s alone, "
+        f"{with_save:.3f} s with an "
         f"async save started first (+{with_save - alone:.3f} s, "
         f"{(with_save - alone) / sync_s:.3f} of a synchronous save)")
 

@@ -1,8 +1,9 @@
 """Orbax checkpoints of a run: train state, data iterator state and run metadata, per step.
 
 Every process writes its own data iterator state (`data/process_I-of-N.json`, as Grain's Orbax
-handler does) while the train state is written cooperatively by all processes. Async saves, keep-last-N / best-N / every-Kth retention, restore onto any mesh, params-only
-restore for inference, and clear errors for unreadable checkpoints or failed saves.
+handler does) while the train state is written cooperatively by all processes. Async saves,
+keep-last-N / best-N / every-Kth retention, restore onto any mesh, params-only restore for
+inference, and clear errors for unreadable checkpoints or failed saves.
 """
 
 import dataclasses
@@ -75,7 +76,8 @@ class ProcessJsonHandler(ocp.JsonCheckpointHandler):
     own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
     if own.exists():
       return json.loads(own.read_text())
-    first = sorted(f for f in directory.iterdir() if re.fullmatch(r"process_0-of-\d+\.json", f.name))
+    first = sorted(f for f in directory.iterdir()
+                   if re.fullmatch(r"process_0-of-\d+\.json", f.name))
     if first:
       return json.loads(first[0].read_text())
     return super().restore(directory)

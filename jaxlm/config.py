@@ -23,7 +23,10 @@ KINDS = {
 
 def model(preset: str | None = None, **overrides) -> ml_collections.ConfigDict:
   """The `model` section: a named preset (or the defaults) with `overrides` applied."""
-  cfg = model_config.preset(preset, **overrides) if preset else model_config.ModelConfig(**overrides)
+  if preset:
+    cfg = model_config.preset(preset, **overrides)
+  else:
+    cfg = model_config.ModelConfig(**overrides)
   # init_from: an HF checkpoint (directory, .gguf file, hub id) or a jaxlm run directory to start
   # from; its model config wins over the fields above except dropout/dtype/remat/scan_layers
   return ml_collections.ConfigDict({**cfg.to_dict(), "init_from": ""})

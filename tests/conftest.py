@@ -45,7 +45,8 @@ def shakespeare_path():
 
 @pytest.fixture(scope="session")
 def smollm2():
-  """Real SmolLM2-135M weights, read once per session: (jaxlm model, params, HF model, tokenizer)."""
+  """Real SmolLM2-135M weights, read once per session: (jaxlm model, params, HF model,
+  tokenizer)."""
   pytest.importorskip("torch")
   from hf_testing import load_smollm2
 

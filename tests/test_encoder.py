@@ -80,7 +80,8 @@ def test_mlm_decoder_is_tied_to_the_token_embedding():
 
 def test_bert_base_has_bert_base_parameter_count():
   model = EncoderModel(preset("bert-base"))
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 8), jnp.int32))
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes)))
   assert n == 109_482_240  # Hugging Face BertModel (with pooler)
 

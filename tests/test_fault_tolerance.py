@@ -57,7 +57,8 @@ def tiny_config(data_path: str, **overrides):
   c = base_config()
   c.model.update({"num_layers": 1, "embed_dim": 32, "num_heads": 2, "max_seq_len": 64})
   c.data.update({"source": "file", "path": data_path, "seq_len": 16})
-  c.train.update({"steps": 6, "batch_size": 8, "log_every": 1, "eval_every": 100, "eval_batches": 1})
+  c.train.update({"steps": 6, "batch_size": 8, "log_every": 1, "eval_every": 100,
+                  "eval_batches": 1})
   c.optim.warmup_steps = 2
   c.checkpoint.update({"every": 1, "keep": 0})
   c.sample.max_new_tokens = 0

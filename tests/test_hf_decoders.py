@@ -125,7 +125,8 @@ def test_pytorch_bin_checkpoint_is_read(tmp_path):
 
 def test_gpt2_names_without_the_transformer_prefix_are_read(tmp_path):
   src = _saved(tmp_path, "gpt2-untied")
-  _edit_weights(src, lambda t: t.update({k.removeprefix("transformer."): t.pop(k) for k in list(t)}))
+  _edit_weights(src, lambda t: t.update(
+    {k.removeprefix("transformer."): t.pop(k) for k in list(t)}))
   _, params = jaxlm.from_hf(src)
   assert params["block_1"]["attn"]["q"]["kernel"].shape == (32, 4, 8)
 

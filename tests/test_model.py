@@ -95,7 +95,8 @@ EXPECTED_PARAMS = {
 @pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
 def test_preset_parameter_counts_without_allocating(name):
   model = Transformer(preset(name))
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 8), jnp.int32))
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes)))
   assert n == EXPECTED_PARAMS[name]
 

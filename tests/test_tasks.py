@@ -24,7 +24,8 @@ def test_classification_metrics_by_hand():
   # tp=2 fp=1 fn=1 tn=1
   assert metrics.accuracy(preds, labels) == pytest.approx(3 / 5)
   assert metrics.binary_f1(preds, labels) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
-  assert metrics.matthews_corr(preds, labels) == pytest.approx((2 * 1 - 1 * 1) / np.sqrt(3 * 3 * 2 * 2))
+  expected = (2 * 1 - 1 * 1) / np.sqrt(3 * 3 * 2 * 2)
+  assert metrics.matthews_corr(preds, labels) == pytest.approx(expected)
   assert metrics.matthews_corr([1, 1, 1], [1, 0, 1]) == 0.0  # a constant predictor
 
 

@@ -118,8 +118,9 @@ def one_round(root: str, reference: str, steps: int, rng: random.Random) -> dict
   workdir = tempfile.mkdtemp(dir=root, prefix="killed-")
   kill_step = rng.randint(1, steps - 2)
   seen = kill_at(workdir, steps, kill_step)
-  checkpoints = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
-                       if s.isdigit()) if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  checkpoints = sorted(int(s) for s in os.listdir(ckpt_dir)
+                       if s.isdigit()) if os.path.isdir(ckpt_dir) else []
   run_to_end(workdir, steps)
   problems = compare(reference, workdir)
   return {"kill_step": kill_step, "logged_at_kill": seen, "checkpoints_at_kill": checkpoints,

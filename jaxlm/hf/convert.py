@@ -169,7 +169,8 @@ def import_params(family, cfg, tensors: dict) -> dict:
     else:
       out[path] = np.asarray(import_tensor(rule, tensors[name], dims), leaf.dtype)
   skip = set(family.tied) if getattr(cfg, "tie_embeddings", False) else set()
-  extra = [f"{n} (shape {tuple(tensors[n].shape)})" for n in sorted(set(tensors) - set(names.values()))
+  extra = [f"{n} (shape {tuple(tensors[n].shape)})"
+           for n in sorted(set(tensors) - set(names.values()))
            if n not in skip and not any(re.search(p, n) for p in family.ignored)]
   problems = [f"{label}: {_listing(items)}" for label, items in (
     ("missing tensors", missing), ("mis-shaped tensors", misshaped), ("extra tensors", extra))
@@ -205,6 +206,7 @@ def export_params(family, cfg, params) -> dict:
     entries.sort(key=lambda e: e[0].part or 0)
     rule = entries[0][0]
     if rule.part is not None and [e[0].part for e in entries] != list(range(len(entries))):
-      raise ValueError(f"{name} is fused from parts {[e[0].part for e in entries]}; some are missing")
+      parts = [e[0].part for e in entries]
+      raise ValueError(f"{name} is fused from parts {parts}; some are missing")
     tensors[name] = np.ascontiguousarray(export_tensor(rule, [e[1] for e in entries], dims))
   return tensors

@@ -1,6 +1,7 @@
 """ModelConfig: every size and family switch of the one Transformer, plus named presets.
 
-A family (GPT-2, Llama, Mistral, Qwen2, SmolLM, BERT, RoBERTa) is a ModelConfig, never a copy of the model code.
+A family (GPT-2, Llama, Mistral, Qwen2, SmolLM, BERT, RoBERTa) is a ModelConfig, never a copy of
+the model code.
 """
 
 import dataclasses

@@ -52,7 +52,7 @@ def dense(cfg: ModelConfig, eq: str, shape: tuple, axes: tuple, name: str, use_b
   and bias carry logical axis names `axes`."""
   out_letters = eq.split("->")[1]
   kernel_letters = eq.split(",")[1].split("->")[0]
-  bias_axes = tuple(a for a, l in zip(axes, kernel_letters) if l in out_letters)
+  bias_axes = tuple(a for a, letter in zip(axes, kernel_letters) if letter in out_letters)
   return nn.Einsum(
     shape,
     eq,

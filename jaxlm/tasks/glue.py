@@ -78,7 +78,8 @@ def read_tsv(task: GlueTask, path: str) -> dict[str, list]:
     label_idx = index[task.label_column]
   else:
     text_idx, label_idx = list(task.text_columns), task.label_column
-  out = {"text_a": [r[text_idx[0]] for r in rows], "label": [_label(task, r[label_idx]) for r in rows]}
+  out = {"text_a": [r[text_idx[0]] for r in rows],
+         "label": [_label(task, r[label_idx]) for r in rows]}
   if len(text_idx) > 1:
     out["text_b"] = [r[text_idx[1]] for r in rows]
   return out

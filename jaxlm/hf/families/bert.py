@@ -119,7 +119,8 @@ def _config_to_hf(cfg: ModelConfig, kind: str):
     num_attention_heads=cfg.num_heads, intermediate_size=cfg.hidden_dim,
     hidden_act=activation_to_hf(cfg.activation), max_position_embeddings=cfg.max_seq_len,
     type_vocab_size=cfg.type_vocab_size, layer_norm_eps=cfg.norm_eps,
-    num_labels=2 if cfg.head == "qa" else cfg.num_labels, architectures=[kind + _HEAD_SUFFIX[cfg.head]], **extra,
+    num_labels=2 if cfg.head == "qa" else cfg.num_labels,
+    architectures=[kind + _HEAD_SUFFIX[cfg.head]], **extra,
   )
 
 

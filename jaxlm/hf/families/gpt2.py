@@ -56,7 +56,8 @@ def config_to_hf(cfg: ModelConfig):
   from transformers import GPT2Config
 
   problems = [name for name, bad in (
-    ("norm='layernorm'", cfg.norm != "layernorm"), ("position='learned'", cfg.position != "learned"),
+    ("norm='layernorm'", cfg.norm != "layernorm"),
+    ("position='learned'", cfg.position != "learned"),
     ("gated_mlp=False", cfg.gated_mlp),
     ("num_kv_heads=num_heads", cfg.kv_heads != cfg.num_heads),
     ("head_dim=embed_dim/num_heads", cfg.head_size * cfg.num_heads != cfg.embed_dim),
