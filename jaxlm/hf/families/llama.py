@@ -1,13 +1,14 @@
-"""Llama 2/3, Mistral, Qwen2 and SmolLM (Llama architecture): one parameter-name table, three
-config mappings.
+"""Llama 2/3, Mistral, Qwen2, Qwen3 and SmolLM (Llama architecture): one parameter-name table,
+four config mappings.
 
 HF stores Linear weights [out, in]; the patterns transpose them and split the head axes.
 Qwen2 differs by its q/k/v biases (and layer types that may slide), Mistral by its sliding
-window on every layer.
+window on every layer, Qwen3 by its per-head RMSNorm of queries and keys.
 """
 
 from jaxlm.hf.convert import Rule
 from jaxlm.hf.families.family import (
+  SWITCHES,
   Family,
   activation_from_hf,
   activation_to_hf,
@@ -77,6 +78,14 @@ def qwen2_from_hf(hf) -> ModelConfig:
   return ModelConfig(**_base_from_hf(hf, qkv_bias=True), **layers_from_hf(hf))
 
 
+def qwen3_from_hf(hf) -> ModelConfig:
+  """Qwen3: Llama with per-head RMSNorm of queries and keys; q/k/v/o biases are refused."""
+  if getattr(hf, "attention_bias", False):
+    raise ValueError("qwen3 attention_bias=True (biases on q/k/v/o, none on the MLP) is not "
+                     "supported by jaxlm")
+  return ModelConfig(**_base_from_hf(hf, qkv_bias=False), **layers_from_hf(hf), qk_norm="head")
+
+
 def _hf_kwargs(cfg: ModelConfig, kind: str, writes: tuple = ()) -> dict:
   if cfg.norm != "rmsnorm" or cfg.position != "rope" or not cfg.gated_mlp:
     raise ValueError(f"this model cannot be written as {kind}: it needs norm='rmsnorm', "
@@ -117,7 +126,7 @@ def mistral_to_hf(cfg: ModelConfig):
     raise ValueError("Mistral has no biases: export this model as 'llama' or 'qwen2'")
   if cfg.mixed_layers:
     raise ValueError("Mistral slides every layer or none, this model only some: export it as "
-                     "'qwen2', whose layer_types say which")
+                     "'qwen2' or 'qwen3', whose layer_types say which")
   window = cfg.sliding_window if any(cfg.local_layers) else None
   return MistralConfig(**_hf_kwargs(cfg, "Mistral", ("sliding_window", "layer_types")),
                        sliding_window=window, architectures=["MistralForCausalLM"])
@@ -132,6 +141,17 @@ def qwen2_to_hf(cfg: ModelConfig):
                      **_window_kwargs(cfg), architectures=["Qwen2ForCausalLM"])
 
 
+def qwen3_to_hf(cfg: ModelConfig):
+  from transformers import Qwen3Config
+
+  if cfg.use_bias or cfg.qkv_bias:
+    raise ValueError("Qwen3 has no biases: it needs use_bias=False and qkv_bias=False")
+  kwargs = _hf_kwargs(cfg, "Qwen3", ("sliding_window", "layer_types", "qk_norm"))
+  check_writable(cfg, "Qwen3", SWITCHES, qk_norm="head")
+  return Qwen3Config(**kwargs, **_window_kwargs(cfg), attention_bias=False,
+                     architectures=["Qwen3ForCausalLM"])
+
+
 _COMMON = {"rules": RULES, "ignored": (r"rotary_emb\.inv_freq$",), "tied": ("lm_head.weight",)}
 LLAMA = Family(name="llama", architectures=("LlamaForCausalLM",), model_types=("llama",),
                config_from_hf=llama_from_hf, config_to_hf=llama_to_hf, **_COMMON)
@@ -139,3 +159,10 @@ MISTRAL = Family(name="mistral", architectures=("MistralForCausalLM",), model_ty
                  config_from_hf=mistral_from_hf, config_to_hf=mistral_to_hf, **_COMMON)
 QWEN2 = Family(name="qwen2", architectures=("Qwen2ForCausalLM",), model_types=("qwen2",),
                config_from_hf=qwen2_from_hf, config_to_hf=qwen2_to_hf, **_COMMON)
+QK_NORM_RULES = (
+  Rule("block_{i}/attn/q_norm/scale", f"{_L}.self_attn.q_norm.weight"),
+  Rule("block_{i}/attn/k_norm/scale", f"{_L}.self_attn.k_norm.weight"),
+)
+QWEN3 = Family(name="qwen3", architectures=("Qwen3ForCausalLM",), model_types=("qwen3",),
+               config_from_hf=qwen3_from_hf, config_to_hf=qwen3_to_hf,
+               **{**_COMMON, "rules": RULES + QK_NORM_RULES})
