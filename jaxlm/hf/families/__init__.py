@@ -16,10 +16,10 @@ from jaxlm.hf.families.family import (  # noqa: F401 (the family API)
 
 def families() -> list[Family]:
   """All known families (imported here, not at package import, to keep `import jaxlm` light)."""
-  from jaxlm.hf.families import bert, gemma, gpt2, llama
+  from jaxlm.hf.families import bert, gemma, gpt2, llama, olmo2
 
   return [gpt2.GPT2, llama.LLAMA, llama.MISTRAL, llama.QWEN2, llama.QWEN3, gemma.GEMMA2,
-          gemma.GEMMA3, bert.BERT, bert.ROBERTA, bert.ROBERTA_CLS]
+          gemma.GEMMA3, olmo2.OLMO2, bert.BERT, bert.ROBERTA, bert.ROBERTA_CLS]
 
 
 def family_for_hf_config(hf_config) -> Family:
@@ -59,8 +59,9 @@ def family_for(cfg, name: str | None = None) -> Family:
 
 def family_for_model(cfg) -> Family:
   """The HF family a jaxlm decoder config is written as: GPT-2 for learned positions; Gemma 3
-  or 2 for sandwich norms (with or without qk-norm), Qwen3 for per-head qk-norm, Qwen2 for
-  q/k/v-only biases, Mistral when every layer slides, Qwen2 when some do, Llama otherwise; encoders as BERT, or RoBERTa when positions are offset."""
+  or 2 for sandwich norms (with or without qk-norm), OLMo 2 for res_post norms, Qwen3 for
+  per-head qk-norm, Qwen2 for q/k/v-only biases, Mistral when every layer slides, Qwen2 when
+  some do, Llama otherwise; encoders as BERT, or RoBERTa when positions are offset."""
   if not getattr(cfg, "causal", True):
     if not cfg.position_offset:
       return family_named("bert")
@@ -69,6 +70,8 @@ def family_for_model(cfg) -> Family:
     return family_named("gpt2")
   if cfg.norm_position == "sandwich":
     return family_named("gemma3" if cfg.qk_norm != "none" else "gemma2")
+  if cfg.norm_position == "res_post":
+    return family_named("olmo2")
   if cfg.qk_norm != "none":
     return family_named("qwen3")
   if (cfg.qkv_bias and not cfg.use_bias) or cfg.mixed_layers:
