@@ -22,12 +22,36 @@ def families() -> list[Family]:
           gemma.GEMMA3, olmo2.OLMO2, bert.BERT, bert.ROBERTA, bert.ROBERTA_CLS]
 
 
+# HF config fields that mean a part jaxlm does not implement, whatever the family: a config that
+# sets one is refused by name before any family reads it.
+UNIMPLEMENTED = {
+  "vision_config": "a vision tower",
+  "audio_config": "an audio tower",
+  "kv_lora_rank": "multi-head latent attention (DeepSeek's MLA)",
+  "attention_chunk_size": "chunked attention (Llama 4)",
+  "num_local_experts": "a mixture of experts",
+  "num_experts": "a mixture of experts",
+  "n_routed_experts": "a mixture of experts",
+}
+
+
+def refuse_unimplemented(hf_config):
+  """Raises naming the first field of UNIMPLEMENTED that `hf_config` sets."""
+  for field, part in UNIMPLEMENTED.items():
+    if getattr(hf_config, field, None):
+      name = (getattr(hf_config, "architectures", None) or [hf_config.model_type])[0]
+      raise ValueError(f"{name} sets {field}: {part}, which jaxlm does not implement; convert "
+                       "a text-only, dense checkpoint")
+
+
 def family_for_hf_config(hf_config) -> Family:
   """The family that reads `hf_config`, by its architectures or else its model_type.
 
   Raises:
-    ValueError: naming the supported architectures.
+    ValueError: naming a field of a part jaxlm does not implement, or else the supported
+      architectures.
   """
+  refuse_unimplemented(hf_config)
   archs = list(getattr(hf_config, "architectures", None) or [])
   model_type = getattr(hf_config, "model_type", None)
   known = families()
