@@ -1,11 +1,12 @@
 """Batched generation with a KV cache: greedy, temperature, top-k and top-p sampling, EOS stops.
 
 Prompts of different lengths are left-padded into one [B, P] batch; the cache is sized once to
-P + max_new_tokens - 1. Without a callback one jitted program runs the prefill (the whole prompt
-in one call) and a `lax.while_loop` decode that ends when every row has stopped or
-max_new_tokens are out. With a host callback (streaming, stop strings) the host drives the loop
-over a jitted prefill and a jitted one-token step, dispatching each step before the previous
-step's tokens reach the callback; neither program holds a host callback, so both are stored in
+P + max_new_tokens - 1 (a sliding-window layer keeps a ring of its window's slots instead).
+Without a callback one jitted program runs the prefill (the whole prompt in one call) and a
+`lax.while_loop` decode that ends when every row has stopped or max_new_tokens are out. With a
+host callback (streaming, stop strings) the host drives the loop over a jitted prefill and a
+jitted one-token step, dispatching each step before the previous step's tokens reach the
+callback; neither program holds a host callback, so both are stored in
 (and on the next launch loaded from) the persistent compilation cache.
 """
 
@@ -90,6 +91,8 @@ def _prefill(params, tokens_BP, lengths_B, rng, *, model, max_new_tokens, sample
   L: the start-up of a launch whose programs come from the compilation cache is mostly tracing)
   and hands back the cache layer by layer, as the decode step reads it.
   """
+  if model.cfg.scan_layers and model.cfg.mixed_layers:  # sliding and full layers' caches
+    params, model = _layerwise(params, model)  # differ in size: they cannot form one stack
   B, P = tokens_BP.shape
   valid_BP = jnp.arange(P)[None, :] >= (P - lengths_B)[:, None]
   positions_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0)

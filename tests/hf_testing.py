@@ -8,14 +8,16 @@ import pytest
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def random_hf_model(config, seed: int = 0, std: float = 0.1):
+def random_hf_model(config, seed: int = 0, std: float = 0.1, attn_implementation=None):
   """A transformers causal LM with every weight random (biases and norm scales included), so a
-  wrong mapping of any tensor shows in the logits."""
+  wrong mapping of any tensor shows in the logits; `attn_implementation` "eager" for the
+  reference attention (sliding windows and soft-capping exactly as the model defines them)."""
   import torch
   import transformers
 
   torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(config).eval()
+  kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+  model = transformers.AutoModelForCausalLM.from_config(config, **kwargs).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
       is_scale = name.endswith("weight") and ("norm" in name or ".ln_" in name)

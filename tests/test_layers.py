@@ -1,25 +1,33 @@
 """Tests jaxlm/models/layers.py: RoPE (norms, relative positions, the rotate-half convention,
-Llama-3 frequency scaling), the training and encoder masks, the decode-time mask over the KV
-cache, grouped-query attention against a naive reference, and the KV cache itself."""
+Llama-3 and linear frequency scaling), the training, sliding-window and encoder masks, the
+decode-time mask over the KV cache, grouped-query attention against a naive reference (with
+soft-capping), the KV cache itself and a sliding layer's ring of the window, the kernel choice
+for sliding layers, and Gemma's (1 + w) RMSNorm."""
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlm.models import kernels
+from jaxlm.models.config import ModelConfig
 from jaxlm.models.layers import (
   DecodeMask,
   KVCache,
+  RMSNorm,
   activation,
   apply_rope,
   attend,
+  attention_impl,
   attention_mask,
   bidirectional_mask,
   gelu_exact,
   grow_cache,
   rope_frequencies,
+  sliding_mask,
 )
 
 # Llama 3.1's published settings: (factor, low_freq_factor, high_freq_factor, original_max_len)
@@ -193,6 +201,18 @@ def test_attention_mask_without_causality_is_same_segment_only():
   ], bool))
 
 
+def test_sliding_mask_keeps_the_window_within_each_segment():
+  seg = np.array([[1] * 7 + [2] * 5, [0, 0] + [1] * 10]).astype(np.int32)
+  W = 3
+  mask = np.asarray(sliding_mask(jnp.asarray(seg), W, 2, 12))[:, 0]
+  i, j = np.arange(12)[:, None], np.arange(12)[None, :]
+  expected = (seg[:, :, None] == seg[:, None, :]) & (j <= i) & (j > i - W)
+  np.testing.assert_array_equal(mask, expected)
+  assert mask.sum(-1).max() == W  # never more keys than the window
+  np.testing.assert_array_equal(np.asarray(sliding_mask(None, W, 1, 12))[0, 0],
+                                (j <= i) & (j > i - W))
+
+
 def test_bidirectional_mask_hides_padding_keys_from_every_query():
   padding = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
   mask = np.asarray(bidirectional_mask(padding, None, 2, 5))
@@ -226,10 +246,10 @@ def _decode_steps(segment_rows, cache_len):
   to `cache_len` slots, then one-token steps. Returns the mask of every call, [B, T, S] each."""
   module = DecodeMask()
   apply = jax.jit(functools.partial(module.apply, mutable=["cache"]))
-  mask, variables = apply({}, jnp.asarray(segment_rows[0], jnp.int32))
+  (mask, _), variables = apply({}, jnp.asarray(segment_rows[0], jnp.int32))
   masks, cache = [np.asarray(mask)[:, 0]], grow_cache(variables["cache"], cache_len)
   for seg in segment_rows[1:]:
-    mask, variables = apply({"cache": cache}, jnp.asarray(seg, jnp.int32))
+    (mask, _), variables = apply({"cache": cache}, jnp.asarray(seg, jnp.int32))
     cache = variables["cache"]
     masks.append(np.asarray(mask)[:, 0])
   return masks, cache
@@ -266,7 +286,8 @@ def test_decode_mask_left_padded_row_never_attends_its_padding():
 
 def test_decode_mask_first_call_is_the_training_mask():
   seg = jnp.asarray([[0, 1, 1, 1]])
-  mask = DecodeMask().init_with_output(jax.random.PRNGKey(0), seg)[0]
+  mask, local = DecodeMask().init_with_output(jax.random.PRNGKey(0), seg)[0]
+  assert local is None  # no sliding layers
   np.testing.assert_array_equal(mask, attention_mask(seg, causal=True))
 
 
@@ -304,6 +325,78 @@ def test_grow_cache_pads_the_slot_axis_of_a_scanned_stack():
   assert kv["k"].shape == (L, B, 7, K, E) and grown["decode_mask"]["segment_ids"].shape == (B, 7)
   assert not np.any(kv["v"][:, :, S:]) and not np.any(grown["decode_mask"]["segment_ids"][:, S:])
   np.testing.assert_array_equal(kv["index"], cache["blocks"]["attn"]["kv_cache"]["index"])
+
+
+def test_a_ring_cache_of_the_window_decodes_as_the_full_cache_under_the_window():
+  """A sliding layer's ring (W slots, token t in slot t mod W) and its mask give, step after
+  step, the attention of the full cache under the sliding-window mask; a left-padded row's
+  padding is never attended to."""
+  B, P, K, E, W, steps = 2, 5, 1, 4, 3, 6
+  S = P + steps
+  prefill_seg = jnp.asarray([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], jnp.int32)
+  k0, v0 = jnp.asarray(_normal(20, (B, P, K, E))), jnp.asarray(_normal(21, (B, P, K, E)))
+
+  def apply(module, *args):
+    return module.apply(*args, mutable=["cache"])
+
+  (_, ring_mask), mask_vars = apply(DecodeMask(W), {}, prefill_seg)
+  _, ring_vars = apply(KVCache(W), {}, k0, v0)
+  _, full_vars = apply(KVCache(), {}, k0, v0)
+  mask_cache = grow_cache(mask_vars["cache"], S)
+  ring_cache, full_cache = grow_cache(ring_vars["cache"], S), grow_cache(full_vars["cache"], S)
+  assert ring_cache["ring_k"].shape == (B, W, K, E)  # grow_cache leaves the ring as it is
+  for step in range(steps):
+    t = P + step
+    seg = jnp.ones((B, 1), jnp.int32)
+    (full_mask, ring_mask), mask_vars = apply(DecodeMask(W), {"cache": mask_cache}, seg)
+    mask_cache = mask_vars["cache"]
+    k, v = (jnp.asarray(_normal(seed + step, (B, 1, K, E))) for seed in (30, 40))
+    (kr, vr), ring_vars = apply(KVCache(W), {"cache": ring_cache}, k, v)
+    (kf, vf), full_vars = apply(KVCache(), {"cache": full_cache}, k, v)
+    ring_cache, full_cache = ring_vars["cache"], full_vars["cache"]
+    assert kr.shape == (B, W, K, E) and ring_mask.shape == (B, 1, 1, W)
+    in_window = (jnp.arange(S) > t - W)[None, None, None]
+    q = jnp.asarray(_normal(50 + step, (B, 1, 2, E)))
+    np.testing.assert_allclose(attend(q, kr, vr, ring_mask),
+                               attend(q, kf, vf, full_mask & in_window), atol=1e-6)
+    assert int(ring_mask[0].sum()) == W  # the window is full of real tokens by now
+
+
+def test_ring_cache_refuses_several_tokens_a_step():
+  module = DecodeMask(3)
+  _, variables = module.apply({}, jnp.ones((1, 4), jnp.int32), mutable=["cache"])
+  cache = grow_cache(variables["cache"], 8)
+  with pytest.raises(ValueError, match="ring cache takes one token per decode step, got 2"):
+    module.apply({"cache": cache}, jnp.ones((1, 2), jnp.int32), mutable=["cache"])
+
+
+def test_sliding_layers_and_soft_capping_run_on_xla_and_refuse_an_explicit_kernel(monkeypatch):
+  monkeypatch.setattr(kernels, "resolve", lambda choice, **kw: "splash")  # as on a TPU
+  cfg = ModelConfig(sliding_window=8, position="rope", norm="rmsnorm")
+  assert attention_impl(cfg, 128) == "splash"  # a full layer may use the kernel
+  assert attention_impl(cfg, 128, local=True) == "xla"
+  assert attention_impl(cfg.replace(attn_logit_softcap=50.0), 128) == "xla"
+  for kernel in ("splash", "cudnn", "triton"):
+    with pytest.raises(ValueError, match=rf"model.attention='{kernel}' does not support "
+                                         r"sliding-window layers .* use attention='auto' or 'xla'"):
+      attention_impl(cfg.replace(attention=kernel), 128, local=True)
+  with pytest.raises(ValueError, match=r"does not support model.attn_logit_softcap"):
+    attention_impl(cfg.replace(attention="splash", attn_logit_softcap=50.0), 128)
+
+
+def test_offset_rmsnorm_scales_by_one_plus_w_and_starts_as_the_plain_norm():
+  x = jnp.asarray(_normal(60, (2, 3, 8)))
+  plain = x / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
+  cfg = ModelConfig(norm="rmsnorm", norm_offset=1.0, norm_eps=1e-6)
+  params = nn.unbox(RMSNorm(cfg).init(jax.random.PRNGKey(0), x)["params"])
+  assert not np.any(params["scale"])  # w = 0: a scale of 1
+  w = jnp.asarray(_normal(61, (8,)))
+  out = RMSNorm(cfg).apply({"params": {"scale": w}}, x)
+  np.testing.assert_allclose(out, np.asarray(plain) * (1 + np.asarray(w)), atol=1e-5)
+  full = RMSNorm(cfg.replace(norm_offset=0.0), ("heads", "head_dim"))  # over two axes at once
+  y = x.reshape(2, 3, 2, 4)
+  out = full.apply({"params": {"scale": jnp.ones((2, 4))}}, y)
+  np.testing.assert_allclose(out.reshape(2, 3, 8), plain, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,6 +454,28 @@ def test_attend_fully_masked_rows_stay_finite_and_leave_other_rows_alone():
   loss = lambda q, k, v: attend(q, k, v, mask).sum()
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
   assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+def test_attend_soft_caps_scores_before_the_mask_and_scales_by_the_given_scalar():
+  B, T, H, E = 1, 5, 2, 8
+  q, k, v = (_normal(70 + i, (B, T, H, E)) * 3 for i in range(3))
+  mask_BTS = np.tril(np.ones((T, T), bool))[None]
+  cap, scale = 2.0, 0.2
+  scores = np.einsum("bthe,bshe->bhts", q, k) * scale
+  scores = np.where(mask_BTS[:, None], cap * np.tanh(scores / cap), -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  expected = np.einsum("bhts,bshe->bthe", probs / probs.sum(-1, keepdims=True), v)
+  out = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask_BTS)[:, None],
+               scale=scale, softcap=cap)
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+  one = attend(jnp.asarray(q[:, -1:]), jnp.asarray(k), jnp.asarray(v),
+               jnp.ones((B, 1, 1, T), bool), scale=scale, softcap=cap)  # a decode step
+  np.testing.assert_allclose(one, expected[:, -1:], atol=1e-5)
+
+
+def test_linear_rope_scaling_divides_every_frequency():
+  np.testing.assert_allclose(rope_frequencies(16, 1e4, (8.0,)), rope_frequencies(16, 1e4) / 8,
+                             rtol=1e-6)
 
 
 def test_exact_gelu_is_pytorchs_erf_formula_in_value_and_gradient():

@@ -1,4 +1,6 @@
-"""Model properties: causality, segment isolation, preset sizes, scan/remat equivalence."""
+"""Model properties: causality, segment isolation, sliding windows, preset sizes, scan/remat
+equivalence, for GPT-2, Llama, and the Gemma 3 and OLMo 2 switches (sliding and full layers
+mixed, qk-norm, sandwich and res_post norms, soft-capping)."""
 
 import json
 
@@ -16,6 +18,17 @@ TINY = {
   "llama": dict(vocab_size=61, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,
                 max_seq_len=16, norm="rmsnorm", position="rope", activation="silu",
                 gated_mlp=True, use_bias=False, tie_embeddings=False, mlp_dim=48),
+  # every Gemma switch; one sliding layer (window 4 < T) then a full one
+  "gemma3": dict(vocab_size=61, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,
+                 head_dim=8, max_seq_len=16, norm="rmsnorm", norm_offset=1.0,
+                 norm_position="sandwich", position="rope", activation="gelu_tanh",
+                 gated_mlp=True, use_bias=False, embed_scale=True, qk_norm="head",
+                 query_pre_attn_scalar=12.0, attn_logit_softcap=3.0, logit_softcap=5.0,
+                 sliding_window=4, layer_types=("sliding_attention", "full_attention"),
+                 rope_local_theta=100.0, mlp_dim=48),
+  "olmo2": dict(vocab_size=61, num_layers=2, embed_dim=32, num_heads=4, max_seq_len=16,
+                norm="rmsnorm", norm_position="res_post", qk_norm="full", position="rope",
+                activation="silu", gated_mlp=True, use_bias=False, mlp_dim=48),
 }
 T = 12
 
@@ -79,6 +92,17 @@ def test_packed_document_matches_it_alone(family):
   packed = model.apply({"params": params}, tokens, segment_ids_BT=seg, positions_BT=pos)
   alone = model.apply({"params": params}, tokens[:, 5:])
   np.testing.assert_allclose(packed[:, 5:], alone, atol=1e-5)
+
+
+def test_a_sliding_layer_sees_only_its_window():
+  """One sliding layer of window 4: a position's logits depend on it and the 3 tokens before it,
+  nothing earlier (a full layer above would see all of them again)."""
+  cfg = ModelConfig(**{**TINY["llama"], "num_layers": 1, "sliding_window": 4})
+  model, params = _init(cfg)
+  dep = _dependency_BTT(model, params)
+  t, s = np.arange(T)[:, None], np.arange(T)[None, :]
+  window = (s <= t) & (s > t - 4)
+  assert np.all(dep[:, ~window] == 0.0) and np.all(dep[:, window] > 0.0)
 
 
 EXPECTED_PARAMS = {
@@ -155,6 +179,37 @@ def test_bad_model_config_names_the_key_and_choices():
     ModelConfig(embed_dim=48, num_heads=6, num_kv_heads=4)
   with pytest.raises(ValueError, match="unknown model preset 'gpt5'"):
     preset("gpt5")
+
+
+@pytest.mark.parametrize("fields, message", [
+  (dict(layer_types=("chunked_attention",)), r"layer_types has 'chunked_attention', not one of"),
+  (dict(layer_types=("sliding_attention",)), r"sliding_window=0 .* need a window size > 0"),
+  (dict(rope_type="linear"), r"rope_type='linear' with rope_scaling_factor=0.0"),
+  (dict(rope_scaling_factor=8.0), r"rope_type='default' with rope_scaling_factor=8.0"),
+  (dict(logit_softcap=30.0, loss_chunk=128), r"loss_chunk's fused LM head does not apply"),
+  (dict(qk_norm="layer"), r"model.qk_norm='layer' is not one of"),
+  (dict(norm_offset=1.0), r"norm_offset=1.0 scales RMSNorm only"),
+  (dict(sliding_window=8, causal=False), r"sliding_window is implemented for decoders only"),
+])
+def test_bad_family_switches_name_the_field(fields, message):
+  with pytest.raises(ValueError, match=message):
+    ModelConfig(**fields)
+
+
+def test_layer_types_are_kept_as_their_shortest_pattern_and_survive_json():
+  per_layer = ["sliding_attention"] * 5 + ["full_attention"]
+  cfg = preset("gemma3-1b", layer_types=per_layer * 4 + per_layer[:2])  # HF's list of 26
+  assert cfg == preset("gemma3-1b") and cfg.layer_types == tuple(per_layer)
+  assert cfg.local_layers[:7] == (True,) * 5 + (False, True) and sum(cfg.local_layers) == 22
+  assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # lists -> tuples
+  hash(ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))))  # jit keys need it
+  every = dict(sliding_window=4, num_layers=3)  # () when every layer is what () means
+  assert ModelConfig(**every, layer_types=["sliding_attention"] * 3).layer_types == ()
+  assert ModelConfig(**every).local_layers == (True,) * 3  # Mistral
+  assert not any(ModelConfig(num_layers=3).local_layers)
+  old = {k: v for k, v in preset("llama2-7b", rope_type="llama3", rope_scaling_factor=8.0)
+         .to_dict().items() if k != "rope_type"}  # saved before rope_type existed
+  assert ModelConfig.from_dict(old).rope_type == "llama3"
 
 
 @pytest.mark.parametrize("given, name", [

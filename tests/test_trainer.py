@@ -157,3 +157,40 @@ def test_setup_leaves_the_callers_config_as_it_was(tmp_path):
   run = trainer.setup(config, str(tmp_path / "run"))
   assert config == before and config.is_locked and config.model.vocab_size == 0
   assert run.config is not config and run.config.model.vocab_size == run.model.cfg.vocab_size > 0
+
+
+# the dense families, tiny: two layers, one of them sliding where the family has sliding layers
+_TINY_FAMILY = dict(num_layers=2, embed_dim=32, num_heads=2, num_kv_heads=1, head_dim=16,
+                    mlp_dim=64, max_seq_len=32, vocab_size=0)
+ZOO = {"qwen3": dict(_TINY_FAMILY, sliding_window=8,
+                     layer_types=("full_attention", "sliding_attention")),
+       "gemma2": dict(_TINY_FAMILY, sliding_window=8),
+       "gemma3": dict(_TINY_FAMILY, sliding_window=8,
+                      layer_types=("sliding_attention", "full_attention")),
+       "olmo2": dict(_TINY_FAMILY, num_kv_heads=2)}
+_PRESETS = {"qwen3": "qwen3-0.6b", "gemma2": "gemma2-2b", "gemma3": "gemma3-1b",
+            "olmo2": "olmo2-1b"}
+
+
+@pytest.mark.parametrize("family", sorted(ZOO))
+def test_each_dense_family_trains_on_tiny_shakespeare_and_resumes_exactly(
+    family, tmp_path, shakespeare_path):
+  c = base_config()
+  c.model = model(_PRESETS[family], **ZOO[family])
+  c.data.update({"source": "file", "path": shakespeare_path, "seq_len": 32, "tokenizer": "char",
+                 "cache_dir": str(tmp_path / "cache")})
+  c.train.update({"steps": 4, "batch_size": 8, "log_every": 1, "eval_every": 4,
+                  "eval_batches": 1})
+  c.optim.warmup_steps = 1
+  c.checkpoint.update({"every": 2, "keep": 0, "use_async": False})
+  c.sample.max_new_tokens = 0
+  first = str(tmp_path / "first")
+  result = trainer.train(c, first)
+  losses = [r["loss"] for r in _records(first) if "loss" in r]
+  assert len(losses) == 4 and losses[-1] < losses[0]  # it learns
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(first, resumed)
+  c.checkpoint.restore_step = 2
+  again = trainer.train(c, resumed)
+  assert [r["loss"] for r in _records(resumed) if "loss" in r][-2:] == losses[2:]  # bitwise
+  assert again["eval_loss"] == result["eval_loss"]

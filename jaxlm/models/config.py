@@ -1,7 +1,7 @@
 """ModelConfig: every size and family switch of the one Transformer, plus named presets.
 
-A family (GPT-2, Llama, Mistral, Qwen2, SmolLM, BERT, RoBERTa) is a ModelConfig, never a copy of
-the model code.
+A family (GPT-2, Llama, Mistral, Qwen2/3, SmolLM, Gemma 2/3, OLMo 2, BERT, RoBERTa) is a
+ModelConfig, never a copy of the model code (docs/models.md: which switch each family sets).
 """
 
 import dataclasses
@@ -22,7 +22,19 @@ ACTIVATIONS = {
 # What a layer keeps for the backward pass (the rest is recomputed): everything | only its input |
 # the outputs of its weight matmuls | the attention outputs (checkpoint name "attention_out").
 REMAT = ("none", "full", "dots", "attention")
-NORM_POSITIONS = ("pre", "post")
+# Where a block's norms sit, f being attention or the MLP: pre x + f(norm(x)) (GPT-2, Llama) |
+# post norm(x + f(x)) (BERT) | sandwich x + norm(f(norm(x))) (Gemma 2/3) | res_post x + norm(f(x))
+# (OLMo 2's reordered norm, Swin v2's res-post-norm).
+NORM_POSITIONS = ("pre", "post", "sandwich", "res_post")
+# RMSNorm of queries and keys before RoPE: over each head's E features (Qwen3, Gemma 3) or over
+# the whole H * E projection (OLMo 2).
+QK_NORMS = ("none", "head", "full")
+# HF's layer type names: attention over every earlier key, or over the sliding window's only.
+FULL, SLIDING = "full_attention", "sliding_attention"
+LAYER_TYPES = (FULL, SLIDING)
+# RoPE frequency schedules (HF rope_type): default; linear (positions divided by the factor:
+# Gemma 3 4B and up); llama3 (long wavelengths slowed, Llama 3.1).
+ROPE_TYPES = ("default", "linear", "llama3")
 ENCODER_HEADS = ("base", "mlm", "seq_cls", "token_cls", "qa")  # the task heads of models.heads
 HEADS = ("lm", *ENCODER_HEADS)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -80,7 +92,8 @@ class ModelConfig:
   norm_eps: float = 1e-5
   position: str = "learned"  # learned (GPT-2) | rope (Llama)
   rope_theta: float = 10000.0
-  rope_scaling_factor: float = 0.0  # Llama-3 RoPE scaling (rope_type llama3); 0 = off
+  rope_type: str = "default"  # one of ROPE_TYPES; linear and llama3 use rope_scaling_factor
+  rope_scaling_factor: float = 0.0  # the linear or Llama-3 RoPE scaling factor; 0 = off
   rope_low_freq_factor: float = 1.0  # Llama-3 scaling: wavelengths above orig_len/low are scaled
   rope_high_freq_factor: float = 4.0  # Llama-3 scaling: wavelengths below orig_len/high are kept
   rope_original_max_len: int = 8192  # Llama-3 scaling: the context length trained before scaling
@@ -110,6 +123,21 @@ class ModelConfig:
   pooler: bool = False  # dense + tanh on the first token in the base encoder (BERT's pooler)
   head: str = "lm"  # lm (decoders) | one of ENCODER_HEADS
   num_labels: int = 2  # classes of a seq_cls / token_cls head (1 = regression)
+  # Dense-family switches (Mistral, Qwen3, Gemma 2/3, OLMo 2); the defaults leave the model as is.
+  # A mixture of experts would add its own fields (num_experts, experts_per_token, ...) and pick
+  # the MLP per layer as layer_types picks the attention.
+  qk_norm: str = "none"  # one of QK_NORMS
+  norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + w): Gemma stores w around 0 (1.0)
+  embed_scale: bool = False  # token embeddings times sqrt(embed_dim) (Gemma)
+  query_pre_attn_scalar: float = 0.0  # attention scores scaled by its -1/2 power; 0 = head_dim
+  attn_logit_softcap: float = 0.0  # scores -> c tanh(scores / c) before the mask (Gemma 2); 0 = off
+  logit_softcap: float = 0.0  # final logits -> c tanh(logits / c) (Gemma 2); 0 = off
+  sliding_window: int = 0  # W: a sliding layer's query sees the W latest keys, itself included
+  # per layer FULL or SLIDING, a pattern repeated over the layers (Gemma 3: five sliding, one
+  # full; cut where the layers end); () = every layer sliding when sliding_window > 0 (Mistral),
+  # else every layer full
+  layer_types: tuple = ()
+  rope_local_theta: float = 0.0  # sliding layers' RoPE base, unscaled (Gemma 3); 0 = as full layers
 
   def __post_init__(self):
     for name in ("dtype", "param_dtype"):  # frozen: normalised in place, once, here
@@ -123,9 +151,12 @@ class ModelConfig:
       ("head", HEADS),
       ("attention", ATTENTIONS),
       ("matmul_precision", MATMUL_PRECISIONS),
+      ("qk_norm", QK_NORMS),
+      ("rope_type", ROPE_TYPES),
     ):
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
+    self._check_zoo_fields()
     if self.embed_dim % self.num_heads and not self.head_dim:
       raise ValueError(
         f"model.embed_dim={self.embed_dim} is not divisible by model.num_heads={self.num_heads}; "
@@ -135,6 +166,49 @@ class ModelConfig:
       raise ValueError(
         f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.kv_heads}"
       )
+
+  def _check_zoo_fields(self):
+    """The dense-family switches make sense together (each error names the field and the fix)."""
+    types = tuple(self.layer_types)  # a list when read back from JSON
+    bad = [t for t in types if t not in LAYER_TYPES]
+    if bad:
+      raise ValueError(f"model.layer_types has {bad[0]!r}, not one of {LAYER_TYPES}")
+    if self.sliding_window < 0 or (SLIDING in types and not self.sliding_window):
+      raise ValueError(f"model.sliding_window={self.sliding_window} with layer_types {types}: "
+                       "sliding layers need a window size > 0")
+    object.__setattr__(self, "layer_types", _canonical_types(types, self.sliding_window))
+    if (self.rope_type == "default") != (not self.rope_scaling_factor):
+      raise ValueError(f"model.rope_type={self.rope_type!r} with rope_scaling_factor="
+                       f"{self.rope_scaling_factor}: a linear or llama3 rope_type needs a factor, "
+                       "'default' none")
+    if self.logit_softcap and self.loss_chunk:
+      raise ValueError("model.loss_chunk's fused LM head does not apply model.logit_softcap; set "
+                       "loss_chunk=0")
+    if self.sliding_window and not self.causal:
+      raise ValueError("model.sliding_window is implemented for decoders only; an encoder "
+                       "(causal=False) needs sliding_window=0")
+    if self.norm_offset and self.norm != "rmsnorm":
+      raise ValueError(f"model.norm_offset={self.norm_offset} scales RMSNorm only; set "
+                       "norm='rmsnorm' or norm_offset=0")
+
+  @property
+  def local_layers(self) -> tuple[bool, ...]:
+    """For each layer, whether it attends over the sliding window only."""
+    if not self.sliding_window:
+      return (False,) * self.num_layers
+    if not self.layer_types:
+      return (True,) * self.num_layers
+    n = len(self.layer_types)
+    return tuple(self.layer_types[i % n] == SLIDING for i in range(self.num_layers))
+
+  @property
+  def mixed_layers(self) -> bool:
+    """Some layers slide and some attend fully: scanned, they differ by a per-layer flag."""
+    return len(set(self.local_layers)) > 1
+
+  def hf_layer_types(self) -> list[str]:
+    """One HF layer type per layer."""
+    return [SLIDING if local else FULL for local in self.local_layers]
 
   @property
   def kv_heads(self) -> int:
@@ -160,13 +234,36 @@ class ModelConfig:
     unknown = sorted(set(values) - names)
     if unknown:
       raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(names)}")
+    if values.get("rope_scaling_factor") and "rope_type" not in values:
+      values = {**values, "rope_type": "llama3"}  # saved before rope_type: a factor was Llama 3's
     return cls(**values)
+
+
+def _canonical_types(types: tuple, window: int) -> tuple:
+  """The shortest pattern that repeats into `types`, () when every layer is what () means: so
+  a config read from HF's per-layer list equals the preset written as a pattern."""
+  if set(types) == {SLIDING if window else FULL}:
+    return ()
+  for n in range(1, len(types)):
+    if all(t == types[i % n] for i, t in enumerate(types)):
+      return types[:n]
+  return types
 
 
 _GPT2 = dict(norm="layernorm", position="learned", activation="gelu_tanh", use_bias=True)
 _LLAMA = dict(
   norm="rmsnorm", position="rope", activation="silu", gated_mlp=True, use_bias=False
 )
+
+_QWEN3 = dict(_LLAMA, qk_norm="head", norm_eps=1e-6, rope_theta=1000000.0, head_dim=128)
+_OLMO2 = dict(_LLAMA, norm_position="res_post", qk_norm="full", norm_eps=1e-6,
+              rope_theta=500000.0, tie_embeddings=False)
+_GEMMA = dict(norm="rmsnorm", norm_offset=1.0, norm_eps=1e-6, norm_position="sandwich",
+              position="rope", activation="gelu_tanh", gated_mlp=True, use_bias=False,
+              embed_scale=True, head_dim=256, query_pre_attn_scalar=256.0)
+_GEMMA2 = dict(_GEMMA, layer_types=(SLIDING, FULL), attn_logit_softcap=50.0, logit_softcap=30.0)
+_GEMMA3 = dict(_GEMMA, qk_norm="head", layer_types=(SLIDING,) * 5 + (FULL,),
+               rope_theta=1000000.0, rope_local_theta=10000.0)
 
 _BERT = dict(norm="layernorm", position="learned", activation="gelu", use_bias=True,
              causal=False, norm_position="post", embed_norm=True, type_vocab_size=2,
@@ -187,10 +284,25 @@ PRESETS: dict[str, dict[str, Any]] = {
                     num_kv_heads=8, mlp_dim=14336, max_seq_len=8192, rope_theta=500000.0,
                     tie_embeddings=False),
   "mistral-7b": dict(_LLAMA, vocab_size=32000, num_layers=32, embed_dim=4096, num_heads=32,
-                     num_kv_heads=8, mlp_dim=14336, max_seq_len=32768, tie_embeddings=False),
+                     num_kv_heads=8, mlp_dim=14336, max_seq_len=32768, sliding_window=4096,
+                     tie_embeddings=False),
   "qwen2-0.5b": dict(_LLAMA, vocab_size=151936, num_layers=24, embed_dim=896, num_heads=14,
                      num_kv_heads=2, mlp_dim=4864, max_seq_len=32768, rope_theta=1000000.0,
                      norm_eps=1e-6, qkv_bias=True),
+  "qwen3-0.6b": dict(_QWEN3, vocab_size=151936, num_layers=28, embed_dim=1024, num_heads=16,
+                     num_kv_heads=8, mlp_dim=3072, max_seq_len=40960),
+  "qwen3-8b": dict(_QWEN3, vocab_size=151936, num_layers=36, embed_dim=4096, num_heads=32,
+                   num_kv_heads=8, mlp_dim=12288, max_seq_len=40960, tie_embeddings=False),
+  "gemma2-2b": dict(_GEMMA2, vocab_size=256000, num_layers=26, embed_dim=2304, num_heads=8,
+                    num_kv_heads=4, mlp_dim=9216, max_seq_len=8192, sliding_window=4096),
+  "gemma3-1b": dict(_GEMMA3, vocab_size=262144, num_layers=26, embed_dim=1152, num_heads=4,
+                    num_kv_heads=1, mlp_dim=6912, max_seq_len=32768, sliding_window=512),
+  # the text model of Gemma 3 4B (its vision tower is not implemented)
+  "gemma3-4b": dict(_GEMMA3, vocab_size=262208, num_layers=34, embed_dim=2560, num_heads=8,
+                    num_kv_heads=4, mlp_dim=10240, max_seq_len=131072, sliding_window=1024,
+                    rope_type="linear", rope_scaling_factor=8.0),
+  "olmo2-1b": dict(_OLMO2, vocab_size=100352, num_layers=16, embed_dim=2048, num_heads=16,
+                   mlp_dim=8192, max_seq_len=4096),
   "smollm2-135m": dict(_LLAMA, vocab_size=49152, num_layers=30, embed_dim=576, num_heads=9,
                        num_kv_heads=3, mlp_dim=1536, max_seq_len=8192, rope_theta=100000.0),
   "bert-base": dict(_BERT, vocab_size=30522, num_layers=12, embed_dim=768, num_heads=12),

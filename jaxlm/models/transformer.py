@@ -20,6 +20,7 @@ from jaxlm.models.layers import (
   bidirectional_mask,
   norm,
   param_init,
+  sliding_mask,
 )
 
 # model.remat -> what the backward pass keeps of each block (None: only the block's input)
@@ -31,7 +32,8 @@ _REMAT_POLICIES = {
 
 
 def _block_class(cfg: ModelConfig):
-  """Block, wrapped in remat and/or scan as the config asks."""
+  """Block, wrapped in remat and/or scan as the config asks. A scanned stack of sliding and
+  full layers reads each layer's kind as a scanned flag (its last input)."""
   block = Block
   if cfg.remat != "none":
     block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
@@ -40,11 +42,28 @@ def _block_class(cfg: ModelConfig):
       block,
       variable_axes={"params": 0, "cache": 0},
       split_rngs={"params": True, "dropout": True},
-      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0 if cfg.mixed_layers else nn.broadcast),
       length=cfg.num_layers,
       metadata_params={nn.PARTITION_NAME: "layers"},
     )
   return block
+
+
+def _masks(cfg: ModelConfig, segment_ids_BT, padding_mask_BT, B: int, T: int):
+  """(mask of full layers, mask of sliding layers) for the xla attention path; either None
+  where no layer needs it (None for full layers: causal, or a kernel reads the segment ids)."""
+  local = cfg.local_layers
+  local_mask = sliding_mask(segment_ids_BT, cfg.sliding_window, B, T) if any(local) else None
+  if all(local):
+    return None, local_mask
+  packed = segment_ids_BT is not None
+  if attention_impl(cfg, T, packed, local=cfg.scan_layers and cfg.mixed_layers) != "xla":
+    return None, local_mask  # the kernel reads the segment ids
+  if cfg.causal:
+    if segment_ids_BT is None and cfg.scan_layers and cfg.mixed_layers:  # chosen on the device
+      segment_ids_BT = jnp.ones((B, T), jnp.int32)  # per layer: both masks must be arrays
+    return attention_mask(segment_ids_BT, causal=True), local_mask
+  return bidirectional_mask(padding_mask_BT, segment_ids_BT, B, T), local_mask
 
 
 def default_positions(cfg: ModelConfig, padding_mask_BT, batch: int, length: int) -> jax.Array:
@@ -60,8 +79,8 @@ def default_positions(cfg: ModelConfig, padding_mask_BT, batch: int, length: int
 
 
 class Transformer(nn.Module):
-  """Decoder-only Transformer LM (GPT-2 and Llama families), or an encoder (BERT, RoBERTa), by
-  configuration."""
+  """Decoder-only Transformer LM (GPT-2, Llama, Qwen, Gemma, OLMo families), or an encoder
+  (BERT, RoBERTa), by configuration."""
 
   cfg: ModelConfig
 
@@ -99,6 +118,8 @@ class Transformer(nn.Module):
       name="embed",
     )
     x_BTD = embed(tokens_BT)
+    if cfg.embed_scale:  # sqrt(D) rounded to the param dtype first, as Hugging Face's Gemma does
+      x_BTD = x_BTD * jnp.asarray(cfg.embed_dim**0.5, cfg.param_dtype).astype(x_BTD.dtype)
     if cfg.position == "learned":
       pos_embed = nn.Embed(
         cfg.max_seq_len,
@@ -123,24 +144,25 @@ class Transformer(nn.Module):
     if decode:
       if segment_ids_BT is None:
         segment_ids_BT = jnp.ones((B, T), jnp.int32)
-      mask = DecodeMask(name="decode_mask")(segment_ids_BT)
-    elif attention_impl(cfg, T, segment_ids_BT is not None) != "xla":  # kernels read the ids
-      mask = None
-    elif cfg.causal:
-      mask = attention_mask(segment_ids_BT, causal=True)
+      window = cfg.sliding_window if any(cfg.local_layers) else 0
+      masks = DecodeMask(window, name="decode_mask")(segment_ids_BT)
     else:
-      mask = bidirectional_mask(padding_mask_BT, segment_ids_BT, B, T)
+      masks = _masks(cfg, segment_ids_BT, padding_mask_BT, B, T)
 
     block = _block_class(cfg)
+    local_L = cfg.local_layers
     if cfg.scan_layers:
-      x_BTD, _ = block(cfg, deterministic, decode, name="blocks")(x_BTD, positions_BT, mask,
-                                                                  segment_ids_BT)
+      # mixed layers: one flag per layer, scanned; else every layer is the first one's kind
+      flags = jnp.asarray(local_L) if cfg.mixed_layers else None
+      stack = block(cfg, deterministic, decode, None if cfg.mixed_layers else local_L[0],
+                    name="blocks")
+      x_BTD, _ = stack(x_BTD, positions_BT, masks, segment_ids_BT, flags)
     else:
       for i in range(cfg.num_layers):
-        x_BTD, _ = block(cfg, deterministic, decode, name=f"block_{i}")(x_BTD, positions_BT, mask,
-                                                                        segment_ids_BT)
+        x_BTD, _ = block(cfg, deterministic, decode, local_L[i], name=f"block_{i}")(
+          x_BTD, positions_BT, masks, segment_ids_BT)
 
-    if cfg.norm_position == "pre":  # post-norm blocks already end in a norm
+    if cfg.norm_position != "post":  # post-norm blocks already end in a norm
       x_BTD = norm(cfg, "final_norm")(x_BTD)
     if return_hidden:
       return x_BTD
@@ -159,7 +181,10 @@ class Transformer(nn.Module):
       )
       logits_BTV = head(x_BTD)
     logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
-    return logits_BTV.astype(jnp.float32)
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    if cfg.logit_softcap:
+      logits_BTV = cfg.logit_softcap * jnp.tanh(logits_BTV / cfg.logit_softcap)
+    return logits_BTV
 
 
 def stack_layers(params: dict, num_layers: int) -> dict:

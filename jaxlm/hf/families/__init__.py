@@ -16,18 +16,42 @@ from jaxlm.hf.families.family import (  # noqa: F401 (the family API)
 
 def families() -> list[Family]:
   """All known families (imported here, not at package import, to keep `import jaxlm` light)."""
-  from jaxlm.hf.families import bert, gpt2, llama
+  from jaxlm.hf.families import bert, gemma, gpt2, llama, olmo2
 
-  return [gpt2.GPT2, llama.LLAMA, llama.MISTRAL, llama.QWEN2, bert.BERT, bert.ROBERTA,
-          bert.ROBERTA_CLS]
+  return [gpt2.GPT2, llama.LLAMA, llama.MISTRAL, llama.QWEN2, llama.QWEN3, gemma.GEMMA2,
+          gemma.GEMMA3, olmo2.OLMO2, bert.BERT, bert.ROBERTA, bert.ROBERTA_CLS]
+
+
+# HF config fields that mean a part jaxlm does not implement, whatever the family: a config that
+# sets one is refused by name before any family reads it.
+UNIMPLEMENTED = {
+  "vision_config": "a vision tower",
+  "audio_config": "an audio tower",
+  "kv_lora_rank": "multi-head latent attention (DeepSeek's MLA)",
+  "attention_chunk_size": "chunked attention (Llama 4)",
+  "num_local_experts": "a mixture of experts",
+  "num_experts": "a mixture of experts",
+  "n_routed_experts": "a mixture of experts",
+}
+
+
+def refuse_unimplemented(hf_config):
+  """Raises naming the first field of UNIMPLEMENTED that `hf_config` sets."""
+  for field, part in UNIMPLEMENTED.items():
+    if getattr(hf_config, field, None):
+      name = (getattr(hf_config, "architectures", None) or [hf_config.model_type])[0]
+      raise ValueError(f"{name} sets {field}: {part}, which jaxlm does not implement; convert "
+                       "a text-only, dense checkpoint")
 
 
 def family_for_hf_config(hf_config) -> Family:
   """The family that reads `hf_config`, by its architectures or else its model_type.
 
   Raises:
-    ValueError: naming the supported architectures.
+    ValueError: naming a field of a part jaxlm does not implement, or else the supported
+      architectures.
   """
+  refuse_unimplemented(hf_config)
   archs = list(getattr(hf_config, "architectures", None) or [])
   model_type = getattr(hf_config, "model_type", None)
   known = families()
@@ -58,14 +82,22 @@ def family_for(cfg, name: str | None = None) -> Family:
 
 
 def family_for_model(cfg) -> Family:
-  """The HF family a jaxlm decoder config is written as: GPT-2 for learned positions, Qwen2 for
-  q/k/v-only biases, Llama otherwise; encoders as BERT, or RoBERTa when positions are offset."""
+  """The HF family a jaxlm decoder config is written as: GPT-2 for learned positions; Gemma 3
+  or 2 for sandwich norms (with or without qk-norm), OLMo 2 for res_post norms, Qwen3 for
+  per-head qk-norm, Qwen2 for q/k/v-only biases, Mistral when every layer slides, Qwen2 when
+  some do, Llama otherwise; encoders as BERT, or RoBERTa when positions are offset."""
   if not getattr(cfg, "causal", True):
     if not cfg.position_offset:
       return family_named("bert")
     return family_named("roberta_cls" if cfg.head == "seq_cls" else "roberta")
   if cfg.position == "learned":
     return family_named("gpt2")
-  if cfg.qkv_bias and not cfg.use_bias:
+  if cfg.norm_position == "sandwich":
+    return family_named("gemma3" if cfg.qk_norm != "none" else "gemma2")
+  if cfg.norm_position == "res_post":
+    return family_named("olmo2")
+  if cfg.qk_norm != "none":
+    return family_named("qwen3")
+  if (cfg.qkv_bias and not cfg.use_bias) or cfg.mixed_layers:
     return family_named("qwen2")
-  return family_named("llama")
+  return family_named("mistral" if any(cfg.local_layers) else "llama")

@@ -9,6 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxlm.hf.convert import Rule
+from jaxlm.models.config import FULL, LAYER_TYPES, SLIDING, ModelConfig
 
 # Hugging Face activation names (transformers' ACT2FN keys) -> ours (models.config.ACTIVATIONS),
 # one map for every family. On export each of ours is written as the first HF name here that maps
@@ -30,6 +31,90 @@ def activation_to_hf(activation: str, **preferred: str) -> str:
   if activation in preferred:
     return preferred[activation]
   return next(hf for hf, ours in HF_ACTIVATIONS.items() if ours == activation)
+
+
+# The family switches that not every family writes: a family's config_to_hf refuses a model
+# that sets one it cannot write (check_writable) instead of dropping it.
+SWITCHES = ("norm_position", "qk_norm", "norm_offset", "embed_scale", "query_pre_attn_scalar",
+            "attn_logit_softcap", "logit_softcap", "sliding_window", "layer_types",
+            "rope_local_theta", "rope_type")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+
+
+def check_writable(cfg, kind: str, writes: tuple = (), **fixed):
+  """Raises naming every family switch `cfg` sets that the HF family `kind` cannot write: the
+  switches not in `writes` must keep their defaults, those in `fixed` the values given."""
+  wanted = {name: _DEFAULTS[name] for name in SWITCHES if name not in writes}
+  wanted.update(fixed)
+  bad = [f"{name}={getattr(cfg, name)!r}" for name, value in wanted.items()
+         if getattr(cfg, name) != value]
+  if bad:
+    raise ValueError(f"this model cannot be written as {kind}: it sets {', '.join(bad)}, which "
+                     f"{kind} does not have; export it as a family that does (see docs/models.md)")
+
+
+def rope_from_hf(params: dict, what: str) -> dict:
+  """rope_theta, rope_type and the scaling of an HF rope parameters dict (transformers 5's
+  `rope_parameters`, 4.x's `rope_scaling` plus `rope_theta`); `what` names the HF field.
+
+  Raises:
+    ValueError: for a rope_type jaxlm does not implement (yarn, dynamic, longrope, ...).
+  """
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  fields = {"rope_theta": float(params.get("rope_theta", 10000.0)), "rope_type": rope_type}
+  if rope_type == "llama3":
+    fields.update(
+      rope_scaling_factor=float(params["factor"]),
+      rope_low_freq_factor=float(params["low_freq_factor"]),
+      rope_high_freq_factor=float(params["high_freq_factor"]),
+      rope_original_max_len=int(params["original_max_position_embeddings"]),
+    )
+  elif rope_type == "linear":
+    fields["rope_scaling_factor"] = float(params["factor"])
+  elif rope_type != "default":
+    raise ValueError(f"{what}.rope_type={rope_type!r} is not supported; jaxlm implements "
+                     "'default', 'linear' and 'llama3'")
+  return fields
+
+
+def rope_parameters(hf) -> dict:
+  """The one rope parameters dict of an HF config (transformers 5 or 4.x fields)."""
+  params = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+  params.setdefault("rope_theta", getattr(hf, "rope_theta", 10000.0))
+  return params
+
+
+def rope_to_hf(cfg) -> dict:
+  """HF rope parameters of the full layers of `cfg`."""
+  rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+  if cfg.rope_type != "default":
+    rope["factor"] = cfg.rope_scaling_factor
+  if cfg.rope_type == "llama3":
+    rope.update(low_freq_factor=cfg.rope_low_freq_factor,
+                high_freq_factor=cfg.rope_high_freq_factor,
+                original_max_position_embeddings=cfg.rope_original_max_len)
+  return rope
+
+
+def layers_from_hf(hf) -> dict:
+  """sliding_window and layer_types of an HF config with per-layer attention types.
+
+  Raises:
+    ValueError: naming layer_types when it holds a type jaxlm does not implement (Llama 4's
+      chunked attention, ...), or sliding layers without a window.
+  """
+  types = list(getattr(hf, "layer_types", None) or [])
+  bad = sorted({t for t in types if t not in LAYER_TYPES})
+  if bad:
+    raise ValueError(f"{hf.model_type} layer_types has {bad}, which jaxlm does not implement; "
+                     f"it reads {list(LAYER_TYPES)}")
+  window = getattr(hf, "sliding_window", None) or 0
+  if SLIDING in types and not window:
+    raise ValueError(f"{hf.model_type} layer_types has sliding layers but sliding_window is "
+                     f"{hf.sliding_window!r}; set the window or make every layer {FULL!r}")
+  if SLIDING not in types:
+    return {"sliding_window": 0, "layer_types": ()}
+  return {"sliding_window": int(window), "layer_types": tuple(types)}
 
 
 def _build(cfg):
