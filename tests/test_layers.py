@@ -373,15 +373,15 @@ def test_ring_cache_refuses_several_tokens_a_step():
 def test_sliding_layers_and_soft_capping_run_on_xla_and_refuse_an_explicit_kernel(monkeypatch):
   monkeypatch.setattr(kernels, "resolve", lambda choice, **kw: "splash")  # as on a TPU
   cfg = ModelConfig(sliding_window=8, position="rope", norm="rmsnorm")
-  assert attention_impl(cfg, 128) == "splash"  # a full layer may use the kernel
-  assert attention_impl(cfg, 128, local=True) == "xla"
-  assert attention_impl(cfg.replace(attn_logit_softcap=50.0), 128) == "xla"
+  assert attention_impl(cfg, 128, True) == "splash"  # a full layer may use the kernel
+  assert attention_impl(cfg, 128, True, local=True) == "xla"
+  assert attention_impl(cfg.replace(attn_logit_softcap=50.0), 128, True) == "xla"
   for kernel in ("splash", "cudnn", "triton"):
     with pytest.raises(ValueError, match=rf"model.attention='{kernel}' does not support "
                                          r"sliding-window layers .* use attention='auto' or 'xla'"):
-      attention_impl(cfg.replace(attention=kernel), 128, local=True)
+      attention_impl(cfg.replace(attention=kernel), 128, True, local=True)
   with pytest.raises(ValueError, match=r"does not support model.attn_logit_softcap"):
-    attention_impl(cfg.replace(attention="splash", attn_logit_softcap=50.0), 128)
+    attention_impl(cfg.replace(attention="splash", attn_logit_softcap=50.0), 128, True)
 
 
 def test_offset_rmsnorm_scales_by_one_plus_w_and_starts_as_the_plain_norm():
