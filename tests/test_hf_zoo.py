@@ -325,12 +325,12 @@ def test_jaxlm_convert_both_ways_keeps_sliding_and_full_layers(tmp_path):
   from jaxlm import rundir
   from jaxlm.data import tokenizers as tok_lib
   from jaxlm.hf import api
-  from jaxlm.train import trainer
+  from jaxlm.train import convert
 
   hf_model, src = _saved("gemma3", tmp_path)
   tok_lib.char_tokenizer("abcdefghijklmnopqrstuvwxyz .,").save_pretrained(src)
   workdir, out = str(tmp_path / "run"), str(tmp_path / "out")
-  trainer.convert_from_hf(src, workdir)
+  convert.convert_from_hf(src, workdir)
   saved, params = rundir.load_run(workdir, 0)
   assert saved.model_cfg.layer_types == ("sliding_attention", "full_attention")
   assert saved.model_cfg == api.config_from_hf(src)
