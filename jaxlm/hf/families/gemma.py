@@ -17,7 +17,7 @@ from jaxlm.hf.families.family import (
   rope_parameters,
   rope_to_hf,
 )
-from jaxlm.hf.families.llama import QK_NORM_RULES, RULES
+from jaxlm.hf.families.llama import QK_NORM_RULES, RULES_WITHOUT_BLOCK_NORMS
 from jaxlm.models.config import FULL, SLIDING, ModelConfig
 
 _L = "model.layers.{i}"
@@ -25,7 +25,7 @@ _NORMS = {  # ours -> HF, in block order
   "attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
   "mlp_norm": "pre_feedforward_layernorm", "mlp_post_norm": "post_feedforward_layernorm",
 }
-GEMMA_RULES = tuple(r for r in RULES if "_norm/" not in r.jax or r.jax.startswith("final")) + tuple(
+GEMMA_RULES = RULES_WITHOUT_BLOCK_NORMS + tuple(
   Rule(f"block_{{i}}/{ours}/scale", f"{_L}.{theirs}.weight") for ours, theirs in _NORMS.items()
 )
 _WRITES = ("norm_position", "norm_offset", "embed_scale", "query_pre_attn_scalar",

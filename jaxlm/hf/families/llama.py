@@ -42,6 +42,9 @@ RULES = (
   Rule("final_norm/scale", "model.norm.weight"),
   Rule("lm_head/kernel", "lm_head.weight", "v d -> d v"),
 )
+# the table less the blocks' norms: families that place their norms elsewhere (Gemma, OLMo 2)
+RULES_WITHOUT_BLOCK_NORMS = tuple(
+  r for r in RULES if "_norm/" not in r.jax or r.jax.startswith("final"))
 
 
 def _base_from_hf(hf, qkv_bias: bool) -> dict:

@@ -12,11 +12,11 @@ from jaxlm.hf.families.family import (
   rope_parameters,
   rope_to_hf,
 )
-from jaxlm.hf.families.llama import RULES
+from jaxlm.hf.families.llama import RULES_WITHOUT_BLOCK_NORMS
 from jaxlm.models.config import ModelConfig
 
 _L = "model.layers.{i}"
-OLMO2_RULES = tuple(r for r in RULES if "_norm/" not in r.jax or r.jax.startswith("final")) + (
+OLMO2_RULES = RULES_WITHOUT_BLOCK_NORMS + (
   Rule("block_{i}/attn_post_norm/scale", f"{_L}.post_attention_layernorm.weight"),
   Rule("block_{i}/mlp_post_norm/scale", f"{_L}.post_feedforward_layernorm.weight"),
   Rule("block_{i}/attn/q_norm/scale", f"{_L}.self_attn.q_norm.weight", "(h e) -> h e"),
