@@ -34,11 +34,11 @@ def train_step(state: TrainState, batch: Batch, *, objective, grad_accum: int = 
   """
   rng, step_rng = jax.random.split(state.rng)
   if reference:
-    objective = functools.partial(objective, reference=state.reference_params())
+    objective = functools.partial(objective, reference=state.apply_reference())
 
   def micro_grads(params, micro, key):
-    def loss_fn(p):  # with LoRA, p are the adapters and the frozen base is merged in here
-      total, aux = objective(state.apply_fn, state.model_params(p), micro, key, not dropout)
+    def loss_fn(p):  # with LoRA, p are the adapters, applied unmerged beside the frozen base
+      total, aux = objective(state.apply_fn, state.apply_params(p), micro, key, not dropout)
       return total, (aux if isinstance(aux, dict) else {"weight": aux})
 
     (total, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
