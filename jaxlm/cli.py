@@ -31,7 +31,7 @@ COMMAND_FLAGS = {
   "convert": ("from-hf", "to-hf", "workdir", "step", "merge"),
   "eval": ("workdir", "split", "hf", "tasks", "include_path", "limit", "num_fewshot",
            "output_path"),
-  "plan": ("config", "device", "hosts"),
+  "plan": ("config", "device", "hosts", "json"),
 }
 COMMANDS = tuple(COMMAND_FLAGS)
 _CONFIG = config_flags.DEFINE_config_file(
@@ -68,6 +68,7 @@ flags.DEFINE_string("device", "cpu", "plan: the target's devices, NAME or a slic
                     "(v4 v5e v5p v6e a100 a100-40gb h100 h100-pcie h100-nvl h200 h200-nvl cpu; "
                     "h100 = SXM; v5p-64 = 32 chips)")
 flags.DEFINE_integer("hosts", None, "plan: hosts of --device NAME (default 1; implied by NAME-N)")
+flags.DEFINE_bool("json", False, "plan: print the plan as one JSON object")
 flags.DEFINE_bool("debug", False, "show full tracebacks instead of one-line errors")
 FLAGS = flags.FLAGS
 
@@ -263,8 +264,11 @@ def _plan():
 
   target = plan.target(FLAGS.device, FLAGS.hosts)
   result = plan.make_plan(config, target)
-  print(plan.report(result, config_flags.get_config_filename(FLAGS["config"]),
-                    None if result.fits else plan.levers(config, target)))
+  lever_plans = None if result.fits else plan.levers(config, target)
+  if FLAGS.json:
+    print(plan.to_json(result, lever_plans))
+    return
+  print(plan.report(result, config_flags.get_config_filename(FLAGS["config"]), lever_plans))
 
 
 def _main(argv):

@@ -79,10 +79,12 @@ def base_config() -> ml_collections.ConfigDict:
     rank=0,  # adapter rank r; 0: LoRA off (every parameter trained)
     alpha=16.0,  # PEFT's lora_alpha: the update is scaled by alpha/r (alpha/sqrt(r) with rslora)
     rslora=False,  # rank-stabilised scaling alpha/sqrt(r)
-    dropout=0.0,  # must be 0: adapters are merged into the kernels (see jaxlm.models.lora)
+    dropout=0.0,  # must be 0: the adapters' inputs are not dropped
     targets="attention",  # attention | mlp | all | "attention,mlp" | a regex over param paths
     base_dtype="",  # frozen base dtype: "" (the model's param dtype) | bfloat16 | float16
-    quantize="",  # "" | int8: the frozen base's block kernels in int8 (QLoRA-style, Qwix)
+    # "" | int8 | int4 | nf4: the frozen base's block kernels quantized (QLoRA; Qwix), int8 per
+    # output channel, int4/NF4 per block of 64 inputs; each layer dequantizes its own as it runs
+    quantize="",
     init_adapter="",  # a PEFT adapter directory to start from (its r/alpha/targets are used)
   ))
   c.train = ml_collections.ConfigDict(dict(

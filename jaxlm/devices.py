@@ -191,9 +191,10 @@ def hardware_flops_per_token(cfg, seq_len: int, *, attention: str = "xla", train
     cfg: the ModelConfig.
     attention: the attention implementation the run uses (models.layers.attention_impl).
     trained: '/'-joined paths (or path prefixes) of the params the step trains; None = all. A
-      LoRA run's adapted kernels count as trained: jaxlm merges the adapters into the kernels
-      before the matmuls, so each gets its full gradient (projected onto the adapters, whose own
-      per-step matmuls are left out: rank / tokens per step of those kernels' FLOPs).
+      LoRA run passes its adapters' paths (`block_0/attn/q/lora_a`): the adapters sit beside
+      their frozen kernels, never merged into them, so an adapted layer needs the gradient of its
+      output but its kernel gets no weight gradient (the adapters' own rank-r matmuls are left
+      out: about 3 r (I + O) / (I O) of those kernels' forward FLOPs).
     reference: DPO's reference model: one more forward pass.
   """
   L, kernel = cfg.num_layers, attention != "xla"

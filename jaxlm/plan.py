@@ -9,12 +9,18 @@ Two kinds of figure, labelled as such in the output:
              only when the devices present are the target (same kind and count): on a laptop a
              v5p-64 cannot be compiled for, so its figures stay analytic.
 
+A LoRA config (lora.rank > 0) is planned as it trains: the frozen base (cast or quantized as
+lora.base_dtype / lora.quantize say) beside the adapters, gradients and optimizer state of the
+adapters alone, and the compiled step its own (adapters applied inside the layers).
+
   jaxlm plan --config configs/llama3_8b.py --device v5p-64
   jaxlm plan --config configs/llama3_8b.py --device h100 --hosts 4 --config.train.grad_accum=8
+  jaxlm plan --config configs/llama3_8b.py --device h100 --json   (one JSON object)
 """
 
 import dataclasses
 import functools
+import json
 import math
 import re
 
@@ -27,6 +33,7 @@ from jaxlm.data import sources
 from jaxlm.data import tokenizers as tok_lib
 from jaxlm.data.batch import Batch
 from jaxlm.models import heads
+from jaxlm.models import lora as lora_lib
 from jaxlm.models.config import ModelConfig
 from jaxlm.train import objectives, optim
 from jaxlm.train import step as step_lib
@@ -161,6 +168,8 @@ class Plan:
   activation_bytes: int  # estimate
   compiled: dict | None = None  # memory_analysis() figures, when the devices present match
   compiled_note: str = ""
+  lora: str = ""  # what LoRA trains and how the base is held ("" without LoRA)
+  trainable: int = 0  # parameters trained (all of them without LoRA)
 
   @property
   def total_bytes(self) -> int:
@@ -177,12 +186,18 @@ class Plan:
 
 
 @functools.lru_cache(maxsize=8)
-def _abstract_state(cfg: ModelConfig, optim_items: tuple, steps: int):
+def _abstract_state(cfg: ModelConfig, optim_items: tuple, steps: int, lora=None):
   """The boxed abstract TrainState (shapes only; remat and dropout do not change them): cached,
   since `levers` plans the same model several times."""
   tx, _ = optim.make_optimizer(ml_collections.ConfigDict(dict(optim_items)), max(steps, 1))
-  init = functools.partial(step_lib.init_state, model=heads.build_model(cfg), tx=tx)
+  init = functools.partial(step_lib.init_state, model=heads.build_model(cfg), tx=tx, lora=lora)
   return jax.eval_shape(init, jax.random.PRNGKey(0))
+
+
+def _lora_note(lora, trainable: int, params: int) -> str:
+  base = lora.quantize or lora.base_dtype or "unquantized"
+  return (f"LoRA r={lora.rank} on {len(lora.targets)} kernels, {base} base: {trainable:,} "
+          f"trainable parameters ({100 * trainable / params:.2f}%)")
 
 
 def make_plan(config, tgt: Target, *, compile_step: bool = True) -> Plan:
@@ -206,27 +221,34 @@ def make_plan(config, tgt: Target, *, compile_step: bool = True) -> Plan:
     )
   model = heads.build_model(cfg)
   tx, _ = optim.make_optimizer(config.optim, max(config.train.steps, 1))
+  shapes_model = heads.build_model(cfg.replace(remat="none", dropout=0.0))
+  lora = lora_lib.for_model(config, shapes_model)
   boxed = _abstract_state(
-    cfg.replace(remat="none", dropout=0.0),
+    shapes_model.cfg,
     tuple(sorted(config.optim.to_dict().items())),
     config.train.steps,
+    lora,
   )
-  params_bytes = _bytes_per_device(boxed.params, axis_sizes)
+  trainable_bytes = _bytes_per_device(boxed.params, axis_sizes)
+  params = sum(x.size for x in jax.tree.leaves(sharding.strip_boxes(heads.param_shapes(model))))
+  trainable = sum(x.size for x in jax.tree.leaves(sharding.strip_boxes(boxed.params)))
   rows = batch // split // accum
   plan = Plan(
     target=tgt,
     model=cfg,
-    params=sum(x.size for x in jax.tree.leaves(sharding.strip_boxes(boxed.params))),
-    flops_per_token=devices.model_flops_per_token(cfg, seq_len),
+    params=params,
+    flops_per_token=devices.model_flops_per_token(cfg, seq_len, weight_grads=lora is None),
     tokens_per_step=batch * seq_len,
     mesh=axis_sizes,
     slices=int(config.mesh.get("slices", 1)),
     rows_per_device=rows,
     grad_accum=accum,
-    params_bytes=params_bytes,
+    params_bytes=trainable_bytes + (_bytes_per_device(boxed.frozen, axis_sizes) if lora else 0),
     opt_bytes=_bytes_per_device(boxed.opt_state, axis_sizes),
-    grads_bytes=params_bytes * (2 if accum > 1 else 1),
+    grads_bytes=trainable_bytes * (2 if accum > 1 else 1),
     activation_bytes=activation_bytes(cfg, rows, seq_len, axis_sizes),
+    lora=_lora_note(lora, trainable, params) if lora else "",
+    trainable=trainable,
   )
   present = jax.devices()
   kind = devices.kind_of(present[0].device_kind)
@@ -241,7 +263,7 @@ def make_plan(config, tgt: Target, *, compile_step: bool = True) -> Plan:
       "that has them for XLA's own figures"
     )
   else:
-    plan.compiled = compiled_memory(config, model, tx, seq_len)
+    plan.compiled = compiled_memory(config, model, tx, seq_len, lora)
     plan.compiled_note = (
       f"XLA memory_analysis() of the train step on the {len(present)} "
       f"{present[0].device_kind} devices present"
@@ -249,11 +271,12 @@ def make_plan(config, tgt: Target, *, compile_step: bool = True) -> Plan:
   return plan
 
 
-def compiled_memory(config, model, tx, seq_len: int) -> dict:
+def compiled_memory(config, model, tx, seq_len: int, lora=None) -> dict:
   """XLA's per-device figures for the train step of `config` compiled (not run) on the devices
-  present, against abstract state and batch: argument, output, temp, alias and their total."""
+  present, against abstract state and batch: argument, output, temp, alias and their total.
+  With `lora` (a jaxlm.models.lora.Lora) the step of a LoRA run: base frozen, adapters trained."""
   mesh = sharding.make_mesh(config.mesh)
-  abstract, shardings = step_lib.abstract_state(model, tx, mesh)
+  abstract, shardings = step_lib.abstract_state(model, tx, mesh, lora)
   train_fn = step_lib.jit_train_step(
     shardings,
     objectives.for_head(model.cfg.head),
@@ -327,10 +350,13 @@ def report(plan: Plan, config_name: str = "", lever_plans=None) -> str:
       + (f", matmul_precision={cfg.matmul_precision}" if cfg.dtype == "float32" else "")
     ),
     (
-      f"FLOPs        {plan.flops_per_token:.3e} per token (training = 3 x forward, causal "
-      f"attention counted as half); {step_flops:.3e} per step of {plan.tokens_per_step:,} tokens"
+      f"FLOPs        {plan.flops_per_token:.3e} per token (training = {2 if plan.lora else 3} x "
+      f"forward, causal attention counted as half); {step_flops:.3e} per step of "
+      f"{plan.tokens_per_step:,} tokens"
     ),
   ]
+  if plan.lora:
+    lines.append(f"LoRA         {plan.lora.removeprefix('LoRA ')}")
   if peak:
     lines.append(
       f"step time    {step_flops / peak:.2f} s at the {t.kind.name} peak "
@@ -342,7 +368,8 @@ def report(plan: Plan, config_name: str = "", lever_plans=None) -> str:
     f"mesh         {mesh}{over}",
     f"micro-batch  {plan.rows_per_device} rows per device x {plan.grad_accum} (train.grad_accum)",
     "per device   analytic: eval_shape shapes split by the logical rules on this mesh",
-    f"  params           {_gib(plan.params_bytes)}",
+    f"  params           {_gib(plan.params_bytes)}"
+    + ("  (frozen base + adapters)" if plan.lora else ""),
     f"  optimizer state  {_gib(plan.opt_bytes)}",
     f"  gradients        {_gib(plan.grads_bytes)}"
     + ("  (with the grad_accum accumulator)" if plan.grad_accum > 1 else ""),
@@ -381,3 +408,34 @@ def report(plan: Plan, config_name: str = "", lever_plans=None) -> str:
       "  no lever here is enough: add devices (--hosts), or split heads with --config.mesh.tensor=N"
     )
   return "\n".join(lines)
+
+
+def to_json(plan: Plan, lever_plans=None) -> str:
+  """The plan as one JSON object (`jaxlm plan --json`): the figures `report` prints, bytes per
+  device, the compiled ones (XLA's memory_analysis: argument, output, temp, alias, total) or
+  null with the note saying why, and the levers tried when it does not fit."""
+  t = plan.target
+  out = {
+    "target": {"kind": t.kind.name, "chips": t.chips, "hosts": t.hosts,
+               "memory_bytes": t.kind.memory_bytes},
+    "model": plan.model.to_dict(),
+    "params": plan.params,
+    "trainable": plan.trainable,
+    "lora": plan.lora or None,
+    "flops_per_token": plan.flops_per_token,
+    "tokens_per_step": plan.tokens_per_step,
+    "mesh": plan.mesh,
+    "slices": plan.slices,
+    "rows_per_device": plan.rows_per_device,
+    "grad_accum": plan.grad_accum,
+    "analytic": {"params": plan.params_bytes, "optimizer": plan.opt_bytes,
+                 "gradients": plan.grads_bytes, "activations": plan.activation_bytes,
+                 "total": plan.total_bytes},
+    "compiled": plan.compiled,
+    "compiled_note": plan.compiled_note,
+    "usable_bytes": plan.usable_bytes,
+    "fits": plan.fits,
+    "levers": [{"flags": flag, "total": p.total_bytes, "fits": p.fits}
+               for flag, p in lever_plans or ()],
+  }
+  return json.dumps(out)

@@ -412,3 +412,53 @@ def test_with_lora_the_reference_is_the_base_and_a_step_raises_the_margin(chat_t
   names = {p[-1].key for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]}
   assert names == {lora_lib.LORA_A, lora_lib.LORA_B}
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen), frozen0)
+
+
+def test_with_lora_the_adapters_inside_the_layers_get_the_merged_models_dpo_gradients(
+  chat_tokenizer,
+):
+  """A DPO step with LoRA applies the policy's adapters inside the layers and the reference as
+  the frozen base with the adapters off, its kernels left int8 for the layers to dequantize: the
+  loss, rewards and adapter gradients equal those of the merged policy against the dequantized
+  base (fp32, 1e-5)."""
+  import flax.linen as nn
+  from flax import traverse_util
+
+  from jaxlm.data import batch as batch_lib
+  from jaxlm.models import lora as lora_lib
+  from jaxlm.models.config import ModelConfig
+
+  tok = chat_tokenizer
+  c = base_config()
+  c.kind = "dpo"
+  c.model = _tiny_llama(len(tok))
+  c.model.init_from = "base"
+  c.lora.update({"rank": 4, "alpha": 8.0, "targets": "all", "quantize": "int8"})
+  values = c.model.to_dict()
+  values.pop("init_from")
+  net = heads.build_model(ModelConfig(**values))
+  lora = lora_lib.for_model(c, net)
+  params = nn.unbox(jax.jit(net.init)(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
+  frozen = lora.freeze(params["params"])
+  adapters = nn.unbox(lora.init(jax.random.PRNGKey(1), params["params"]))
+  adapters = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(2), x.shape),
+                          adapters)  # B != 0: the policy is no longer the reference
+  pairs, _ = preference.encode_pairs(tok, [(f"r{i}", r) for i, r in enumerate(ROWS)], row_len=128)
+  batch = batch_lib.from_dict(jax.tree.map(jnp.asarray, preference.pack(pairs, 4, 128, pad_id=0)))
+  objective = dpo.objective(c.dpo)
+
+  def run(policy, reference):
+    def loss(t):
+      return objective(net.apply, policy(frozen, t), batch, None, True, reference=reference)
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(adapters)
+
+  (loss_m, aux_m), grads_m = run(lora.merge, lora.base(frozen))
+  (loss_u, aux_u), grads_u = run(lora.unmerged, lora.unmerged(frozen))
+  assert abs(float(loss_u) - float(loss_m)) <= 1e-5 and abs(float(aux_m["rewards/margins"])) > 0
+  for k in aux_m:
+    assert abs(float(aux_u[k]) - float(aux_m[k])) <= 1e-5, k
+  flat_m = traverse_util.flatten_dict(grads_m, sep="/")
+  for path, g in traverse_util.flatten_dict(grads_u, sep="/").items():
+    assert np.abs(np.asarray(g) - np.asarray(flat_m[path])).max() <= 1e-5, path
+    assert np.abs(np.asarray(g)).max() > 0, path

@@ -73,8 +73,8 @@ _FAMILIES = {
 
 def _train_step_cost(cfg, lora=None, compiled=False) -> float:
   """XLA's cost analysis of an AdamW step of `cfg` on [2, 512] tokens (the adapters of `lora`
-  trained, merged into the frozen base, when given): of the program as lowered (what jaxlm asks
-  for), or as compiled for this CPU."""
+  trained inside the layers beside the frozen base, when given): of the program as lowered (what
+  jaxlm asks for), or as compiled for this CPU."""
   model = heads.build_model(cfg)
   tokens = jnp.zeros((2, 512), jnp.int32)
   boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))["params"]
@@ -85,7 +85,7 @@ def _train_step_cost(cfg, lora=None, compiled=False) -> float:
 
   def step(params, opt_state, frozen, tokens):
     def loss(p):
-      logits = model.apply({"params": p if lora is None else lora.merge(frozen, p)}, tokens)
+      logits = model.apply({"params": p if lora is None else lora.unmerged(frozen, p)}, tokens)
       return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
 
     grads = jax.grad(loss)(params)
@@ -118,9 +118,9 @@ def test_hardware_flops_per_token_are_the_matmuls_xla_counts_in_a_train_step(fam
                                            ("block_0/attn/q/kernel", "attention")])
 def test_hardware_flops_of_lora_count_only_the_gradients_and_recomputation_it_needs(targets,
                                                                                    remat):
-  """A LoRA step computes the merged kernels' full gradients, no other weight's, and no input
-  gradient below the first adapted kernel; remat recomputes only what that backward reads (mlp
-  with dots: no attention recomputation in layer 0, no av in layer 1)."""
+  """A LoRA step computes no weight gradient of a kernel (the adapters sit beside the frozen
+  kernels) and no input gradient below the first adapted kernel; remat recomputes only what that
+  backward reads (mlp with dots: no attention recomputation in layer 0, no av in layer 1)."""
   cfg = model_config.ModelConfig(**{**_FAMILIES["llama"], "vocab_size": 512, "num_layers": 2,
                                     "embed_dim": 256, "num_heads": 2, "mlp_dim": 256}, remat=remat)
   section = config_lib.base_config().lora
@@ -128,8 +128,10 @@ def test_hardware_flops_of_lora_count_only_the_gradients_and_recomputation_it_ne
   boxed = jax.eval_shape(lambda: heads.build_model(cfg).init(
     jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
   lora = lora_lib.build(section, boxed, num_layers=2)
-  counted = devices.hardware_flops_per_token(cfg, 512, trained=[t.path for t in lora.targets])
-  assert 1.0 <= _train_step_cost(cfg, lora) / (counted * 2 * 512) < 1.02
+  counted = devices.hardware_flops_per_token(cfg, 512, trained=lora.trained_paths())
+  # XLA's count also holds the adapters' own rank-4 matmuls, which the count leaves out (1.3% of
+  # the step with every attention kernel adapted): 1.012 to 1.026 over these four
+  assert 1.0 <= _train_step_cost(cfg, lora) / (counted * 2 * 512) < 1.03
   assert counted < 0.9 * devices.hardware_flops_per_token(cfg, 512)
 
 

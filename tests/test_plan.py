@@ -115,3 +115,53 @@ def test_analytic_bytes_match_the_compiled_step_on_the_devices_present(capsys):
   out = capsys.readouterr().out
   assert "124,439,808 parameters" in out and "analytic" in out
   assert "not compiled: the target is 32 x v5p" in out and "fits         yes" in out
+
+
+def test_a_qlora_plan_counts_the_frozen_base_and_prints_one_json_object(tmp_path, capsys):
+  """LoRA and QLoRA configs are planned as they train: gradients and optimizer state of the
+  adapters alone, the base held quantized, and the compiled step (on the 8 CPU devices present)
+  the LoRA one; `--json` prints the same plan, compiled figures included, as one object."""
+  import json
+
+  transformers = pytest.importorskip("transformers")
+  from hf_testing import random_hf_model
+
+  from jaxlm.data import tokenizers as tok_lib
+
+  base = str(tmp_path / "tiny-llama")
+  random_hf_model(transformers.LlamaConfig(
+    vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+  )).save_pretrained(base)
+  tok_lib.char_tokenizer("the quick brown fox").save_pretrained(base)
+  c = base_config()
+  c.model.update(init_from=base, scan_layers=True)
+  c.data.update(seq_len=32, tokenizer=base)
+  c.train.batch_size = 8
+  plans = {}
+  for quantize in (None, "", "int8", "nf4"):
+    if quantize is not None:
+      c.lora.update(rank=4, targets="all", quantize=quantize)
+    plans[quantize] = plan.make_plan(c, plan.target("cpu"))
+  full, lora, int8, nf4 = plans.values()
+  assert full.params == lora.params == nf4.params and not full.lora
+  assert lora.trainable < full.params / 10 and lora.lora.startswith("LoRA r=4 on 7 kernels")
+  assert lora.grads_bytes * 10 < full.grads_bytes and lora.opt_bytes * 10 < full.opt_bytes
+  assert nf4.params_bytes < int8.params_bytes < lora.params_bytes <= full.params_bytes * 1.1
+  assert lora.flops_per_token < full.flops_per_token  # no weight gradients: 2 x forward
+  totals = [p.compiled["total"] for p in (full, lora, int8, nf4)]
+  assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4, totals
+  config_file = tmp_path / "qlora.py"
+  config_file.write_text(
+    "from jaxlm.config import base_config\n\n\ndef get_config():\n  c = base_config()\n"
+    f"  c.model.update(init_from={base!r}, scan_layers=True)\n"
+    f"  c.data.update(seq_len=32, tokenizer={base!r})\n  c.train.batch_size = 8\n"
+    "  c.lora.update(rank=4, targets='all', quantize='nf4')\n  return c\n")
+  capsys.readouterr()
+  cli.main(["jaxlm", "plan", "--config", str(config_file), "--json"])
+  out = json.loads(capsys.readouterr().out)
+  assert out["lora"].startswith("LoRA r=4 on 7 kernels, nf4 base")  # scanned: 7 stacked
+  assert set(out["compiled"]) == {"argument", "output", "temp", "alias", "total"}
+  assert out["compiled"]["total"] > 0 and out["analytic"]["gradients"] < out["analytic"]["params"]
+  assert out["fits"] is True and out["target"]["kind"] == "cpu"
+  assert out["compiled"] == nf4.compiled and out["analytic"]["params"] == nf4.params_bytes

@@ -94,6 +94,20 @@ def test_several_steps_in_one_call_match_one_step_per_call():
                state.params, state_one.params)
 
 
+def test_a_bf16_models_train_state_keeps_its_dtypes_through_a_step():
+  """The state a step returns has the dtypes of the one it took, as a checkpoint restores it: a
+  bf16 gradient divided by the fp32 token count once made the AdamW moments fp32 after the first
+  step, so a resumed bf16 run (its moments restored as bf16) left the one never stopped."""
+  cfg = {**FAMILIES["llama"], "param_dtype": "bfloat16"}
+  mesh = _mesh(1, 1, 1)
+  model = Transformer(ModelConfig(**cfg))
+  tx, _ = optim.make_optimizer(base_config().optim, 1000)
+  before, _ = step_lib.abstract_state(model, tx, mesh)  # what a checkpoint restores into
+  after, _ = _train(cfg, mesh, _batches(1))
+  assert [x.dtype for x in jax.tree.leaves(after)] == [x.dtype for x in jax.tree.leaves(before)]
+  assert {x.dtype for x in jax.tree.leaves(after.opt_state) if x.ndim} == {jnp.dtype("bfloat16")}
+
+
 def test_optimizer_uses_every_config_field():
   cfg = base_config().optim
   cfg.update(dict(lr=3e-3, min_lr=3e-4, warmup_steps=10, b1=0.8, b2=0.99, eps=1e-6,

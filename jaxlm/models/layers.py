@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxlm.models import kernels
+from jaxlm.models import kernels, linear
 from jaxlm.models.config import ACTIVATIONS, ModelConfig
 
 # checkpoint_name of each attention's output (before its out-projection), kept by model.remat=
@@ -48,22 +48,40 @@ def _zeros(axes: tuple):
 
 
 def dense(cfg: ModelConfig, eq: str, shape: tuple, axes: tuple, name: str, use_bias: bool,
-          std: float | None = None) -> nn.Einsum:
+          std: float | None = None) -> "Dense":
   """A learned linear map `eq` (an einsum with the kernel on the right) whose kernel of `shape`
   and bias carry logical axis names `axes`."""
-  out_letters = eq.split("->")[1]
-  kernel_letters = eq.split(",")[1].split("->")[0]
-  bias_axes = tuple(a for a, letter in zip(axes, kernel_letters) if letter in out_letters)
-  return nn.Einsum(
-    shape,
-    eq,
-    use_bias=use_bias,
-    dtype=cfg.dtype,
-    param_dtype=cfg.param_dtype,
-    kernel_init=param_init(cfg.init_std if std is None else std, axes),
-    bias_init=_zeros(bias_axes),
-    name=name,
-  )
+  return Dense(cfg, eq, shape, axes, use_bias, cfg.init_std if std is None else std, name=name)
+
+
+class Dense(nn.Module):
+  """nn.Einsum's linear map (the same params, the same values), its kernel applied through
+  linear.project: with LoRA a frozen (maybe quantized) kernel is dequantized as it is used and
+  an adapter beside it adds its low-rank branch."""
+
+  cfg: ModelConfig
+  eq: str
+  shape: tuple
+  axes: tuple
+  use_bias: bool
+  std: float
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    kernel_letters, out_letters = self.eq.split(",")[1].split("->")
+    kernel = linear.kernel_param(self, param_init(self.std, self.axes), self.shape,
+                                 cfg.param_dtype)
+    y = linear.project(self, functools.partial(jnp.einsum, self.eq), x, kernel,
+                       n_in=sum(c not in out_letters for c in kernel_letters), dtype=cfg.dtype)
+    if not self.use_bias:
+      return y
+    kept = [i for i, c in enumerate(kernel_letters) if c in out_letters]
+    bias = self.param("bias", _zeros(tuple(self.axes[i] for i in kept)),
+                      tuple(self.shape[i] for i in kept), cfg.param_dtype)
+    to_out = tuple(self.shape[kernel_letters.index(c)] if c in kernel_letters else 1
+                   for c in out_letters)
+    return y + jnp.asarray(bias, cfg.dtype).reshape(to_out)
 
 
 def norm(cfg: ModelConfig, name: str) -> nn.Module:
@@ -451,10 +469,10 @@ class OutProjection(nn.Module):
   def __call__(self, x_BTHE):
     cfg = self.cfg
     H, E, D = cfg.num_heads, cfg.head_size, cfg.embed_dim
-    kernel = self.param("kernel", param_init(self.std, ("heads", "head_dim", "embed")),
-                        (H, E, D), cfg.param_dtype)
-    x_BTX, kernel = nn.dtypes.promote_dtype(x_BTHE, kernel, dtype=cfg.dtype)
-    y_BTD = x_BTX.reshape(*x_BTX.shape[:-2], H * E) @ kernel.reshape(H * E, D)
+    kernel = linear.kernel_param(self, param_init(self.std, ("heads", "head_dim", "embed")),
+                                 (H, E, D), cfg.param_dtype)
+    matmul = lambda x_BTHE, w_HED: x_BTHE.reshape(*x_BTHE.shape[:-2], H * E) @ w_HED.reshape(-1, D)
+    y_BTD = linear.project(self, matmul, x_BTHE, kernel, n_in=2, dtype=cfg.dtype)
     if cfg.use_bias:
       bias = self.param("bias", _zeros(("embed",)), (D,), cfg.param_dtype)
       y_BTD = y_BTD + bias.astype(y_BTD.dtype).reshape((1,) * (y_BTD.ndim - 1) + (D,))

@@ -1,14 +1,18 @@
-"""LoRA as a parameter transform: low-rank adapters kept as a plain pytree beside a frozen base,
-merged into the base's kernels before the model's apply (`Lora.merge`), so the model code,
-scanned layers, remat and the KV cache are untouched.
+"""LoRA: low-rank adapters kept as a plain pytree beside a frozen base, applied unmerged inside
+the layers during training (y = x W + scale (x A) B, jaxlm.models.linear), and merged into the
+kernels (`Lora.merge`) only to export or generate.
 
 For a kernel W whose leading dims are its inputs I and the rest its outputs O, the adapter is
 A [*I, r] and B [r, *O] (a leading layers axis L first when layers are scanned), and the merged
 kernel is W + scale * A @ B with PEFT's scale: alpha / r, or alpha / sqrt(r) with rsLoRA. A is
 drawn as PEFT draws it (kaiming-uniform, bound 1 / sqrt(fan_in)) and B is zero, so at step 0 the
-merged model is bitwise the base. The trainable tree mirrors the param paths:
+model is bitwise the base. The trainable tree mirrors the param paths:
 `block_0/attn/q/lora_a`, `block_0/attn/q/lora_b` (and, for task heads, the head's own params,
-trained in full); the frozen base may be bf16 or int8 (Qwix per-channel quantization).
+trained in full). The frozen base may be cast (bf16) and its block kernels quantized by Qwix:
+int8 (a scale per output channel), int4 or NF4 (QLoRA's 4-bit NormalFloat; a scale per block of
+64 inputs). A step applies `Lora.unmerged(frozen, trainable)`: the base's block kernels boxed
+`Frozen`, dequantized by each layer as it uses them, the adapters beside them; no merged model
+and no gradient of a base weight exists in a step.
 
 Shape letters as in layers.py, plus L layers, I inputs, O outputs, R rank.
 """
@@ -16,13 +20,13 @@ Shape letters as in layers.py, plus L layers, I inputs, O outputs, R rank.
 import dataclasses
 import math
 import re
-import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from jaxlm.models import linear
 from jaxlm.models.heads import param_shapes
 
 # lora.targets presets: regexes over '/'-joined param paths (unscanned layout: block_{i}/...)
@@ -32,11 +36,14 @@ PRESETS = {  # an encoder's stack sits under transformer/
   "all": r"(transformer/)?block_\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel",
 }
 _STACKED = re.compile(r"(^|/)blocks/")
-QUANTIZE = ("", "int8")
+QUANTIZE = ("", "int8", "int4", "nf4")
+# 4-bit kernels: one scale per block of this many inputs along the kernel's last input axis (the
+# whole axis when it does not divide), as QLoRA's NF4 blocks of 64
+GROUP = 64
 BASE_DTYPES = ("", "float32", "bfloat16", "float16")
 # kinds whose runs may use LoRA (they start from model.init_from); "dpo" joins when it lands
 KINDS = ("lm", "sft", "finetune", "dpo")
-LORA_A, LORA_B = "lora_a", "lora_b"
+LORA_A, LORA_B = linear.LORA_A, linear.LORA_B
 
 
 def pattern(targets: str) -> re.Pattern:
@@ -79,8 +86,9 @@ class Lora:
     full: param paths trained in full beside the adapters (a new task head), as PEFT's
       modules_to_save.
     base_dtype: "" keeps the base in the model's param dtype; else the frozen base's dtype.
-    quantize: "" | "int8": the frozen base's block kernels stored as int8 (Qwix, per output
-      channel) and dequantized on the fly.
+    quantize: "" | "int8" | "int4" | "nf4": the frozen base's block kernels stored quantized
+      (Qwix; int8 per output channel, 4-bit per block of GROUP inputs) and dequantized by each
+      layer as it uses them.
   """
 
   targets: tuple[Target, ...]
@@ -125,6 +133,11 @@ class Lora:
         out[path] = leaf
     return traverse_util.unflatten_dict(out, sep="/")
 
+  def trained_paths(self) -> list[str]:
+    """'/'-joined paths of what a step trains: each adapter (`block_0/attn/q/lora_a`; its
+    kernel stays frozen) and the `full` params."""
+    return [f"{t.path.rsplit('/', 1)[0]}/{LORA_A}" for t in self.targets] + list(self.full)
+
   def is_full(self, path: str) -> bool:
     return any(path == p or path.startswith(p + "/") for p in self.full)
 
@@ -142,13 +155,16 @@ class Lora:
   def _freeze_leaf(self, path: str, x):
     if not (self.quantize and _is_block_kernel(path)):
       return x.astype(self.base_dtype) if self.base_dtype else x
-    # quantized from the full-precision kernel, one fp32 scale per output channel (and layer)
+    # quantized from the full-precision kernel, fp32 scales per output channel (and layer)
     n_in = self._n_in(path, x.ndim)
     lead = 1 if _STACKED.search(path) else 0
     channels = tuple(a for a in range(x.ndim) if not lead <= a < lead + n_in)
-    import qwix  # here: qwix imports flax.nnx and optax, which generation never needs
-
-    return qwix.quantize(x, self.quantize, channelwise_axes=channels, scale_dtype=jnp.float32)
+    if self.quantize == "int8":
+      return linear.quantize(x, "int8", channels=channels)
+    last_in = lead + n_in - 1  # 4-bit: the other inputs per channel, blocks along the last
+    group = GROUP if x.shape[last_in] % GROUP == 0 else x.shape[last_in]
+    channels += tuple(range(lead, last_in))
+    return linear.quantize(x, self.quantize, channels=channels, groups={last_in: group})
 
   def _n_in(self, path: str, ndim: int) -> int:
     for t in self.targets:
@@ -158,12 +174,25 @@ class Lora:
     return 2 if path.endswith("attn/o/kernel") else 1
 
   def base(self, frozen) -> dict:
-    """The base params with the adapters switched off (dequantized): the reference model."""
-    return jax.tree.map(_dequantize, frozen, is_leaf=_is_qarray)
+    """The base params with the adapters switched off, dequantized: the reference model as a
+    whole-model tree (evaluation)."""
+    return jax.tree.map(linear.dequantize, frozen, is_leaf=linear.is_quantized)
+
+  def unmerged(self, frozen, trainable=None) -> dict:
+    """The params a train step applies, never merged: the frozen base with its block kernels
+    boxed linear.Frozen (cast or dequantized by each layer as it uses them), each adapter beside
+    the kernel it adapts as `lora_a` = A and `lora_b` = scale * B, and the `full` params from
+    `trainable`. Without `trainable`: the base alone, adapters off (DPO's reference)."""
+    flat = traverse_util.flatten_dict(jax.lax.stop_gradient(frozen), sep="/")
+    flat = {p: linear.Frozen(x) if _is_block_kernel(p) else x for p, x in flat.items()}
+    train = traverse_util.flatten_dict(trainable or {}, sep="/")
+    for path, leaf in train.items():
+      flat[path] = self.scale * leaf if path.endswith(f"/{LORA_B}") else leaf
+    return traverse_util.unflatten_dict(flat, sep="/")
 
   def merge(self, frozen, trainable) -> dict:
-    """The full params the model applies: each adapted kernel W + scale * A @ B (in the
-    adapters' dtype), the `full` params from `trainable`, the rest of the base as it is."""
+    """The full params with each adapted kernel W + scale * A @ B (in the adapters' dtype), the
+    `full` params from `trainable`, the rest of the base as it is: export and generation."""
     flat = traverse_util.flatten_dict(self.base(frozen), sep="/")
     train = traverse_util.flatten_dict(trainable, sep="/")
     for t in self.targets:
@@ -189,29 +218,18 @@ def delta(a, b, n_in: int, stacked: bool) -> jax.Array:
   )
 
 
-def _is_qarray(x) -> bool:
-  qwix = sys.modules.get("qwix")  # no QArray exists before a base is quantized (imports qwix)
-  return qwix is not None and isinstance(x, qwix.QArray)
-
-
-def _dequantize(x):
-  return sys.modules["qwix"].dequantize(x) if _is_qarray(x) else x
-
-
 def _is_block_kernel(path: str) -> bool:
   return path.endswith("/kernel") and re.search(r"(^|/)blocks?(_\d+)?/", path) is not None
 
 
 def _map_boxed(fn, leaf):
   """`fn` of a leaf's value, boxed again with the same logical names (a quantized leaf's
-  int8 values and scales both named like the kernel)."""
+  values and scales all named like the kernel)."""
   if not isinstance(leaf, nn.meta.AxisMetadata):
     return fn(leaf)
   out = fn(leaf.value)
-  if _is_qarray(out):
-    return dataclasses.replace(
-      out, qvalue=leaf.replace_boxed(out.qvalue), scale=leaf.replace_boxed(out.scale)
-    )
+  if linear.is_quantized(out):
+    return jax.tree.map(leaf.replace_boxed, out)
   return leaf.replace_boxed(out)
 
 
@@ -239,8 +257,7 @@ def build(lora_cfg, boxed_params, *, num_layers: int, full: tuple[str, ...] = ()
   c = lora_cfg
   if c.dropout:
     raise ValueError(
-      f"lora.dropout={c.dropout}: jaxlm merges adapters into the kernels (a parameter "
-      "transform), where dropout on the adapter's input cannot be expressed; set lora.dropout=0 "
+      f"lora.dropout={c.dropout}: jaxlm does not drop the adapters' inputs; set lora.dropout=0 "
       "(model.dropout still drops activations)"
     )
   if c.quantize not in QUANTIZE:
@@ -251,6 +268,8 @@ def build(lora_cfg, boxed_params, *, num_layers: int, full: tuple[str, ...] = ()
     raise ValueError(f"lora.alpha={c.alpha} must be > 0 (PEFT's lora_alpha; scale alpha/rank)")
   regex = pattern(c.targets)
   flat = traverse_util.flatten_dict(boxed_params, sep="/")
+  if c.quantize in ("int4", "nf4"):
+    _check_packable(c.quantize, flat)
   targets = []
   for path, box in flat.items():
     if not path.endswith("/kernel") or any(path.startswith(p + "/") for p in full):
@@ -283,6 +302,21 @@ def build(lora_cfg, boxed_params, *, num_layers: int, full: tuple[str, ...] = ()
   return Lora(
     tuple(targets), c.rank, float(c.alpha), bool(c.rslora), tuple(full), c.base_dtype, c.quantize
   )
+
+
+def _check_packable(quantize: str, flat: dict) -> None:
+  """4-bit codes are packed two a byte along each block kernel's last input axis: refuse an odd
+  one (one line)."""
+  for path, box in flat.items():
+    if not _is_block_kernel(path):
+      continue
+    lead = 1 if _STACKED.search(path) else 0
+    axis = lead + kernel_inputs(tuple(box.names[lead:])) - 1
+    if box.value.shape[axis] % 2:
+      raise ValueError(
+        f"lora.quantize={quantize!r} packs two 4-bit codes a byte along {path}'s input axis, "
+        f"of odd size {box.value.shape[axis]}; use lora.quantize='int8'"
+      )
 
 
 def check_allowed(config) -> None:

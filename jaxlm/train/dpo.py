@@ -108,8 +108,9 @@ def objective(cfg):
   """The `forward_sums` of a preference run: `(apply_fn, params, batch, rng, deterministic, *,
   reference) -> (loss sum, {"weight": pairs, metric sums})`, summed over pairs so that
   micro-batches combine; the step divides every sum by the number of pairs. `reference`: the
-  reference model's params (TrainState.reference_params: the starting weights, or with LoRA the
-  base with the adapters off); SimPO needs none."""
+  reference model's params (in a step TrainState.apply_reference, in evaluation
+  reference_params: the starting weights, or with LoRA the base with the adapters off); SimPO
+  needs none."""
   check_config(cfg)
 
   def sums(apply_fn, params, batch: Batch, rng, deterministic, *, reference=None):

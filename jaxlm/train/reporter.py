@@ -161,11 +161,11 @@ def step_flops(run):
 def hfu_factor(run) -> float:
   """Hardware over model FLOPs of the steps of `run` (a trainer.Run), by
   devices.hardware_flops_per_token: what the remat policy recomputes, all T x T scores under XLA's
-  attention, a merged LoRA's full kernel gradients; at the run's sequence length (finetune:
-  task.max_len, the longest bucket)."""
+  attention, LoRA's gradients reaching the adapters without weight gradients of the frozen
+  kernels; at the run's sequence length (finetune: task.max_len, the longest bucket)."""
   cfg, config = run.model.cfg, run.config
   seq_len = config.task.max_len if config.kind == "finetune" else config.data.seq_len
-  trained = None if run.lora is None else [t.path for t in run.lora.targets] + list(run.lora.full)
+  trained = None if run.lora is None else run.lora.trained_paths()
   # the kernel a batch of the run gets: packed rows carry segment ids (sft, dpo and finetune
   # pack; lm and mlm when data.packing is not "none")
   packed = config.kind in ("sft", "dpo", "finetune") or config.data.packing != "none"

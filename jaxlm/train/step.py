@@ -34,11 +34,11 @@ def train_step(state: TrainState, batch: Batch, *, objective, grad_accum: int = 
   """
   rng, step_rng = jax.random.split(state.rng)
   if reference:
-    objective = functools.partial(objective, reference=state.reference_params())
+    objective = functools.partial(objective, reference=state.apply_reference())
 
   def micro_grads(params, micro, key):
-    def loss_fn(p):  # with LoRA, p are the adapters and the frozen base is merged in here
-      total, aux = objective(state.apply_fn, state.model_params(p), micro, key, not dropout)
+    def loss_fn(p):  # with LoRA, p are the adapters, applied unmerged beside the frozen base
+      total, aux = objective(state.apply_fn, state.apply_params(p), micro, key, not dropout)
       return total, (aux if isinstance(aux, dict) else {"weight": aux})
 
     (total, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -57,7 +57,10 @@ def train_step(state: TrainState, batch: Batch, *, objective, grad_accum: int = 
     keys = jax.random.split(step_rng, grad_accum)
     (total, aux, grads), _ = jax.lax.scan(body, zeros, (_split_micro(batch, grad_accum), keys))
   weight = jnp.maximum(aux.pop("weight"), 1.0)
-  grads = jax.tree.map(lambda g: g / weight, grads)
+  # in the params' dtype: a bf16 gradient over the fp32 weight would turn the optimizer state
+  # fp32 after the first step, while a checkpoint restores it as initialised (bf16): a resumed
+  # run would then differ from one never stopped
+  grads = jax.tree.map(lambda g: (g / weight).astype(g.dtype), grads)
   new_state = state.apply_gradients(grads=grads, rng=rng)
   metrics = {"loss": total / weight, "grad_norm": optax.global_norm(grads), "tokens": weight,
              **{k: v / weight for k, v in aux.items()}}
