@@ -47,6 +47,7 @@ class Reporter:
     if first == self.start_step + 1:  # leave compilation out of the throughput
       self.first_step_seconds = now - self.clock.begin
       timing["time_to_first_step"] = self.first_step_seconds
+      timing["first_step_unix_time"] = time.time()  # to time a whole process from its launch
       timing["compile_seconds"] = self.clock.compiled()["seconds"]
       self.window, self.data_wait, self.tokens, self.flops = (last, now), 0.0, 0, 0.0
     elif len(rows) not in self.call_lengths:  # a call of a new length compiled its program
@@ -82,8 +83,8 @@ class Reporter:
         record["skipped_nonfinite"] = self.skipped
       self.writer.write(step, {**record, **timing, **self.first_record})
       self.first_record = {}
-      timing.pop("time_to_first_step", None)  # the first record of the run has them, once
-      timing.pop("compile_seconds", None)
+      for once in ("time_to_first_step", "first_step_unix_time", "compile_seconds"):
+        timing.pop(once, None)  # the first record of the run has them, once
     if logged:
       self._close_window(last, now)
 
