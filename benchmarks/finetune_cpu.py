@@ -28,32 +28,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+
+import whole_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "finetune_smollm2_shakespeare.py")
 DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare", "input.txt")
 MODES = ("full", "lora", "int8", "int4", "nf4")
-# runs one child: its launch time, wall seconds, peak RSS and what it printed last
-TIMER = """
-import resource, subprocess, sys, time, json
-launch = time.time()
-code = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-print(json.dumps({"launch": launch, "wall": time.time() - launch, "rss": rss,
-                  "rc": code.returncode, "out": code.stdout[-4000:], "err": code.stderr[-3000:]}))
-"""
-
-
-def timed(cmd: list[str], env: dict | None = None) -> dict:
-  out = subprocess.run([sys.executable, "-c", TIMER, *cmd], capture_output=True, text=True,
-                       cwd=REPO, env=env)
-  return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def hf_directory(where: str) -> str:
   """The packaged GGUF dequantised by transformers into an fp32 safetensors HF directory."""
   import importlib.util
@@ -172,16 +156,16 @@ def one_round(args, mode, batch, seq, tmp) -> dict:
     if label == "torch":
       if mode == "int4" and not args.torch_int4:
         continue
-      run = timed([sys.executable, __file__, "--torch-child", "--mode", mode, "--hf", args.hf,
-                   "--data", args.data, "--batch", str(batch), "--seq", str(seq),
-                   "--steps", str(args.steps)])
+      run = whole_process.run(REPO, [
+        sys.executable, __file__, "--torch-child", "--mode", mode, "--hf", args.hf, "--data",
+        args.data, "--batch", str(batch), "--seq", str(seq), "--steps", str(args.steps)])
       if check(run, f"PyTorch {mode} {batch}x{seq}"):
         child = json.loads(run["out"].strip().splitlines()[-1])
         out[label] = {"step": child["step"], "ttfs": child["first_step_end"] - run["launch"],
                       "rss": run["rss"], "loss": child["loss"], "compile": 0.0}
       continue
     workdir = tempfile.mkdtemp(dir=tmp, prefix="run-")
-    run = timed(jaxlm_command(args, mode, batch, seq, workdir), env)
+    run = whole_process.run(REPO, jaxlm_command(args, mode, batch, seq, workdir), env)
     if check(run, f"jaxlm {mode} {batch}x{seq}"):
       out[label] = jaxlm_figures(run, workdir, batch, seq)
   return out

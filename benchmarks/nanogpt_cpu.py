@@ -22,23 +22,12 @@ import subprocess
 import sys
 import tempfile
 
+import whole_process
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare", "input.txt")
-# measures one child process: wall seconds and peak RSS (its own getrusage, so one per run)
-TIMER = """
-import resource, subprocess, sys, time, json
-start = time.perf_counter()
-code = subprocess.run(sys.argv[2:], cwd=sys.argv[1], stdout=subprocess.DEVNULL,
-                      stderr=subprocess.PIPE, text=True)
-wall = time.perf_counter() - start
-rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-print(json.dumps({"wall": wall, "rss": rss, "rc": code.returncode, "err": code.stderr[-2000:]}))
-"""
-
-
 def timed(cwd: str, cmd: list[str]) -> dict:
-  out = subprocess.run([sys.executable, "-c", TIMER, cwd, *cmd], capture_output=True, text=True)
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+  result = whole_process.run(cwd, cmd)
   if result["rc"]:
     sys.exit(f"{cmd[:3]} failed:\n{result['err']}")
   return result
