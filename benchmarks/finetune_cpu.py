@@ -126,6 +126,7 @@ def jaxlm_command(args, mode: str, batch: int, seq: int, workdir: str) -> list[s
     lora.append(f"lora.quantize={mode}")
   sets = [f"model.init_from={args.hf}", f"data.path={args.data}", f"train.steps={args.steps}",
           f"train.batch_size={batch}", f"data.seq_len={seq}", "train.log_every=1",
+          f"optim.warmup_steps={min(3, args.steps - 1)}",  # the recipe's 3, below short runs
           f"train.eval_every={args.steps}", "train.eval_batches=4",
           f"checkpoint.every={args.steps}", "sample.max_new_tokens=0", *lora,
           *args.set]
