@@ -276,7 +276,8 @@ def _refused():
       r"layer_types has \['chunked_attention'\]"),
     "llama4 chunked attention": (lambda: t.Llama4TextConfig(**_SMALL), r"attention_chunk_size"),
     "deepseek mla": (lambda: t.DeepseekV3Config(**_SMALL), r"kv_lora_rank: multi-head latent"),
-    "moe": (lambda: t.MixtralConfig(**_SMALL), r"num_local_experts: a mixture of experts"),
+    "qwen3-moe dense layers": (lambda: t.Qwen3MoeConfig(**_SMALL, mlp_only_layers=[0]),
+                               r"qwen3_moe mlp_only_layers=\[0\]"),
     "vision tower": (lambda: t.Gemma3Config(text_config=text, vision_config=dict(
       hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2)),
       r"vision_config: a vision tower"),

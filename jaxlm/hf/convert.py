@@ -20,6 +20,8 @@ class Rule:
 
   `part` picks one slice of a fused HF tensor whose pattern has a leading literal axis on the
   right, e.g. GPT-2's c_attn: "d (3 h e) -> 3 d h e" with part 0/1/2 for q/k/v.
+  An `hf` name with `{j}` is one tensor per expert (Mixtral's experts.{j}.w1): the jaxlm param
+  stacks them on its leading axis (of size dims["x"]); `pattern` maps one expert's tensor.
   """
 
   jax: str
@@ -95,6 +97,13 @@ def hf_name(rule: Rule, fields: dict) -> str:
   return rule.hf.format(**fields)
 
 
+def hf_names(rule: Rule, fields: dict, dims: dict) -> list[str]:
+  """The HF tensor names of one jaxlm param: one, or one per expert for a `{j}` rule."""
+  if "{j}" not in rule.hf:
+    return [hf_name(rule, fields)]
+  return [rule.hf.format(**fields, j=j) for j in range(dims["x"])]
+
+
 def jax_to_hf_shape(rule: Rule, jax_shape: tuple, dims: dict) -> tuple:
   """The HF tensor shape that `rule` maps onto a jaxlm param of `jax_shape`."""
   lhs = rule.pattern.split("->")[0].strip()
@@ -156,21 +165,27 @@ def import_params(family, cfg, tensors: dict) -> dict:
   dims = family.dims(cfg)
   abstract = abstract_params(family, cfg)
   plan = {path: match(family.rules, path) for path in abstract}
-  names = {path: hf_name(rule, fields) for path, (rule, fields) in plan.items()}
-  tensors = _canonical_names(family, tensors, set(names.values()))
+  names = {path: hf_names(rule, fields, dims) for path, (rule, fields) in plan.items()}
+  wanted = {n for group in names.values() for n in group}
+  tensors = _canonical_names(family, tensors, wanted)
   missing, misshaped, out = [], [], {}
   for path, leaf in abstract.items():
-    rule, name = plan[path][0], names[path]
+    rule = plan[path][0]
     want = jax_to_hf_shape(rule, leaf.shape, dims)
-    if name not in tensors:
-      missing.append(f"{name} (shape {want}, for {path})")
-    elif tuple(tensors[name].shape) != want:
-      misshaped.append(f"{name} has shape {tuple(tensors[name].shape)} but the config needs {want}")
-    else:
-      out[path] = np.asarray(import_tensor(rule, tensors[name], dims), leaf.dtype)
+    parts = []
+    for name in names[path]:
+      if name not in tensors:
+        missing.append(f"{name} (shape {want}, for {path})")
+      elif tuple(tensors[name].shape) != want:
+        misshaped.append(f"{name} has shape {tuple(tensors[name].shape)} but the config needs "
+                         f"{want}")
+      else:
+        parts.append(import_tensor(rule, tensors[name], dims))
+    if len(parts) == len(names[path]):
+      out[path] = np.asarray(parts[0] if "{j}" not in rule.hf else np.stack(parts), leaf.dtype)
   skip = set(family.tied) if getattr(cfg, "tie_embeddings", False) else set()
   extra = [f"{n} (shape {tuple(tensors[n].shape)})"
-           for n in sorted(set(tensors) - set(names.values()))
+           for n in sorted(set(tensors) - wanted)
            if n not in skip and not any(re.search(p, n) for p in family.ignored)]
   problems = [f"{label}: {_listing(items)}" for label, items in (
     ("missing tensors", missing), ("mis-shaped tensors", misshaped), ("extra tensors", extra))
@@ -200,7 +215,10 @@ def export_params(family, cfg, params) -> dict:
   groups: dict[str, list] = {}
   for path, x in flat.items():
     rule, fields = match(family.rules, path)
-    groups.setdefault(hf_name(rule, fields), []).append((rule, np.asarray(x)))
+    names = hf_names(rule, fields, dims)
+    slices = [np.asarray(x)] if "{j}" not in rule.hf else list(np.asarray(x))
+    for name, piece in zip(names, slices, strict=True):
+      groups.setdefault(name, []).append((rule, piece))
   tensors = {}
   for name, entries in groups.items():
     entries.sort(key=lambda e: e[0].part or 0)

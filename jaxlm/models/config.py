@@ -1,6 +1,7 @@
 """ModelConfig: every size and family switch of the one Transformer, plus named presets.
 
-A family (GPT-2, Llama, Mistral, Qwen2/3, SmolLM, Gemma 2/3, OLMo 2, BERT, RoBERTa) is a
+A family (GPT-2, Llama, Mistral, Qwen2/3, SmolLM, Gemma 2/3, OLMo 2, Mixtral, Qwen3-MoE, BERT,
+RoBERTa) is a
 ModelConfig, never a copy of the model code (docs/models.md: which switch each family sets).
 """
 
@@ -48,7 +49,8 @@ ATTENTIONS = ("auto", "xla", "splash", "cudnn", "triton", "tokamax")
 # Fields a run sets on top of the model it starts from (`model.init_from`); all others come from
 # that checkpoint's own configuration.
 RUN_FIELDS = ("dropout", "dtype", "param_dtype", "remat", "scan_layers", "head", "num_labels",
-              "attention", "loss_chunk", "matmul_precision")
+              "attention", "loss_chunk", "matmul_precision", "router_aux_loss_coef",
+              "router_z_loss_coef")
 
 
 def dtype_name(dtype: Any, what: str = "dtype") -> str:
@@ -124,8 +126,6 @@ class ModelConfig:
   head: str = "lm"  # lm (decoders) | one of ENCODER_HEADS
   num_labels: int = 2  # classes of a seq_cls / token_cls head (1 = regression)
   # Dense-family switches (Mistral, Qwen3, Gemma 2/3, OLMo 2); the defaults leave the model as is.
-  # A mixture of experts would add its own fields (num_experts, experts_per_token, ...) and pick
-  # the MLP per layer as layer_types picks the attention.
   qk_norm: str = "none"  # one of QK_NORMS
   norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + w): Gemma stores w around 0 (1.0)
   embed_scale: bool = False  # token embeddings times sqrt(embed_dim) (Gemma)
@@ -138,6 +138,15 @@ class ModelConfig:
   # else every layer full
   layer_types: tuple = ()
   rope_local_theta: float = 0.0  # sliding layers' RoPE base, unscaled (Gemma 3); 0 = as full layers
+  # Sparse mixture of experts (Mixtral, Qwen3-MoE; models/moe.py): every layer's MLP is
+  # num_experts SwiGLU experts, each token sent to its experts_per_token (top-k) best by a
+  # softmax router. 0 experts = the dense MLP.
+  num_experts: int = 0  # X; HF num_local_experts / num_experts
+  experts_per_token: int = 0  # k; HF num_experts_per_tok
+  moe_intermediate_size: int = 0  # F of one expert; 0 = mlp_dim
+  norm_topk_prob: bool = True  # renormalise the top-k router weights to sum to 1 (Mixtral: always)
+  router_aux_loss_coef: float = 0.0  # times the load-balancing loss (Switch Transformer), training
+  router_z_loss_coef: float = 0.0  # times the router z-loss (ST-MoE) in training
 
   def __post_init__(self):
     for name in ("dtype", "param_dtype"):  # frozen: normalised in place, once, here
@@ -187,6 +196,16 @@ class ModelConfig:
     if self.sliding_window and not self.causal:
       raise ValueError("model.sliding_window is implemented for decoders only; an encoder "
                        "(causal=False) needs sliding_window=0")
+    if self.num_experts:
+      if not 0 < self.experts_per_token <= self.num_experts:
+        raise ValueError(f"model.experts_per_token={self.experts_per_token} must be in 1.."
+                         f"model.num_experts={self.num_experts}")
+      if not self.gated_mlp or self.use_bias:
+        raise ValueError("model.num_experts > 0: the experts are SwiGLU MLPs without biases; set "
+                         "gated_mlp=True and use_bias=False")
+    elif self.experts_per_token or self.router_aux_loss_coef or self.router_z_loss_coef:
+      raise ValueError("model.experts_per_token and the router loss coefficients need "
+                       "model.num_experts > 0")
     if self.norm_offset and self.norm != "rmsnorm":
       raise ValueError(f"model.norm_offset={self.norm_offset} scales RMSNorm only; set "
                        "norm='rmsnorm' or norm_offset=0")
@@ -209,6 +228,11 @@ class ModelConfig:
   def hf_layer_types(self) -> list[str]:
     """One HF layer type per layer."""
     return [SLIDING if local else FULL for local in self.local_layers]
+
+  @property
+  def expert_dim(self) -> int:
+    """F of one expert."""
+    return self.moe_intermediate_size or self.hidden_dim
 
   @property
   def kv_heads(self) -> int:
@@ -265,6 +289,11 @@ _GEMMA2 = dict(_GEMMA, layer_types=(SLIDING, FULL), attn_logit_softcap=50.0, log
 _GEMMA3 = dict(_GEMMA, qk_norm="head", layer_types=(SLIDING,) * 5 + (FULL,),
                rope_theta=1000000.0, rope_local_theta=10000.0)
 
+_MIXTRAL = dict(_LLAMA, num_experts=8, experts_per_token=2, norm_topk_prob=True,
+                router_aux_loss_coef=0.001, tie_embeddings=False)
+_QWEN3_MOE = dict(_QWEN3, num_experts=128, experts_per_token=8, router_aux_loss_coef=0.001,
+                  tie_embeddings=False)
+
 _BERT = dict(norm="layernorm", position="learned", activation="gelu", use_bias=True,
              causal=False, norm_position="post", embed_norm=True, type_vocab_size=2,
              norm_eps=1e-12, pooler=True, max_seq_len=512, head="base")
@@ -305,6 +334,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                    mlp_dim=8192, max_seq_len=4096),
   "smollm2-135m": dict(_LLAMA, vocab_size=49152, num_layers=30, embed_dim=576, num_heads=9,
                        num_kv_heads=3, mlp_dim=1536, max_seq_len=8192, rope_theta=100000.0),
+  "mixtral-8x7b": dict(_MIXTRAL, vocab_size=32000, num_layers=32, embed_dim=4096, num_heads=32,
+                       num_kv_heads=8, mlp_dim=14336, max_seq_len=32768, rope_theta=1e6),
+  "qwen3-30b-a3b": dict(_QWEN3_MOE, vocab_size=151936, num_layers=48, embed_dim=2048,
+                        num_heads=32, num_kv_heads=4, mlp_dim=6144, moe_intermediate_size=768,
+                        max_seq_len=40960, norm_topk_prob=True),
   "bert-base": dict(_BERT, vocab_size=30522, num_layers=12, embed_dim=768, num_heads=12),
   "bert-large": dict(_BERT, vocab_size=30522, num_layers=24, embed_dim=1024, num_heads=16),
   # sentence-transformers/all-MiniLM-L6-v2 (nreimers/MiniLM-L6-H384-uncased)

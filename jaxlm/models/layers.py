@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxlm.models import kernels, linear
+from jaxlm.models import kernels, linear, moe
 from jaxlm.models.config import ACTIVATIONS, ModelConfig
 
 # checkpoint_name of each attention's output (before its out-projection), kept by model.remat=
@@ -523,7 +523,11 @@ class Block(nn.Module):
     flag = self.local if self.local is not None else local
     mask = masks[0] if masks[1] is None else pick(flag, masks[1], masks[0])
     attn = Attention(cfg, scale, self.decode, self.local, name="attn")
-    mlp = Mlp(cfg, scale, name="mlp")
+    if cfg.num_experts:
+      experts = moe.MoeMlp(cfg, scale, name="moe")
+      mlp = lambda x: experts(x, activation(cfg.activation))
+    else:
+      mlp = Mlp(cfg, scale, name="mlp")
     if cfg.norm_position == "post":
       x_BTD = norm(cfg, "attn_norm")(x_BTD + drop(attn(x_BTD, positions_BT, mask, segment_ids_BT,
                                                        local)))

@@ -40,7 +40,7 @@ def _block_class(cfg: ModelConfig):
   if cfg.scan_layers:
     block = nn.scan(
       block,
-      variable_axes={"params": 0, "cache": 0},
+      variable_axes={"params": 0, "cache": 0, "intermediates": 0},
       split_rngs={"params": True, "dropout": True},
       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0 if cfg.mixed_layers else nn.broadcast),
       length=cfg.num_layers,

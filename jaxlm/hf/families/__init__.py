@@ -16,10 +16,11 @@ from jaxlm.hf.families.family import (  # noqa: F401 (the family API)
 
 def families() -> list[Family]:
   """All known families (imported here, not at package import, to keep `import jaxlm` light)."""
-  from jaxlm.hf.families import bert, gemma, gpt2, llama, olmo2
+  from jaxlm.hf.families import bert, gemma, gpt2, llama, moe, olmo2
 
   return [gpt2.GPT2, llama.LLAMA, llama.MISTRAL, llama.QWEN2, llama.QWEN3, gemma.GEMMA2,
-          gemma.GEMMA3, olmo2.OLMO2, bert.BERT, bert.ROBERTA, bert.ROBERTA_CLS]
+          gemma.GEMMA3, olmo2.OLMO2, moe.MIXTRAL, moe.QWEN3_MOE, bert.BERT, bert.ROBERTA,
+          bert.ROBERTA_CLS]
 
 
 # HF config fields that mean a part jaxlm does not implement, whatever the family: a config that
@@ -29,9 +30,7 @@ UNIMPLEMENTED = {
   "audio_config": "an audio tower",
   "kv_lora_rank": "multi-head latent attention (DeepSeek's MLA)",
   "attention_chunk_size": "chunked attention (Llama 4)",
-  "num_local_experts": "a mixture of experts",
-  "num_experts": "a mixture of experts",
-  "n_routed_experts": "a mixture of experts",
+  "n_routed_experts": "DeepSeek's mixture of shared and routed experts",
 }
 
 
@@ -85,13 +84,16 @@ def family_for_model(cfg) -> Family:
   """The HF family a jaxlm decoder config is written as: GPT-2 for learned positions; Gemma 3
   or 2 for sandwich norms (with or without qk-norm), OLMo 2 for res_post norms, Qwen3 for
   per-head qk-norm, Qwen2 for q/k/v-only biases, Mistral when every layer slides, Qwen2 when
-  some do, Llama otherwise; encoders as BERT, or RoBERTa when positions are offset."""
+  some do, Llama otherwise; with experts Qwen3-MoE (per-head qk-norm) or Mixtral; encoders as
+  BERT, or RoBERTa when positions are offset."""
   if not getattr(cfg, "causal", True):
     if not cfg.position_offset:
       return family_named("bert")
     return family_named("roberta_cls" if cfg.head == "seq_cls" else "roberta")
   if cfg.position == "learned":
     return family_named("gpt2")
+  if getattr(cfg, "num_experts", 0):
+    return family_named("qwen3_moe" if cfg.qk_norm != "none" else "mixtral")
   if cfg.norm_position == "sandwich":
     return family_named("gemma3" if cfg.qk_norm != "none" else "gemma2")
   if cfg.norm_position == "res_post":

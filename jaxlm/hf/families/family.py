@@ -37,7 +37,7 @@ def activation_to_hf(activation: str, **preferred: str) -> str:
 # that sets one it cannot write (check_writable) instead of dropping it.
 SWITCHES = ("norm_position", "qk_norm", "norm_offset", "embed_scale", "query_pre_attn_scalar",
             "attn_logit_softcap", "logit_softcap", "sliding_window", "layer_types",
-            "rope_local_theta", "rope_type")
+            "rope_local_theta", "rope_type", "num_experts")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
@@ -124,9 +124,11 @@ def _build(cfg):
 
 
 def decoder_dims(cfg) -> dict:
-  """The axis letters of the decoder's tables: d model, h heads, k kv heads, e head dim, ..."""
+  """The axis letters of the decoder's tables: d model, h heads, k kv heads, e head dim, f mlp
+  dim, v vocab, x experts, m one expert's mlp dim."""
   return {"d": cfg.embed_dim, "h": cfg.num_heads, "k": cfg.kv_heads, "e": cfg.head_size,
-          "f": cfg.hidden_dim, "v": cfg.vocab_size}
+          "f": cfg.hidden_dim, "v": cfg.vocab_size, "x": getattr(cfg, "num_experts", 0),
+          "m": cfg.expert_dim if getattr(cfg, "num_experts", 0) else 0}
 
 
 @dataclasses.dataclass(frozen=True)
