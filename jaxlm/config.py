@@ -120,6 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(  # strategies as sizes (jaxlm/sharding.py); -1: the rest
     data=-1,  # data parallel: the batch split, params replicated
     fsdp=1,  # batch split and params, grads and optimizer state sharded (ZeRO-3)
+    expert=1,  # a mixture of experts' experts split (expert parallelism); the batch split too
     sequence=1,  # activations split along the length (long contexts)
     tensor=1,  # heads and MLP columns split (Megatron)
     slices=1,  # TPU slices (or GPU nodes) joined by the data-centre network; data spans them

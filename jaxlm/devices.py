@@ -124,7 +124,8 @@ def model_flops_per_token(cfg, seq_len: int, *, training: bool = True,
   matmul (the LM head included, embedding lookups not) plus attention's QK^T and AV,
   4 * L * T * H * E, halved for causal models (only the lower triangle is needed). Training is 3x
   the forward pass (activations' and weights' gradients); 2x when the weights are frozen
-  (`weight_grads=False`: LoRA, whose adapters' own FLOPs are left out, under 4% at rank 16)."""
+  (`weight_grads=False`: LoRA, whose adapters' own FLOPs are left out, under 4% at rank 16).
+  A mixture of experts counts its active weights: the router and each token's k experts."""
   D, L, V = cfg.embed_dim, cfg.num_layers, cfg.vocab_size
   H = cfg.num_heads
   K = cfg.num_kv_heads or H
@@ -132,6 +133,8 @@ def model_flops_per_token(cfg, seq_len: int, *, training: bool = True,
   F = cfg.mlp_dim or 4 * D
   attn_weights = D * H * E * 2 + D * K * E * 2  # q, o and k, v
   mlp_weights = D * F * (3 if cfg.gated_mlp else 2)
+  if getattr(cfg, "num_experts", 0):  # the router, and the k experts a token goes through
+    mlp_weights = D * cfg.num_experts + cfg.experts_per_token * 3 * D * cfg.expert_dim
   matmul_weights = L * (attn_weights + mlp_weights) + (
     V * D if cfg.head == "lm" or cfg.head == "mlm" else 0
   )
@@ -227,6 +230,9 @@ def _block_matmuls(cfg, keys: float) -> dict:
          "av": 2 * keys * H * E, "o": 2 * H * E * D, "up": 2 * D * F, "down": 2 * F * D}
   if cfg.gated_mlp:
     out["gate"] = 2 * D * F
+  if getattr(cfg, "num_experts", 0):  # k experts a token; the router's matmul counted with gate
+    F = cfg.experts_per_token * cfg.expert_dim
+    out.update(up=2 * D * F, down=2 * F * D, gate=2 * D * F + 2 * D * cfg.num_experts)
   return out
 
 

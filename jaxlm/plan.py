@@ -129,7 +129,7 @@ def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, axis_sizes) -> i
     cfg.num_heads,
     cfg.kv_heads,
     cfg.head_size,
-    cfg.hidden_dim,
+    cfg.experts_per_token * cfg.expert_dim if cfg.num_experts else cfg.hidden_dim,
     cfg.vocab_size,
   )
   tokens = rows * seq_len // s
@@ -166,6 +166,8 @@ class Plan:
   opt_bytes: int
   grads_bytes: int  # gradients, plus their accumulator when grad_accum > 1
   activation_bytes: int  # estimate
+  active_params: int = 0  # the parameters a token's forward pass uses (MoE: its k experts)
+  experts: str = ""  # a mixture of experts: how many, and how their weights are split
   compiled: dict | None = None  # memory_analysis() figures, when the devices present match
   compiled_note: str = ""
   lora: str = ""  # what LoRA trains and how the base is held ("" without LoRA)
@@ -200,6 +202,30 @@ def _lora_note(lora, trainable: int, params: int) -> str:
           f"trainable parameters ({100 * trainable / params:.2f}%)")
 
 
+def inactive_expert_params(cfg: ModelConfig) -> int:
+  """The expert parameters a token does not use: X - k experts of every layer (0 when dense)."""
+  if not cfg.num_experts:
+    return 0
+  idle = cfg.num_experts - cfg.experts_per_token
+  return cfg.num_layers * idle * 3 * cfg.embed_dim * cfg.expert_dim
+
+
+def _experts_note(cfg: ModelConfig, boxed_params, axis_sizes) -> str:
+  """How many experts, top-k, and how one layer's expert weights split on this mesh."""
+  if not cfg.num_experts:
+    return ""
+  from flax import traverse_util
+
+  specs = traverse_util.flatten_dict(sharding.partition_specs(boxed_params, axis_sizes), sep="/")
+  shapes = traverse_util.flatten_dict(sharding.strip_boxes(boxed_params), sep="/")
+  path = next(p for p in specs if p.endswith("moe/gate"))
+  shape = shapes[path].shape[-3:]
+  spec = jax.sharding.PartitionSpec(*tuple(specs[path])[-3:])
+  shard = sharding.shard_shape(shape, spec, axis_sizes)
+  return (f"{cfg.num_experts} per layer, top {cfg.experts_per_token}, F={cfg.expert_dim}; "
+          f"gate/up [X, D, F] {list(shape)} split {tuple(spec)} -> {list(shard)} per device")
+
+
 def make_plan(config, tgt: Target, *, compile_step: bool = True) -> Plan:
   """The Plan of `config` on `tgt` (see the module docstring for which figures are analytic).
 
@@ -212,7 +238,7 @@ def make_plan(config, tgt: Target, *, compile_step: bool = True) -> Plan:
   finetune = config.kind == "finetune"
   seq_len = config.task.max_len if finetune else config.data.seq_len
   axis_sizes = sharding.mesh_shape(config.mesh, tgt.chips)
-  split = axis_sizes["data"] * axis_sizes["fsdp"]
+  split = math.prod(axis_sizes[a] for a in sharding.BATCH_AXES)
   accum, batch = config.train.grad_accum, config.train.batch_size
   if batch % (split * accum):
     raise ValueError(
@@ -230,7 +256,8 @@ def make_plan(config, tgt: Target, *, compile_step: bool = True) -> Plan:
     lora,
   )
   trainable_bytes = _bytes_per_device(boxed.params, axis_sizes)
-  params = sum(x.size for x in jax.tree.leaves(sharding.strip_boxes(heads.param_shapes(model))))
+  shapes = heads.param_shapes(model)
+  params = sum(x.size for x in jax.tree.leaves(sharding.strip_boxes(shapes)))
   trainable = sum(x.size for x in jax.tree.leaves(sharding.strip_boxes(boxed.params)))
   rows = batch // split // accum
   plan = Plan(
@@ -249,6 +276,8 @@ def make_plan(config, tgt: Target, *, compile_step: bool = True) -> Plan:
     activation_bytes=activation_bytes(cfg, rows, seq_len, axis_sizes),
     lora=_lora_note(lora, trainable, params) if lora else "",
     trainable=trainable,
+    active_params=params - inactive_expert_params(cfg),
+    experts=_experts_note(cfg, shapes, axis_sizes),
   )
   present = jax.devices()
   kind = devices.kind_of(present[0].device_kind)
@@ -355,6 +384,9 @@ def report(plan: Plan, config_name: str = "", lever_plans=None) -> str:
       f"{plan.tokens_per_step:,} tokens"
     ),
   ]
+  if plan.experts:
+    lines.append(f"experts      {plan.experts}; {plan.active_params:,} active parameters a "
+                 "token (FLOPs), all of them in memory")
   if plan.lora:
     lines.append(f"LoRA         {plan.lora.removeprefix('LoRA ')}")
   if peak:
@@ -420,6 +452,8 @@ def to_json(plan: Plan, lever_plans=None) -> str:
                "memory_bytes": t.kind.memory_bytes},
     "model": plan.model.to_dict(),
     "params": plan.params,
+    "active_params": plan.active_params,
+    "experts": plan.experts or None,
     "trainable": plan.trainable,
     "lora": plan.lora or None,
     "flops_per_token": plan.flops_per_token,

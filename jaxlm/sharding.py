@@ -1,4 +1,4 @@
-"""Device mesh (data, fsdp, sequence, tensor; data may span slices), the one table of
+"""Device mesh (data, fsdp, expert, sequence, tensor; data may span slices), the one table of
 logical-axis rules, and the one function that turns each process's rows into a global batch.
 
 Parameters and activations name logical axes (embed, mlp, heads, ...); LOGICAL_RULES maps them
@@ -10,9 +10,12 @@ The strategies, as `mesh` settings (docs/scaling.md):
                                               in-projections by column, out-projections by row)
   sequence  mesh.sequence=N                   activations split along the length (long
                                               contexts); params split over it as over fsdp
+  expert    mesh.expert=N                     a mixture of experts' experts split N ways; the
+                                              batch is split over it too (as MaxText does), so
+                                              a dense model uses it as more data parallelism
   slices    mesh.slices=N                     N slices joined by the data-centre network, each
-                                              holding the (data, fsdp, sequence, tensor) mesh;
-                                              the data axis spans them
+                                              holding the rest of the mesh; the data axis
+                                              spans them
 """
 
 import contextlib
@@ -28,15 +31,17 @@ from jax.sharding import PartitionSpec as P
 from jaxlm.data import batch as batch_lib
 
 # tensor last: the innermost axis gets the nearest devices (the most traffic, every layer)
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")  # the mesh axes a batch's rows are split over
 
 # Order matters: a rule whose mesh axes an earlier logical axis of the same array already uses is
 # skipped (the next rule for that name is tried), so activations sharded on batch over
-# (data, fsdp) and length over sequence keep their embed dim whole, while parameters' embed dim
+# BATCH_AXES and length over sequence keep their embed dim whole, while parameters' embed dim
 # is split over (fsdp, sequence): a sequence-parallel run keeps no replica of the weights.
 LOGICAL_RULES = (
-  ("batch", ("data", "fsdp")),
+  ("batch", BATCH_AXES),
   ("length", "sequence"),
+  ("expert", "expert"),
   ("vocab", "tensor"),
   ("heads", "tensor"),
   ("kv_heads", "tensor"),
@@ -75,14 +80,14 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict:
   if math.prod(shape) != per_slice:
     raise ValueError(
       f"mesh {asked} needs {math.prod(shape) * slices} devices but {num_devices} are present; "
-      "set one of mesh.data/fsdp/sequence/tensor to -1 to fill the rest"
+      "set one of mesh.data/fsdp/expert/sequence/tensor to -1 to fill the rest"
     )
   shape[0] *= slices
   return dict(zip(MESH_AXES, shape))
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  """Builds the (data, fsdp, sequence, tensor) mesh `mesh_cfg` asks for (see mesh_shape).
+  """Builds the (data, fsdp, expert, sequence, tensor) mesh `mesh_cfg` asks for (see mesh_shape).
 
   With mesh.slices=N > 1 the data axis spans N slices over the data-centre network, built by
   `mesh_utils.create_hybrid_device_mesh`: the slices are the devices' `slice_index` (multi-slice
@@ -90,8 +95,8 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   in id order (a simulation, for CPU tests).
 
   Args:
-    mesh_cfg: has integer fields `data`, `fsdp`, `tensor` (and optionally `sequence`,
-      `slices`).
+    mesh_cfg: has integer fields `data`, `fsdp`, `tensor` (and optionally `expert`,
+      `sequence`, `slices`).
     devices: defaults to all devices of all processes.
   """
   devices = jax.devices() if devices is None else list(devices)
@@ -185,15 +190,15 @@ def strip_boxes(tree):
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, stacked: bool = False) -> NamedSharding:
-  """Batch arrays are split over (data, fsdp) on their leading axis; `stacked` batches (several
+  """Batch arrays are split over BATCH_AXES on their leading axis; `stacked` batches (several
   steps' batches, [steps, rows, ...]) on their second."""
   lead = (None,) if stacked else ()
-  return NamedSharding(mesh, P(*lead, ("data", "fsdp"), *([None] * (ndim - 1 - len(lead)))))
+  return NamedSharding(mesh, P(*lead, BATCH_AXES, *([None] * (ndim - 1 - len(lead)))))
 
 
 def global_batch(local: dict, mesh: Mesh, stacked: bool = False) -> batch_lib.Batch:
   """This process's rows (a dict of numpy arrays, Batch field names) assembled with every other
-  process's into a Batch of global arrays, split over (data, fsdp) on the rows' axis (the
+  process's into a Batch of global arrays, split over BATCH_AXES on the rows' axis (the
   leading one, or the second of a `stacked` batch: [steps, rows, ...])."""
   return batch_lib.from_dict({
     k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, stacked), v)
@@ -202,7 +207,7 @@ def global_batch(local: dict, mesh: Mesh, stacked: bool = False) -> batch_lib.Ba
 
 def batch_divisor(mesh: Mesh) -> int:
   """How many ways the batch is split: rows per step must be a multiple of it."""
-  return mesh.shape["data"] * mesh.shape["fsdp"]
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 @contextlib.contextmanager

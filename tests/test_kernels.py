@@ -99,7 +99,7 @@ def test_triton_attention_in_a_model_matches_xla_per_device_under_a_mesh():
 
     return jax.value_and_grad(loss, has_aux=True)(params)
 
-  mesh = Mesh(np.asarray(jax.devices()[:2]).reshape(2, 1, 1, 1), sharding.MESH_AXES)
+  mesh = Mesh(np.asarray(jax.devices()[:2]).reshape(2, 1, 1, 1, 1), sharding.MESH_AXES)
   with sharding.mesh_rules(mesh):
     tokens, seg, positions = jax.device_put((tokens, seg, positions), sharding.batch_sharding(mesh))
     (_, logits), grads = jax.jit(loss_and_grads, static_argnums=0)("triton")

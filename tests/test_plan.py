@@ -60,7 +60,7 @@ def test_parameter_counts_equal_the_real_models():
 def test_llama3_8b_fits_a_v5p_64_and_says_which_lever_fits_8_h100():
   config = _config("llama3_8b.py")
   p = plan.make_plan(config, plan.target("v5p-64"))
-  assert p.fits and p.mesh == {"data": 1, "fsdp": 32, "sequence": 1, "tensor": 1}
+  assert p.fits and p.mesh == {"data": 1, "fsdp": 32, "expert": 1, "sequence": 1, "tensor": 1}
   # FSDP over 32: each chip holds 1/32 of the fp32 params (+ 2 AdamW moments)
   assert p.params_bytes == pytest.approx(8_030_261_248 * 4 / 32, rel=0.01)
   assert p.opt_bytes == pytest.approx(2 * p.params_bytes, rel=0.01)

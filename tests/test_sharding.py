@@ -128,15 +128,15 @@ def test_strategies_split_what_they_say():
   # the residual stream at block boundaries: rows over (data, fsdp), its length over sequence
   with nn.logical_axis_rules(sharding.LOGICAL_RULES):
     residual = nn.logical_to_mesh_axes(("batch", "length", "embed"))
-  assert residual == jax.sharding.PartitionSpec(("data", "fsdp"), "sequence", None)
+  assert residual == jax.sharding.PartitionSpec(("data", "fsdp", "expert"), "sequence", None)
   # sequence parallelism keeps no replica of the weights: they are split over it too
   assert shard(up, fsdp=2, sequence=4) == ((D // 8, F),) * 2
 
 
 def test_two_slices_put_the_data_axis_across_the_slices():
   mesh = _mesh(slices=2, data=-1, fsdp=2)
-  assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "sequence": 1, "tensor": 1}
-  ids = np.vectorize(lambda d: d.id)(mesh.devices)[:, :, 0, 0]
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "expert": 1, "sequence": 1, "tensor": 1}
+  ids = np.vectorize(lambda d: d.id)(mesh.devices)[:, :, 0, 0, 0]
   # the first half of the data axis is slice 0 (devices 0-3), the second slice 1 (4-7)
   assert set(ids[:2].ravel()) == {0, 1, 2, 3} and set(ids[2:].ravel()) == {4, 5, 6, 7}
 

@@ -267,7 +267,7 @@ def _per_shard(kernel, q_BTHE, k_BSKE, v_BSKE, segment_ids_BT):
     return kernel(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT)
   from jax.sharding import PartitionSpec as P
 
-  batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+  batch = tuple(a for a in ("data", "fsdp", "expert") if a in mesh.axis_names)
   rows = 1
   for a in batch:
     rows *= mesh.shape[a]

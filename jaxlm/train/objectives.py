@@ -7,6 +7,11 @@ A decoder whose config sets `loss_chunk` (models/config.py) is trained by a fuse
 cross entropy (`chunked_lm_loss_sums`): the model returns its final hidden states and the LM head
 is applied here, `loss_chunk` positions at a time, so [B, T, V] fp32 logits never exist at once,
 neither forward nor backward. DPO's per-token log-probs (`token_logps`) are chunked the same way.
+
+A mixture-of-experts decoder (cfg.num_experts > 0) adds its router losses to the token loss:
+router_aux_loss_coef times the load-balancing loss plus router_z_loss_coef times the z-loss
+(models/moe.py), and reports them (moe/aux_loss, moe/z_loss, moe/expert_load/layer_i: the most
+routed rows of an expert over the mean), in training and in eval alike.
 """
 
 import flax.linen as nn
@@ -15,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm.data.batch import Batch
+from jaxlm.models import moe
 
 
 def lm_loss_sums(logits_BTV, targets_BT, weights_BT=None):
@@ -183,9 +189,10 @@ def task_loss_sums(head: str, outputs, batch: Batch):
   return (losses_B * weights_B).sum(), weights_B.sum()
 
 
-def model_outputs(apply_fn, params, batch: Batch, rng=None, deterministic=True):
+def model_outputs(apply_fn, params, batch: Batch, rng=None, deterministic=True, **kwargs):
   """The model's outputs for `batch`: LM logits, or an encoder head's outputs (the task fields
-  token_types, padding_mask and cls_index are passed when the batch has them)."""
+  token_types, padding_mask and cls_index are passed when the batch has them); `kwargs` go to
+  `apply_fn` (mutable=...)."""
   task_fields = {}
   if batch.padding_mask is not None:
     task_fields = dict(padding_mask_BT=batch.padding_mask, token_types_BT=batch.token_types,
@@ -193,7 +200,7 @@ def model_outputs(apply_fn, params, batch: Batch, rng=None, deterministic=True):
   return apply_fn(
     {"params": params}, batch.inputs, segment_ids_BT=batch.segment_ids,
     positions_BT=batch.positions, deterministic=deterministic,
-    rngs=None if deterministic else {"dropout": rng}, **task_fields,
+    rngs=None if deterministic else {"dropout": rng}, **task_fields, **kwargs,
   )
 
 
@@ -206,25 +213,52 @@ def _chunked_loss_cfg(apply_fn):
   return cfg
 
 
-def _final_hidden(apply_fn, params, batch: Batch, rng, deterministic):
+def _final_hidden(apply_fn, params, batch: Batch, rng, deterministic, **kwargs):
   """A decoder's final (normed) hidden states for `batch`, its LM head left to the objective."""
   return apply_fn(
     {"params": params}, batch.inputs, segment_ids_BT=batch.segment_ids,
     positions_BT=batch.positions, deterministic=deterministic,
-    rngs=None if deterministic else {"dropout": rng}, return_hidden=True,
+    rngs=None if deterministic else {"dropout": rng}, return_hidden=True, **kwargs,
   )
+
+
+def _moe_cfg(apply_fn):
+  """The ModelConfig of a mixture-of-experts model's `apply_fn`; None for a dense one."""
+  cfg = getattr(getattr(apply_fn, "__self__", None), "cfg", None)
+  return cfg if getattr(cfg, "num_experts", 0) else None
+
+
+def router_loss_sums(cfg, intermediates, total, weight):
+  """(total + the router losses times their coefficients, times `weight`; the sums to report):
+  the token loss `total` over `weight` gains coef * loss, and each reported sum over the weight
+  is the loss itself, so micro-batches combine by adding as the token losses do."""
+  stats = moe.collect_stats(intermediates)
+  aux, z = moe.load_balancing_loss(stats), moe.router_z_loss(stats)
+  total = total + (cfg.router_aux_loss_coef * aux + cfg.router_z_loss_coef * z) * weight
+  sums = {"weight": weight, "moe/aux_loss": aux * weight, "moe/z_loss": z * weight}
+  for i, load in enumerate(moe.expert_load(stats)):
+    sums[f"moe/expert_load/layer_{i}"] = load * weight
+  return total, sums
 
 
 def token_sums(apply_fn, params, batch: Batch, rng, deterministic):
   """Cross entropy at the batch's targets (next tokens, or the tokens under MLM masks); fused
   with the LM head, chunk by chunk, when the decoder's cfg.loss_chunk asks for it."""
-  cfg = _chunked_loss_cfg(apply_fn)
+  cfg, moe_cfg = _chunked_loss_cfg(apply_fn), _moe_cfg(apply_fn)
+  kwargs = {"mutable": ["intermediates"]} if moe_cfg else {}
   if cfg is None:
-    logits_BTV = model_outputs(apply_fn, params, batch, rng, deterministic)
-    return lm_loss_sums(logits_BTV, batch.targets, batch.weights)
-  hidden_BTD = _final_hidden(apply_fn, params, batch, rng, deterministic)
-  return chunked_lm_loss_sums(hidden_BTD, lm_head_VD(cfg, params), batch.targets, batch.weights,
-                              chunk=cfg.loss_chunk, dtype=jnp.dtype(cfg.dtype))
+    out = model_outputs(apply_fn, params, batch, rng, deterministic, **kwargs)
+    logits_BTV, state = out if moe_cfg else (out, None)
+    total, weight = lm_loss_sums(logits_BTV, batch.targets, batch.weights)
+  else:
+    out = _final_hidden(apply_fn, params, batch, rng, deterministic, **kwargs)
+    hidden_BTD, state = out if moe_cfg else (out, None)
+    total, weight = chunked_lm_loss_sums(hidden_BTD, lm_head_VD(cfg, params), batch.targets,
+                                         batch.weights, chunk=cfg.loss_chunk,
+                                         dtype=jnp.dtype(cfg.dtype))
+  if moe_cfg is None:
+    return total, weight
+  return router_loss_sums(moe_cfg, state["intermediates"], total, weight)
 
 
 def token_logps(apply_fn, params, batch: Batch, rng=None, deterministic=True):
