@@ -268,6 +268,7 @@ def build(lora_cfg, boxed_params, *, num_layers: int, full: tuple[str, ...] = ()
     raise ValueError(f"lora.alpha={c.alpha} must be > 0 (PEFT's lora_alpha; scale alpha/rank)")
   regex = pattern(c.targets)
   flat = traverse_util.flatten_dict(boxed_params, sep="/")
+  _refuse_experts(c.targets, regex, flat, num_layers)
   if c.quantize in ("int4", "nf4"):
     _check_packable(c.quantize, flat)
   targets = []
@@ -302,6 +303,20 @@ def build(lora_cfg, boxed_params, *, num_layers: int, full: tuple[str, ...] = ()
   return Lora(
     tuple(targets), c.rank, float(c.alpha), bool(c.rslora), tuple(full), c.base_dtype, c.quantize
   )
+
+
+def _refuse_experts(targets: str, regex, flat: dict, num_layers: int) -> None:
+  """Raises when `targets` would adapt a mixture of experts' router or experts (the mlp and all
+  presets, or a regex over their paths): adapters beside stacked expert weights are not
+  implemented."""
+  moe_paths = [p for p in flat if "/moe/" in p]
+  if not moe_paths:
+    return
+  presets = {t.strip() for t in targets.split(",")} & {"mlp", "all"}
+  if presets or any(regex.fullmatch(u) for p in moe_paths for u in unscanned_paths(p, num_layers)):
+    raise ValueError(f"lora.targets={targets!r}: LoRA adapters on mixture-of-experts layers "
+                     "(router, experts) are not supported; adapt the attention projections "
+                     "(lora.targets='attention')")
 
 
 def _check_packable(quantize: str, flat: dict) -> None:
