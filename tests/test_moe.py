@@ -256,3 +256,13 @@ def test_lora_on_a_moe_model_adapts_the_attention_and_refuses_the_experts():
     c.targets = targets
     with pytest.raises(ValueError, match=r"mixture-of-experts.*lora.targets='attention'"):
       lora_lib.build(c, boxed, num_layers=2)
+
+
+def test_plan_says_how_the_expert_weights_split():
+  cfg = ModelConfig(**TINY)
+  boxed = heads.param_shapes(heads.build_model(cfg))
+  sizes = {"data": 1, "fsdp": 2, "expert": 2, "sequence": 1, "tensor": 1}
+  note = plan._experts_note(cfg, boxed, sizes)
+  assert "4 per layer, top 2, F=48" in note
+  assert "[4, 32, 48] split ('expert', 'fsdp', None) -> [2, 16, 48] per device" in note, note
+  assert plan.inactive_expert_params(cfg) == 2 * (4 - 2) * 3 * 32 * 48

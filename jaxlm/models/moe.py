@@ -51,7 +51,9 @@ def _tile_rows(M: int, X: int) -> int:
 def _tiled_swiglu(xs_MD, experts_M, sizes_X, gate_XDF, up_XDF, down_XFD, act):
   """SwiGLU experts over rows sorted by expert, each expert's rows padded to whole tiles of R rows:
   one batched matmul over G <= M / R + X tiles, each with its expert's weights. The FLOPs count the
-  routed rows (and the padding), not N * X as a dense product over every expert would."""
+  routed rows (and the padding), not N * X as a dense product over every expert would; the
+  weights are gathered per tile (G copies of an expert's matrices), a cost meant for CPU runs of
+  small models."""
   M, D = xs_MD.shape
   X = sizes_X.shape[0]
   R = _tile_rows(M, X)
