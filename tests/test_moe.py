@@ -18,6 +18,7 @@ from jaxlm.hf import families
 from jaxlm.models import heads, moe
 from jaxlm.models import lora as lora_lib
 from jaxlm.models.config import ModelConfig, preset
+from jaxlm.models.transformer import stack_layers
 from jaxlm.train import objectives, optim
 from jaxlm.train import step as step_lib
 from jaxlm.train.state import TrainState
@@ -111,6 +112,20 @@ def test_the_training_loss_adds_the_router_losses_as_transformers_does(imported)
   np.testing.assert_allclose(r.total / weight, r.ref_loss + 0.01 * r.ref_z, rtol=1e-5)
   np.testing.assert_allclose(float(r.sums["moe/aux_loss"]) / weight, r.ref_aux, rtol=1e-5)
   np.testing.assert_allclose(float(r.sums["moe/z_loss"]) / weight, r.ref_z, rtol=1e-5)
+
+
+def test_scanned_rematerialised_layers_sow_the_same_router_statistics(imported):
+  r = imported
+  if r.name != "mixtral":  # one family is enough: the stack is shared
+    return
+  scanned = r.model.clone(cfg=r.model.cfg.replace(scan_layers=True, remat="full"))
+  params = stack_layers(r.params, r.model.cfg.num_layers)
+  logits, state = jax.jit(lambda p: scanned.apply({"params": p}, TOKENS,
+                                                  mutable=["intermediates"]))(params)
+  stats = moe.collect_stats(state["intermediates"])
+  assert np.abs(np.asarray(logits) - r.logits).max() <= 1e-5
+  for key, value in r.stats.items():
+    np.testing.assert_allclose(np.asarray(stats[key]), np.asarray(value), atol=1e-5, err_msg=key)
 
 
 def test_the_export_loads_in_transformers_with_the_same_logits(imported, tmp_path):
