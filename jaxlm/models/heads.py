@@ -72,9 +72,9 @@ def mean_tokens(x_BTD: jax.Array, padding_mask_BT=None, segment_ids_BT=None,
     segment_N = segment_ids_BT.reshape(-1)[cls_index_N]
     weight_NT = real_BT[row_N] & (segment_ids_BT[row_N] == segment_N[:, None])
     x_NTD = x_BTD[row_N]
-  weight_NT = weight_NT.astype(x_BTD.dtype)
-  total_ND = jnp.einsum("ntd,nt->nd", x_NTD, weight_NT)
-  return total_ND / jnp.maximum(weight_NT.sum(-1, keepdims=True), 1)
+  weight_NT = weight_NT.astype(jnp.float32)  # summed in fp32, whatever the compute dtype
+  total_ND = jnp.einsum("ntd,nt->nd", x_NTD.astype(jnp.float32), weight_NT)
+  return (total_ND / jnp.maximum(weight_NT.sum(-1, keepdims=True), 1)).astype(x_BTD.dtype)
 
 
 def pool(cfg: ModelConfig, x_BTD, padding_mask_BT=None, segment_ids_BT=None, cls_index_N=None):
