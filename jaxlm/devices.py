@@ -284,7 +284,10 @@ def _head_matmuls(cfg, seq_len: int) -> list:
   if cfg.head == "mlm":  # dense transform, then the decoder tied to the token embedding
     return [(2 * D * D, "mlm_head/transform/kernel"), (2 * D * V, "transformer/embed/embedding")]
   row = 1 / seq_len  # a sequence head reads one token a row
-  return {"token_cls": [(2 * D * C, "classifier/kernel")], "qa": [(4 * D, "qa_outputs/kernel")],
-          "seq_cls": [(2 * D * D * row, "pooler/dense/kernel"),
-                      (2 * D * C * row, "classifier/kernel")],
+  # ModernBERT's prediction head (dense + act + norm) before every task head's output layer
+  pre = [(2 * D * D, "head/dense/kernel")] if cfg.prediction_head else []
+  pool = "head/dense/kernel" if cfg.prediction_head else "pooler/dense/kernel"
+  return {"token_cls": [*pre, (2 * D * C, "classifier/kernel")],
+          "qa": [*pre, (4 * D, "qa_outputs/kernel")],
+          "seq_cls": [(2 * D * D * row, pool), (2 * D * C * row, "classifier/kernel")],
           "base": [(2 * D * D * row, "pooler/dense/kernel")] if cfg.pooler else []}[cfg.head]

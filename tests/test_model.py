@@ -189,7 +189,9 @@ def test_bad_model_config_names_the_key_and_choices():
   (dict(logit_softcap=30.0, loss_chunk=128), r"loss_chunk's fused LM head does not apply"),
   (dict(qk_norm="layer"), r"model.qk_norm='layer' is not one of"),
   (dict(norm_offset=1.0), r"norm_offset=1.0 scales RMSNorm only"),
-  (dict(sliding_window=8, causal=False), r"sliding_window is implemented for decoders only"),
+  (dict(first_attn_norm=False, norm_position="post"), r"first_attn_norm=False drops a norm"),
+  (dict(first_attn_norm=False, scan_layers=True), r"scan_layers=True cannot scan a first block"),
+  (dict(classifier_pooling="max"), r"model.classifier_pooling='max' is not one of"),
 ])
 def test_bad_family_switches_name_the_field(fields, message):
   with pytest.raises(ValueError, match=message):

@@ -1,7 +1,7 @@
 """ModelConfig: every size and family switch of the one Transformer, plus named presets.
 
 A family (GPT-2, Llama, Mistral, Qwen2/3, SmolLM, Gemma 2/3, OLMo 2, Mixtral, Qwen3-MoE, BERT,
-RoBERTa) is a
+RoBERTa, ModernBERT) is a
 ModelConfig, never a copy of the model code (docs/models.md: which switch each family sets).
 """
 
@@ -37,6 +37,9 @@ LAYER_TYPES = (FULL, SLIDING)
 # Gemma 3 4B and up); llama3 (long wavelengths slowed, Llama 3.1).
 ROPE_TYPES = ("default", "linear", "llama3")
 ENCODER_HEADS = ("base", "mlm", "seq_cls", "token_cls", "qa")  # the task heads of models.heads
+# What a seq_cls head reads (HF ModernBERT's classifier_pooling): the first ([CLS]) token, or the
+# mean of the sequence's real tokens.
+CLASSIFIER_POOLINGS = ("cls", "mean")
 HEADS = ("lm", *ENCODER_HEADS)
 DTYPES = ("float32", "bfloat16", "float16")
 # How float32 matmuls run (jax_default_matmul_precision's Precision levels, aliases paired):
@@ -123,6 +126,14 @@ class ModelConfig:
   type_vocab_size: int = 0  # token-type (sentence A/B) embeddings; 0 = none
   position_offset: int = 0  # first position id (RoBERTa: padding_idx + 1 = 2)
   pooler: bool = False  # dense + tanh on the first token in the base encoder (BERT's pooler)
+  # ModernBERT's switches (the defaults leave BERT as it is). False: the first block has no
+  # attn_norm, its attention reads the embeddings as embed_norm left them (an Identity in HF)
+  first_attn_norm: bool = True
+  # True: the seq_cls / token_cls / qa heads start with the prediction head (dense + activation +
+  # norm, HF ModernBERT's `head`) instead of BERT's pooler (dense + tanh, seq_cls only)
+  prediction_head: bool = False
+  head_bias: bool = True  # bias on the heads' dense transform (HF ModernBERT's classifier_bias)
+  classifier_pooling: str = "cls"  # one of CLASSIFIER_POOLINGS: what a seq_cls head reads
   head: str = "lm"  # lm (decoders) | one of ENCODER_HEADS
   num_labels: int = 2  # classes of a seq_cls / token_cls head (1 = regression)
   # Dense-family switches (Mistral, Qwen3, Gemma 2/3, OLMo 2); the defaults leave the model as is.
@@ -132,7 +143,9 @@ class ModelConfig:
   query_pre_attn_scalar: float = 0.0  # attention scores scaled by its -1/2 power; 0 = head_dim
   attn_logit_softcap: float = 0.0  # scores -> c tanh(scores / c) before the mask (Gemma 2); 0 = off
   logit_softcap: float = 0.0  # final logits -> c tanh(logits / c) (Gemma 2); 0 = off
-  sliding_window: int = 0  # W: a sliding layer's query sees the W latest keys, itself included
+  # W: a sliding layer's query sees the W latest keys, itself included; in an encoder
+  # (causal=False) the keys j with |i - j| <= W // 2 (HF ModernBERT's local_attention)
+  sliding_window: int = 0
   # per layer FULL or SLIDING, a pattern repeated over the layers (Gemma 3: five sliding, one
   # full; cut where the layers end); () = every layer sliding when sliding_window > 0 (Mistral),
   # else every layer full
@@ -162,6 +175,7 @@ class ModelConfig:
       ("matmul_precision", MATMUL_PRECISIONS),
       ("qk_norm", QK_NORMS),
       ("rope_type", ROPE_TYPES),
+      ("classifier_pooling", CLASSIFIER_POOLINGS),
     ):
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
@@ -193,9 +207,6 @@ class ModelConfig:
     if self.logit_softcap and self.loss_chunk:
       raise ValueError("model.loss_chunk's fused LM head does not apply model.logit_softcap; set "
                        "loss_chunk=0")
-    if self.sliding_window and not self.causal:
-      raise ValueError("model.sliding_window is implemented for decoders only; an encoder "
-                       "(causal=False) needs sliding_window=0")
     if self.num_experts:
       if not 0 < self.experts_per_token <= self.num_experts:
         raise ValueError(f"model.experts_per_token={self.experts_per_token} must be in 1.."
@@ -206,6 +217,12 @@ class ModelConfig:
     elif self.experts_per_token or self.router_aux_loss_coef or self.router_z_loss_coef:
       raise ValueError("model.experts_per_token and the router loss coefficients need "
                        "model.num_experts > 0")
+    if not self.first_attn_norm and self.norm_position not in ("pre", "sandwich"):
+      raise ValueError(f"model.first_attn_norm=False drops a norm before attention, which "
+                       f"norm_position={self.norm_position!r} has not; set first_attn_norm=True")
+    if self.scan_layers and not self.first_attn_norm:
+      raise ValueError("model.scan_layers=True cannot scan a first block without attn_norm "
+                       "(model.first_attn_norm=False, ModernBERT); set scan_layers=False")
     if self.norm_offset and self.norm != "rmsnorm":
       raise ValueError(f"model.norm_offset={self.norm_offset} scales RMSNorm only; set "
                        "norm='rmsnorm' or norm_offset=0")
@@ -298,6 +315,14 @@ _BERT = dict(norm="layernorm", position="learned", activation="gelu", use_bias=T
              causal=False, norm_position="post", embed_norm=True, type_vocab_size=2,
              norm_eps=1e-12, pooler=True, max_seq_len=512, head="base")
 _ROBERTA = dict(_BERT, type_vocab_size=1, norm_eps=1e-5, position_offset=2, max_seq_len=514)
+# ModernBERT: pre-norm, bias-free LayerNorm, GeGLU, RoPE with a local base for the sliding layers
+# (every third layer global, the others see 64 keys each side), the normed embeddings entering
+# the first block without another norm
+_MODERNBERT = dict(norm="layernorm", norm_eps=1e-5, position="rope", rope_theta=160000.0,
+                   rope_local_theta=10000.0, activation="gelu", gated_mlp=True, use_bias=False,
+                   causal=False, embed_norm=True, first_attn_norm=False, prediction_head=True,
+                   head_bias=False, sliding_window=128, layer_types=(FULL, SLIDING, SLIDING),
+                   max_seq_len=8192, head="base")
 
 PRESETS: dict[str, dict[str, Any]] = {
   # nanoGPT's character-level Shakespeare model (CPU recipe).
@@ -347,6 +372,9 @@ PRESETS: dict[str, dict[str, Any]] = {
   "bert-mini": dict(_BERT, vocab_size=30522, num_layers=4, embed_dim=256, num_heads=4),
   "roberta-base": dict(_ROBERTA, vocab_size=50265, num_layers=12, embed_dim=768, num_heads=12),
   "roberta-large": dict(_ROBERTA, vocab_size=50265, num_layers=24, embed_dim=1024, num_heads=16),
+  # answerdotai/ModernBERT-base (transformers' ModernBertConfig() defaults)
+  "modernbert-base": dict(_MODERNBERT, vocab_size=50368, num_layers=22, embed_dim=768,
+                          num_heads=12, mlp_dim=1152),
 }
 
 

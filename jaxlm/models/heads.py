@@ -29,9 +29,10 @@ def _zeros(axes: tuple):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
-def _dense(cfg: ModelConfig, features: int, name: str, out_axis=None) -> nn.Dense:
+def _dense(cfg: ModelConfig, features: int, name: str, out_axis=None,
+           use_bias: bool = True) -> nn.Dense:
   return nn.Dense(
-    features, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+    features, use_bias=use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
     kernel_init=param_init(cfg.init_std, ("embed", out_axis)), bias_init=_zeros((out_axis,)),
     name=name,
   )
@@ -55,6 +56,51 @@ def first_tokens(x_BTD: jax.Array, cls_index_N: jax.Array | None = None) -> jax.
   return x_BTD.reshape(-1, x_BTD.shape[-1])[cls_index_N]
 
 
+def mean_tokens(x_BTD: jax.Array, padding_mask_BT=None, segment_ids_BT=None,
+                cls_index_N=None) -> jax.Array:
+  """Each sequence's mean hidden state over its real tokens (HF ModernBERT's "mean" pooling):
+  [B, D], or [N, D] for examples packed several to a row, each the tokens of its first token's
+  segment."""
+  B, T, _ = x_BTD.shape
+  real_BT = jnp.ones((B, T), bool) if padding_mask_BT is None else padding_mask_BT.astype(bool)
+  if cls_index_N is None:
+    weight_NT, x_NTD = real_BT, x_BTD
+  else:
+    if segment_ids_BT is None:
+      raise ValueError("mean pooling of packed examples (cls_index_N) needs segment_ids_BT")
+    row_N = cls_index_N // T
+    segment_N = segment_ids_BT.reshape(-1)[cls_index_N]
+    weight_NT = real_BT[row_N] & (segment_ids_BT[row_N] == segment_N[:, None])
+    x_NTD = x_BTD[row_N]
+  weight_NT = weight_NT.astype(jnp.float32)  # summed in fp32, whatever the compute dtype
+  total_ND = jnp.einsum("ntd,nt->nd", x_NTD.astype(jnp.float32), weight_NT)
+  return (total_ND / jnp.maximum(weight_NT.sum(-1, keepdims=True), 1)).astype(x_BTD.dtype)
+
+
+def pool(cfg: ModelConfig, x_BTD, padding_mask_BT=None, segment_ids_BT=None, cls_index_N=None):
+  """What a seq_cls head reads of each sequence, by cfg.classifier_pooling."""
+  if cfg.classifier_pooling == "mean":
+    return mean_tokens(x_BTD, padding_mask_BT, segment_ids_BT, cls_index_N)
+  return first_tokens(x_BTD, cls_index_N)
+
+
+def _transform(cfg: ModelConfig, x_BTD, dense_name: str):
+  """dense + activation + norm, as submodules of the calling module's compact method."""
+  h_BTD = _dense(cfg, cfg.embed_dim, dense_name, use_bias=cfg.head_bias)(x_BTD)
+  return norm(cfg, "norm")(activation(cfg.activation)(h_BTD))
+
+
+class PredictionHead(nn.Module):
+  """dense + activation + norm before a task head's classifier (cfg.prediction_head: HF
+  ModernBERT's `head`); the MLM head starts with the same transform."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    return _transform(self.cfg, x_BTD, "dense")
+
+
 class MlmHead(nn.Module):
   """dense + activation + norm, then the decoder tied to the token embedding, plus a bias."""
 
@@ -63,8 +109,7 @@ class MlmHead(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, embedding_VD):
     cfg = self.cfg
-    h_BTD = activation(cfg.activation)(_dense(cfg, cfg.embed_dim, "transform")(x_BTD))
-    h_BTD = norm(cfg, "norm")(h_BTD)
+    h_BTD = _transform(cfg, x_BTD, "transform")
     bias_V = self.param("bias", _zeros(("vocab",)), (cfg.vocab_size,), cfg.param_dtype)
     logits_BTV = jnp.einsum("btd,vd->btv", h_BTD, embedding_VD.astype(h_BTD.dtype))
     return logits_BTV + bias_V.astype(logits_BTV.dtype)[None, None, :]
@@ -75,6 +120,8 @@ class EncoderModel(nn.Module):
 
   base (returns {"hidden": [B,T,D], "pooled": [B,D] or None}), mlm ([B,T,V]),
   seq_cls ([B,C]; C=1 is regression), token_cls ([B,T,C]) or qa ([B,T,2]: start, end).
+  seq_cls reads the first token or the mean (cfg.classifier_pooling) through BERT's pooler, or
+  with cfg.prediction_head (ModernBERT) through dense + activation + norm, as token_cls and qa.
   Packed rows (several examples per row) pass segment_ids and positions; seq_cls then also
   takes cls_index_N and returns [N, C], one row per example.
   """
@@ -100,13 +147,18 @@ class EncoderModel(nn.Module):
       embedding_VD = nn.unbox(backbone.variables["params"]["embed"]["embedding"])
       return _fp32(MlmHead(cfg, name="mlm_head")(x_BTD, embedding_VD))
     if cfg.head == "seq_cls":
-      first_BD = first_tokens(x_BTD, cls_index_N)
+      first_BD = pool(cfg, x_BTD, padding_mask_BT, segment_ids_BT, cls_index_N)
       if cfg.position_offset:  # RoBERTa's classification head drops out its input as well
         first_BD = drop(first_BD)
-      pooled_BD = drop(Pooler(cfg, name="pooler")(first_BD))
-      return _fp32(_dense(cfg, cfg.num_labels, "classifier")(pooled_BD))
+      transform = PredictionHead(cfg, name="head") if cfg.prediction_head else Pooler(
+        cfg, name="pooler")
+      return _fp32(_dense(cfg, cfg.num_labels, "classifier")(drop(transform(first_BD))))
+    if cfg.prediction_head:  # ModernBERT: token_cls and qa read the prediction head, dropped out
+      x_BTD = drop(PredictionHead(cfg, name="head")(x_BTD))
+    elif cfg.head == "token_cls":
+      x_BTD = drop(x_BTD)
     if cfg.head == "token_cls":
-      return _fp32(_dense(cfg, cfg.num_labels, "classifier")(drop(x_BTD)))
+      return _fp32(_dense(cfg, cfg.num_labels, "classifier")(x_BTD))
     return _fp32(_dense(cfg, 2, "qa_outputs")(x_BTD))
 
 

@@ -201,13 +201,17 @@ def attention_mask(segment_ids_BT: jax.Array | None, causal: bool) -> jax.Array 
   return mask_BTS[:, None]
 
 
-def sliding_mask(segment_ids_BT: jax.Array | None, window: int, batch: int,
-                 length: int) -> jax.Array:
-  """Boolean [B, 1, T, T] mask of a sliding layer: causal, same-segment, and key j within the
-  query i's window (j > i - window), as Hugging Face's sliding-window mask."""
+def sliding_mask(segment_ids_BT: jax.Array | None, window: int, batch: int, length: int,
+                 causal: bool = True, padding_mask_BT: jax.Array | None = None) -> jax.Array:
+  """Boolean [B, 1, T, T] mask of a sliding layer: same-segment, and key j within the query i's
+  window: causal, j > i - window, as Hugging Face's sliding-window mask; else (an encoder, under
+  `padding_mask_BT`) two-sided, |i - j| <= window // 2, as Hugging Face's ModernBERT."""
+  i = jnp.arange(length)
+  if not causal:
+    mask_B1TS = bidirectional_mask(padding_mask_BT, segment_ids_BT, batch, length)
+    return mask_B1TS & (jnp.abs(i[None, :] - i[:, None]) <= window // 2)[None, None]
   if segment_ids_BT is None:
     segment_ids_BT = jnp.ones((batch, length), jnp.int32)
-  i = jnp.arange(length)
   in_window_TS = i[None, :] > i[:, None] - window
   return attention_mask(segment_ids_BT, causal=True) & in_window_TS[None, None]
 
@@ -507,6 +511,7 @@ class Block(nn.Module):
   (Gemma); res_post x + norm(f(x)) (OLMo 2).
 
   `local` (the attribute) makes a sliding layer, which attends under the second of `masks`;
+  `attn_norm` False drops the norm before attention (pre-norm blocks only: ModernBERT's first);
   None leaves it to the call's `local` flag, traced per layer in a scanned stack of mixed layers.
   """
 
@@ -514,6 +519,7 @@ class Block(nn.Module):
   deterministic: bool = True
   decode: bool = False
   local: bool | None = False
+  attn_norm: bool = True  # False: no norm before attention (ModernBERT's first block)
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, masks, segment_ids_BT=None, local=None):
@@ -535,7 +541,7 @@ class Block(nn.Module):
       return nn.with_logical_constraint(x_BTD, ("batch", "length", "embed")), None
     before = cfg.norm_position in ("pre", "sandwich")
     after = cfg.norm_position in ("sandwich", "res_post")
-    h = norm(cfg, "attn_norm")(x_BTD) if before else x_BTD
+    h = norm(cfg, "attn_norm")(x_BTD) if before and self.attn_norm else x_BTD
     h = attn(h, positions_BT, mask, segment_ids_BT, local)
     x_BTD = x_BTD + drop(norm(cfg, "attn_post_norm")(h) if after else h)
     h = mlp(norm(cfg, "mlp_norm")(x_BTD) if before else x_BTD)

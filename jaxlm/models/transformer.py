@@ -53,7 +53,10 @@ def _masks(cfg: ModelConfig, segment_ids_BT, padding_mask_BT, B: int, T: int):
   """(mask of full layers, mask of sliding layers) for the xla attention path; either None
   where no layer needs it (None for full layers: causal, or a kernel reads the segment ids)."""
   local = cfg.local_layers
-  local_mask = sliding_mask(segment_ids_BT, cfg.sliding_window, B, T) if any(local) else None
+  local_mask = None
+  if any(local):  # an encoder's window is two-sided, under its padding mask
+    local_mask = sliding_mask(segment_ids_BT, cfg.sliding_window, B, T, cfg.causal,
+                              padding_mask_BT)
   if all(local):
     return None, local_mask
   packed = segment_ids_BT is not None
@@ -80,7 +83,7 @@ def default_positions(cfg: ModelConfig, padding_mask_BT, batch: int, length: int
 
 class Transformer(nn.Module):
   """Decoder-only Transformer LM (GPT-2, Llama, Qwen, Gemma, OLMo families), or an encoder
-  (BERT, RoBERTa), by configuration."""
+  (BERT, RoBERTa, ModernBERT), by configuration."""
 
   cfg: ModelConfig
 
@@ -159,7 +162,8 @@ class Transformer(nn.Module):
       x_BTD, _ = stack(x_BTD, positions_BT, masks, segment_ids_BT, flags)
     else:
       for i in range(cfg.num_layers):
-        x_BTD, _ = block(cfg, deterministic, decode, local_L[i], name=f"block_{i}")(
+        x_BTD, _ = block(cfg, deterministic, decode, local_L[i],
+                         attn_norm=i > 0 or cfg.first_attn_norm, name=f"block_{i}")(
           x_BTD, positions_BT, masks, segment_ids_BT)
 
     if cfg.norm_position != "post":  # post-norm blocks already end in a norm

@@ -16,11 +16,11 @@ from jaxlm.hf.families.family import (  # noqa: F401 (the family API)
 
 def families() -> list[Family]:
   """All known families (imported here, not at package import, to keep `import jaxlm` light)."""
-  from jaxlm.hf.families import bert, gemma, gpt2, llama, moe, olmo2
+  from jaxlm.hf.families import bert, gemma, gpt2, llama, modernbert, moe, olmo2
 
   return [gpt2.GPT2, llama.LLAMA, llama.MISTRAL, llama.QWEN2, llama.QWEN3, gemma.GEMMA2,
           gemma.GEMMA3, olmo2.OLMO2, moe.MIXTRAL, moe.QWEN3_MOE, bert.BERT, bert.ROBERTA,
-          bert.ROBERTA_CLS]
+          bert.ROBERTA_CLS, modernbert.MODERNBERT]
 
 
 # HF config fields that mean a part jaxlm does not implement, whatever the family: a config that
@@ -85,8 +85,10 @@ def family_for_model(cfg) -> Family:
   or 2 for sandwich norms (with or without qk-norm), OLMo 2 for res_post norms, Qwen3 for
   per-head qk-norm, Qwen2 for q/k/v-only biases, Mistral when every layer slides, Qwen2 when
   some do, Llama otherwise; with experts Qwen3-MoE (per-head qk-norm) or Mixtral; encoders as
-  BERT, or RoBERTa when positions are offset."""
+  ModernBERT with RoPE, else BERT, or RoBERTa when positions are offset."""
   if not getattr(cfg, "causal", True):
+    if cfg.position == "rope":
+      return family_named("modernbert")
     if not cfg.position_offset:
       return family_named("bert")
     return family_named("roberta_cls" if cfg.head == "seq_cls" else "roberta")
