@@ -98,13 +98,14 @@ def check_model(kind: str, model_cfg) -> None:
 
 def make_tokenizer(config, workdir):
   """The run's tokenizer: 1. the one saved in the run directory (resume), 2. model.init_from's
-  (distill with init_layers: the teacher's), when data.tokenizer is 'char' or empty,
+  (distill: the teacher's) when data.tokenizer is 'char' or empty (distill: '' alone, unless
+  distill.init_layers),
   3. data.tokenizer (a directory, a hub id, or 'char': the characters of the training text)."""
   if (rundir.path(workdir) / rundir.TOKENIZER_DIR).exists():
     return rundir.load_tokenizer(workdir)
   src, name = config.model.init_from, config.data.tokenizer
-  if not src and config.kind == "distill":  # a student of the teacher's own sizes
-    src = config.distill.teacher if config.distill.init_layers else ""
+  if not src and config.kind == "distill" and (config.distill.init_layers or name == ""):
+    src = config.distill.teacher  # the teacher's tokenizer (its sizes, with init_layers)
   if src and name in ("char", ""):
     return rundir.init_tokenizer(src)
   if name == "char":
