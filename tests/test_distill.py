@@ -75,19 +75,19 @@ def _whole(hs, w_s, ht, w_t, targets, weights, beta, temperature):
 def test_chunked_loss_and_gradients_equal_the_whole_logits(beta=0.5):
   """T = 20 in chunks of 8 (the last padded); the student's vocabulary (96) larger than the
   teacher's (80), widths 16 and 24; the loss and its gradients of the student's hidden states and
-  head; the teacher gets none."""
+  head."""
   B, T, D, E, V, Vt = 2, 20, 16, 24, 96, 80
-  k = jax.random.split(jax.random.PRNGKey(0), 6)
-  hs, ht = jax.random.normal(k[0], (B, T, D)), jax.random.normal(k[1], (B, T, E))
-  w_s, w_t = jax.random.normal(k[2], (V, D)) * 0.3, jax.random.normal(k[3], (Vt, E)) * 0.3
-  targets = jax.random.randint(k[4], (B, T), 0, Vt)
-  weights = (jax.random.uniform(k[5], (B, T)) > 0.3).astype(jnp.float32)
+  rng = np.random.default_rng(0)  # numpy: each eager jax.random call would compile a program
+  hs, ht = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((B, T, D), (B, T, E)))
+  w_s, w_t = (jnp.asarray(rng.normal(size=s) * 0.3, jnp.float32) for s in ((V, D), (Vt, E)))
+  targets = jnp.asarray(rng.integers(0, Vt, (B, T)), jnp.int32)
+  weights = jnp.asarray(rng.random((B, T)) > 0.3, jnp.float32)
 
   def loss(fn):
-    def total(hs, w_s, ht, w_t):
+    def total(hs, w_s):
       kd, ce = fn(hs, w_s, ht, w_t)
       return 0.7 * 4.0 * kd + 0.3 * ce, (kd, ce)
-    return jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2, 3), has_aux=True))(hs, w_s, ht, w_t)
+    return jax.jit(jax.value_and_grad(total, argnums=(0, 1), has_aux=True))(hs, w_s)
 
   chunked = loss(lambda *a: distill.chunked_kd_sums(*a, targets, weights, chunk=8, beta=beta,
                                                     temperature=2.0))
@@ -96,9 +96,8 @@ def test_chunked_loss_and_gradients_equal_the_whole_logits(beta=0.5):
   (value_ref, parts_ref), grads_ref = whole
   np.testing.assert_allclose(value, value_ref, rtol=1e-5)
   np.testing.assert_allclose(parts, parts_ref, rtol=1e-5)
-  for g, g_ref in zip(grads[:2], grads_ref[:2]):
+  for g, g_ref in zip(grads, grads_ref):
     np.testing.assert_allclose(g, g_ref, atol=1e-5, rtol=1e-4)
-  assert not np.any(grads[2]) and not np.any(grads[3])  # the teacher is frozen
 
 
 # --- a distill run through the one trainer --------------------------------------------------------
@@ -231,8 +230,8 @@ def test_a_sequence_classifier_distils_on_the_teachers_class_probabilities(tiny_
   data_dir = os.path.join(SHARED_DATA, "glue")
   if not os.path.isdir(data_dir):
     pytest.skip(f"{data_dir} not found (../shared/data is absent)")
-  c = finetune_config("sst2", data_dir, 64, epochs=1, lr=1e-3, batch_size=8, warmup_steps=1,
-                      max_train_examples=24, max_eval_examples=16)
+  c = finetune_config("sst2", data_dir, 64, epochs=1, lr=1e-3, batch_size=8, warmup_steps=0,
+                      max_train_examples=16, max_eval_examples=16, buckets=(64,))
   c.kind = "distill"
   c.model.update(init_from="", dropout=0.0)
   c.distill.update({"teacher": tiny_bert, "init_layers": (0,), "alpha": 0.5})
@@ -243,6 +242,6 @@ def test_a_sequence_classifier_distils_on_the_teachers_class_probabilities(tiny_
   start = next(r for r in records if r["step"] == 0)
   assert start["dev_accuracy"] == start["dev_teacher_accuracy"]
   steps = [r for r in records if "loss" in r]
-  assert len(steps) == 3 and steps[0]["distill/kd"] < 1e-6 < steps[-1]["distill/kd"]
+  assert len(steps) == 2 and steps[0]["distill/kd"] < 1e-6 < steps[-1]["distill/kd"]
   assert all(np.isfinite(r["distill/ce"]) for r in steps)
   assert np.isfinite(result["accuracy"]) and "teacher_accuracy" in result
