@@ -146,10 +146,6 @@ class Teacher:
     each layer casting or dequantizing its own)."""
     return self.freezer.unmerged(self.params if params is None else params)
 
-  def whole_params(self):
-    """The params as one dequantized tree (evaluation)."""
-    return self.freezer.base(self.params)
-
 
 def _vocab(tokenizer) -> dict:
   return dict(tokenizer.get_vocab())
@@ -168,8 +164,8 @@ def check_tokenizers(student_tok, teacher_tok, src: str) -> None:
 
 def teacher_config(config, student_cfg: ModelConfig | None = None) -> ModelConfig:
   """The teacher's ModelConfig: its own (run or HF checkpoint), run in eval (no dropout), in
-  distill.teacher_dtype when set, with the student's loss_chunk (so its LM head can be applied
-  chunk by chunk) and, for a task student, the student's head."""
+  distill.teacher_dtype when set and, for an encoder student, with the student's head (an HF
+  encoder without it gets a new one, as model.init_from does; a jaxlm run must have it)."""
   c = config.distill
   values = {"dropout": 0.0}
   if c.teacher_dtype:
@@ -178,6 +174,15 @@ def teacher_config(config, student_cfg: ModelConfig | None = None) -> ModelConfi
     values.update(head=student_cfg.head, num_labels=student_cfg.num_labels)
   elif student_cfg is not None and student_cfg.head == "mlm":
     values.update(head="mlm")
+  if rundir.is_run_dir(c.teacher) and "head" in values:
+    saved = rundir.read_config(c.teacher).model
+    if (saved.head, saved.num_labels) != (values["head"], values.get("num_labels",
+                                                                      saved.num_labels)):
+      raise ValueError(
+        f"distill.teacher={c.teacher!r} is a run with model.head={saved.head!r} "
+        f"num_labels={saved.num_labels}, but the student has head={values['head']!r} "
+        f"num_labels={student_cfg.num_labels}: a teacher's head must be trained; distil from a "
+        "run of the same head")
   return rundir.init_model_config(c.teacher, values)
 
 
