@@ -164,7 +164,9 @@ def _eval():
   from jaxlm.train import evaluation
 
   scores = evaluation.evaluate_run(FLAGS.workdir, FLAGS.split)
-  prefix = f"{FLAGS.split}_" if config.kind == "finetune" else ""
+  from jaxlm import config as config_lib
+
+  prefix = f"{FLAGS.split}_" if config_lib.data_kind(config) == "finetune" else ""
   import jax
 
   if jax.process_index():  # every process scores (collectively); process 0 prints

@@ -18,6 +18,8 @@ KINDS = {
   "dpo": "preference tuning of a decoder (DPO, IPO, SimPO) on prompt/chosen/rejected pairs",
   "mlm": "masked-LM pretraining of an encoder (BERT, RoBERTa)",
   "finetune": "an encoder task head (GLUE, CoNLL-2003, SQuAD): `task` names the task",
+  "distill": "a student (LM, masked LM or sequence classifier) trained towards a frozen teacher's "
+             "distributions (`distill`) and the labels",
 }
 
 
@@ -74,7 +76,19 @@ def base_config() -> ml_collections.ConfigDict:
     label_smoothing=0.0,  # sigmoid/simpo: assumed chance a pair's labels are flipped (cDPO)
     simpo_gamma=0.5,  # simpo: target reward margin
   ))
-  c.task = task()  # kind=finetune
+  c.task = task()  # kind=finetune; kind=distill with a seq_cls student
+  c.distill = ml_collections.ConfigDict(dict(  # kind=distill (jaxlm.train.distill)
+    teacher="",  # the frozen teacher: a jaxlm run directory or an HF checkpoint (dir, .gguf, id)
+    divergence="forward_kl",  # forward_kl | reverse_kl | jsd (TRL GKD's generalized JSD, beta)
+    beta=0.5,  # jsd: TRL's beta (0 would be forward KL, 1 reverse KL)
+    alpha=0.5,  # loss = alpha * T^2 * D(teacher, student) + (1 - alpha) * CE(labels)
+    temperature=2.0,  # T: both distributions softened by it
+    teacher_dtype="",  # "" (as imported) | bfloat16 | float32
+    teacher_quantize="",  # "" | int8: the teacher's block kernels held int8 (Qwix)
+    # teacher layers the student starts from (DistilBERT: 0, 2, 4); embeddings, final norm and
+    # heads copied too, the student's config the teacher's with len(init_layers) layers; () = off
+    init_layers=(),
+  ))
   c.lora = ml_collections.ConfigDict(dict(  # LoRA on a run that starts from model.init_from
     rank=0,  # adapter rank r; 0: LoRA off (every parameter trained)
     alpha=16.0,  # PEFT's lora_alpha: the update is scaled by alpha/r (alpha/sqrt(r) with rslora)
@@ -198,3 +212,11 @@ def finetune_config(name: str, data_dir: str, max_len: int, *, epochs: int = 3, 
   # all-reduce every gradient of a 20M+ parameter model each step, costing more than it saves
   c.runtime.cpu_devices = 1
   return c
+
+
+def data_kind(config) -> str:
+  """The kind whose data and evaluator a run uses: its own, or for kind='distill' the student's
+  head's (model.head seq_cls: finetune's task examples, mlm: masked text, else lm's text)."""
+  if config.kind != "distill":
+    return config.kind
+  return {"seq_cls": "finetune", "mlm": "mlm"}.get(config.model.head, "lm")

@@ -42,7 +42,7 @@ QUANTIZE = ("", "int8", "int4", "nf4")
 GROUP = 64
 BASE_DTYPES = ("", "float32", "bfloat16", "float16")
 # kinds whose runs may use LoRA (they start from model.init_from); "dpo" joins when it lands
-KINDS = ("lm", "sft", "finetune", "dpo")
+KINDS = ("lm", "sft", "finetune", "dpo", "distill")
 LORA_A, LORA_B = linear.LORA_A, linear.LORA_B
 
 
@@ -359,5 +359,6 @@ def for_model(config, model) -> Lora | None:
     return None
   check_allowed(config)
   boxed = param_shapes(model)
-  full = tuple(k for k in boxed if k != "transformer") if config.kind == "finetune" else ()
+  task = config.kind == "finetune" or (config.kind == "distill" and model.cfg.head == "seq_cls")
+  full = tuple(k for k in boxed if k != "transformer") if task else ()
   return build(section, boxed, num_layers=model.cfg.num_layers, full=full)

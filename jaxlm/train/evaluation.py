@@ -3,6 +3,7 @@ never written."""
 
 import jax
 
+from jaxlm import config as config_lib
 from jaxlm import rundir, sharding
 from jaxlm.train import modes
 
@@ -17,12 +18,13 @@ def evaluate_run(workdir, split: str = "dev") -> dict:
     ValueError: for a split the run's kind does not have (check_split).
   """
   config = rundir.read_config(workdir)
-  check_split(config.kind, split)
+  kind = config_lib.data_kind(config)  # a distill run scores as its student's head's kind
+  check_split(kind, split)
   mesh = sharding.make_mesh(config.mesh)
   saved, params = rundir.load_run(workdir, mesh=mesh)
   shardings = jax.tree.map(lambda x: x.sharding, params)
   mode = modes.build(config, saved.tokenizer, saved.model, mesh, shardings,
-                     eval_split=split if config.kind == "finetune" else None, train=False)
+                     eval_split=split if kind == "finetune" else None, train=False)
   with sharding.mesh_rules(mesh):
     return mode.evaluate(params)
 

@@ -2,7 +2,9 @@
 iterator of this process's rows), its evaluator and its length; the objective comes from the
 model's head (jaxlm.train.objectives) unless the mode names its own (dpo). lm, sft and mlm read
 the Grain pipeline (mlm masks its rows); dpo reads preference pairs packed into rows and trains
-against the frozen reference; finetune reads task examples and scores the task's official metric.
+against the frozen reference; finetune reads task examples and scores the task's official metric;
+distill reads what its student's head trains on (text, masked text or task examples) and trains
+towards a frozen teacher (jaxlm.train.distill), whose own score joins each evaluation's.
 """
 
 import dataclasses
@@ -14,6 +16,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxlm import config as config_lib
 from jaxlm import sharding
 from jaxlm.data import buckets as bucket_lib
 from jaxlm.data import mlm as mlm_lib
@@ -21,7 +24,7 @@ from jaxlm.data import pipeline, preference
 from jaxlm.data import tokenize as tokenize_lib
 from jaxlm.data.batch import BatchIterator, process_rows
 from jaxlm.tasks import registry
-from jaxlm.train import dpo, objectives
+from jaxlm.train import distill, dpo, objectives
 from jaxlm.train import step as step_lib
 
 
@@ -38,12 +41,15 @@ class Mode:
   eval_at_start: bool = False  # score the imported weights before the first step
   objective: Callable | None = None  # None: the model head's (objectives.for_head)
   reference: bool = False  # the objective and evaluator read the reference model (DPO)
+  teacher: distill.Teacher | None = None  # the step passes its params to the objective (distill)
 
 
 def build(config, tokenizer, model, mesh, params_shardings, *, eval_split: str | None = None,
           train: bool = True) -> Mode:
-  """The mode of `config.kind` (lm | sft | mlm | finetune); `train=False` reads only what
-  evaluation needs (for `jaxlm eval`), `eval_split` overrides the split scored."""
+  """The mode of `config.kind` (lm | sft | mlm | finetune | dpo | distill); `train=False` reads
+  only what evaluation needs (for `jaxlm eval`), `eval_split` overrides the split scored."""
+  if config.kind == "distill":
+    return _distill_mode(config, tokenizer, model, mesh, params_shardings, eval_split, train)
   if config.kind == "finetune":
     return _task_mode(config, tokenizer, model, mesh, params_shardings, eval_split, train)
   if config.kind == "dpo":
@@ -75,28 +81,82 @@ def _mean_eval(eval_fn, params, batches: list[dict], mesh, *reference) -> dict:
 
 # --- lm, sft, mlm: token streams ------------------------------------------------------------------
 
-def _lm_mode(config, tokenizer, model, mesh, params_shardings) -> Mode:
-  cfg_t = config.train
+def _lm_mode(config, tokenizer, model, mesh, params_shardings, kind: str = "",
+             teacher: distill.Teacher | None = None) -> Mode:
+  cfg_t, kind = config.train, kind or config.kind
   masker = None
-  if config.kind == "mlm":
+  if kind == "mlm":
     masker = mlm_lib.Masker(tokenizer, config.mlm.prob, config.mlm.whole_word,
                             position_offset=model.cfg.position_offset)
   shard = pipeline.Shard(jax.process_index(), jax.process_count())
   data = pipeline.build(config.data, tokenizer, batch_size=cfg_t.batch_size, seed=cfg_t.seed,
-                        eval_batches=cfg_t.eval_batches, shard=shard, sft=config.kind == "sft",
+                        eval_batches=cfg_t.eval_batches, shard=shard, sft=kind == "sft",
                         mlm=masker)
   eval_fn = step_lib.jit_eval_step(model.apply, params_shardings,
                                    objectives.for_head(model.cfg.head))
 
-  def evaluate(params, reference=None) -> dict:
-    """Mean token loss and perplexity over the fixed eval batches."""
-    out = _mean_eval(eval_fn, params, data.eval_batches, mesh)
+  def scores(fn, params) -> dict:
+    out = _mean_eval(fn, params, data.eval_batches, mesh)
     if out:
       out["eval_ppl"] = math.exp(min(out["eval_loss"], 50.0))
     return out
 
+  def evaluate(params, reference=None) -> dict:
+    """Mean token loss and perplexity over the fixed eval batches."""
+    return scores(eval_fn, params)
+
+  if teacher is not None:
+    teacher_fn = step_lib.jit_eval_step(teacher.model.apply, None,
+                                        _teacher_objective(teacher, objectives.for_head(
+                                          teacher.cfg.head)))
+    evaluate = _with_teacher(evaluate, lambda: scores(teacher_fn, teacher.params))
+
   return Mode(data.train, evaluate, _positive(config, "steps"), _positive(config, "eval_every"),
               data.summary, eval_at_start=bool(config.model.init_from))
+
+
+# --- distill: a student and a frozen teacher ------------------------------------------------------
+
+def _teacher_objective(teacher: distill.Teacher, objective):
+  """`objective` applied to the teacher's params as held (cast or quantized kernels boxed for the
+  layers, as a step applies them)."""
+  def sums(apply_fn, params, batch, rng, deterministic):
+    return objective(apply_fn, teacher.apply_params(params), batch, rng, deterministic)
+  return sums
+
+
+def _with_teacher(evaluate, teacher_scores):
+  """`evaluate` with the teacher's own scores beside the student's, as teacher_<name>; the
+  teacher is frozen, so it is scored once."""
+  cache = {}
+
+  def both(params, reference=None) -> dict:
+    out = evaluate(params, reference)
+    if "scores" not in cache:
+      cache["scores"] = teacher_scores()
+    return {**out, **{f"teacher_{k}": v for k, v in cache["scores"].items()}}
+
+  return both
+
+
+def _distill_mode(config, tokenizer, model, mesh, params_shardings, eval_split, train) -> Mode:
+  teacher = distill.load_teacher(config, tokenizer, model.cfg, mesh)
+  kind = config_lib.data_kind(config)
+  if kind == "finetune":
+    mode = _task_mode(config, tokenizer, model, mesh, params_shardings, eval_split, train,
+                      teacher)
+  else:
+    mode = _lm_mode(config, tokenizer, model, mesh, params_shardings, kind, teacher)
+  c = config.distill
+  n = sum(x.size for x in jax.tree.leaves(teacher.params))
+  held = c.teacher_quantize or c.teacher_dtype or teacher.cfg.param_dtype
+  mode.summary += (f"; teacher {c.teacher} ({teacher.cfg.num_layers} layers, {n:,} parameters, "
+                   f"held {held}); distill.divergence={c.divergence} alpha={c.alpha} "
+                   f"T={c.temperature}")
+  mode.objective = distill.objective(c, teacher, model.cfg)
+  mode.teacher = teacher
+  mode.eval_at_start = True  # where the student starts, against the teacher
+  return mode
 
 
 # --- dpo: preference pairs -----------------------------------------------------------------------
@@ -164,7 +224,8 @@ def check_head(task, model_cfg):
       f"num_labels={model_cfg.num_labels}, causal={model_cfg.causal}")
 
 
-def _task_mode(config, tokenizer, model, mesh, params_shardings, eval_split, train) -> Mode:
+def _task_mode(config, tokenizer, model, mesh, params_shardings, eval_split, train,
+               teacher: distill.Teacher | None = None) -> Mode:
   task = registry.get_task(config.task)
   check_head(task, model.cfg)
   cfg_t, split = config.train, eval_split or config.task.eval_split
@@ -185,17 +246,25 @@ def _task_mode(config, tokenizer, model, mesh, params_shardings, eval_split, tra
   outputs_fn = jax.jit(functools.partial(objectives.model_outputs, model.apply),
                        in_shardings=(params_shardings, None))
 
-  def evaluate(params, reference=None) -> dict:
-    """The task's official metric(s) over the eval split."""
+  def scores(fn, params) -> dict:
     outputs = []
     for n, batch in bucket_lib.eval_batches(feats, cfg_t.batch_size, _buckets(config.task),
                                             tokenizer.pad_token_id, task.token_labels):
       rows = process_rows(batch, jax.process_index(), jax.process_count())
-      out = outputs_fn(params, sharding.global_batch(rows, mesh))
+      out = fn(params, sharding.global_batch(rows, mesh))
       outputs.extend(np.asarray(multihost_utils.process_allgather(out, tiled=True))[:n])
     if task.head != "seq_cls":  # per-token outputs: drop the bucket padding
       outputs = [o[:len(f["inputs"])] for o, f in zip(outputs, feats)]
     return task.score(examples, feats, outputs)
+
+  def evaluate(params, reference=None) -> dict:
+    """The task's official metric(s) over the eval split."""
+    return scores(outputs_fn, params)
+
+  if teacher is not None:
+    teacher_fn = jax.jit(lambda p, b: objectives.model_outputs(
+      teacher.model.apply, teacher.apply_params(p), b))
+    evaluate = _with_teacher(evaluate, lambda: scores(teacher_fn, teacher.params))
 
   return Mode(batches, evaluate, total, cfg_t.eval_every or per_epoch, summary,
               record_prefix=f"{split}_")

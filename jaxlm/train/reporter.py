@@ -7,6 +7,7 @@ import time
 import jax
 import numpy as np
 
+from jaxlm import config as config_lib
 from jaxlm import devices
 from jaxlm.models import layers
 from jaxlm.train import metrics as metrics_lib
@@ -144,15 +145,18 @@ def step_flops(run):
   """For `run` (a trainer.Run), the FLOPs of a training step over a batch of `shape` [B, T]:
   model FLOPs per token (causal attention counted as half) times the tokens. A LoRA run computes
   no gradients of its frozen weights; DPO with a reference model adds the reference's forward
-  pass."""
+  pass, and distillation its teacher's forward pass."""
   cfg, cache = run.model.cfg, {}
   reference = bool(run.mode and run.mode.reference)
+  teacher = run.mode.teacher.cfg if run.mode and run.mode.teacher is not None else None
 
   def flops(shape) -> float:
     if shape not in cache:
       per_token = devices.model_flops_per_token(cfg, shape[-1], weight_grads=run.lora is None)
       if reference:
         per_token += devices.model_flops_per_token(cfg, shape[-1], training=False)
+      if teacher is not None:
+        per_token += devices.model_flops_per_token(teacher, shape[-1], training=False)
       cache[shape] = per_token * math.prod(shape)
     return cache[shape]
 
@@ -165,14 +169,17 @@ def hfu_factor(run) -> float:
   attention, LoRA's gradients reaching the adapters without weight gradients of the frozen
   kernels; at the run's sequence length (finetune: task.max_len, the longest bucket)."""
   cfg, config = run.model.cfg, run.config
-  seq_len = config.task.max_len if config.kind == "finetune" else config.data.seq_len
+  kind = config_lib.data_kind(config)
+  seq_len = config.task.max_len if kind == "finetune" else config.data.seq_len
   trained = None if run.lora is None else run.lora.trained_paths()
   # the kernel a batch of the run gets: packed rows carry segment ids (sft, dpo and finetune
   # pack; lm and mlm when data.packing is not "none")
-  packed = config.kind in ("sft", "dpo", "finetune") or config.data.packing != "none"
+  packed = kind in ("sft", "dpo", "finetune") or config.data.packing != "none"
   hardware = devices.hardware_flops_per_token(
     cfg, seq_len, attention=layers.attention_impl(cfg, seq_len, packed), trained=trained,
     reference=bool(run.mode and run.mode.reference))
+  if run.mode and run.mode.teacher is not None:  # the teacher's forward pass, as model FLOPs
+    hardware += devices.model_flops_per_token(run.mode.teacher.cfg, seq_len, training=False)
   return hardware * seq_len / step_flops(run)((1, seq_len))
 
 

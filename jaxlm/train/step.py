@@ -21,7 +21,7 @@ def _split_micro(batch: Batch, num: int) -> Batch:
   return jax.tree.map(lambda x: x.reshape(num, x.shape[0] // num, *x.shape[1:]), batch)
 
 
-def train_step(state: TrainState, batch: Batch, *, objective, grad_accum: int = 1,
+def train_step(state: TrainState, batch: Batch, teacher=None, *, objective, grad_accum: int = 1,
                dropout: bool = False, reference: bool = False):
   """One optimizer step over `batch`, accumulating gradients over `grad_accum` micro-batches.
 
@@ -30,11 +30,14 @@ def train_step(state: TrainState, batch: Batch, *, objective, grad_accum: int = 
   objective may return `(loss sum, {"weight": weight sum, name: sum, ...})` instead: each named
   sum is then reported divided by the weight (DPO's rewards). With `reference`, the objective
   also receives the reference model's params as `reference=` (DPO: the starting weights, or with
-  LoRA the base with the adapters off).
+  LoRA the base with the adapters off). A `teacher` (distillation: the frozen teacher's params,
+  an argument beside the state, never in it) is passed to the objective as `teacher=`.
   """
   rng, step_rng = jax.random.split(state.rng)
   if reference:
     objective = functools.partial(objective, reference=state.apply_reference())
+  if teacher is not None:
+    objective = functools.partial(objective, teacher=teacher)
 
   def micro_grads(params, micro, key):
     def loss_fn(p):  # with LoRA, p are the adapters, applied unmerged beside the frozen base
@@ -67,10 +70,13 @@ def train_step(state: TrainState, batch: Batch, *, objective, grad_accum: int = 
   return new_state, metrics
 
 
-def train_steps(state: TrainState, batches: Batch, **step_kwargs):
+def train_steps(state: TrainState, batches: Batch, teacher=None, **step_kwargs):
   """`train_step` over a stacked batch (`[steps, rows, ...]`, one step's batch per leading
   index) in one `lax.scan`: the state after the last step and each step's metrics, stacked."""
-  return jax.lax.scan(functools.partial(train_step, **step_kwargs), state, batches)
+  def one(s, batch):
+    return train_step(s, batch, teacher, **step_kwargs)
+
+  return jax.lax.scan(one, state, batches)
 
 
 def eval_step(params, batch: Batch, reference=None, *, apply_fn, objective):
@@ -131,14 +137,16 @@ def sharded_init(model, tx, rng, mesh, lora=None, reference: bool = False, shard
 
 
 def jit_train_step(state_shardings, objective, *, grad_accum: int = 1, dropout: bool = False,
-                   reference: bool = False, stacked: bool = False):
+                   reference: bool = False, stacked: bool = False, teacher: bool = False):
   """train_step jitted (train_steps when `stacked`): the state in and out with its shardings
   (donated); the batch arrives as global arrays already placed on the mesh
-  (jaxlm.sharding.global_batch)."""
+  (jaxlm.sharding.global_batch). With `teacher`, the step takes the teacher's params third, as
+  they are placed."""
   step = functools.partial(train_steps if stacked else train_step, objective=objective,
                            grad_accum=grad_accum, dropout=dropout, reference=reference)
-  return jax.jit(step, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
-                 donate_argnums=0)
+  extra = (None,) if teacher else ()
+  return jax.jit(step, in_shardings=(state_shardings, None, *extra),
+                 out_shardings=(state_shardings, None), donate_argnums=0)
 
 
 def jit_eval_step(apply_fn, params_shardings, objective, *, reference: bool = False):

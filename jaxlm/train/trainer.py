@@ -1,4 +1,4 @@
-"""The one trainer. Every kind of run (lm, sft, dpo, mlm, finetune) is set up here and goes
+"""The one trainer. Every kind of run (lm, sft, dpo, mlm, finetune, distill) is set up here and goes
 through one loop: a pure jitted step over a resumable batch iterator, with hooks for evaluation,
 metrics, the NaN guard, checkpoints, preemption and a closing sample.
 
@@ -26,8 +26,8 @@ from jaxlm.data.batch import BatchIterator
 from jaxlm.data.iterators import Prefetch, Stack
 from jaxlm.models import heads
 from jaxlm.models import lora as lora_lib
+from jaxlm.train import distill, modes, objectives, optim, preemption, reporter, startup
 from jaxlm.train import metrics as metrics_lib
-from jaxlm.train import modes, objectives, optim, preemption, reporter, startup
 from jaxlm.train import step as step_lib
 
 
@@ -97,12 +97,15 @@ def check_model(kind: str, model_cfg) -> None:
 
 
 def make_tokenizer(config, workdir):
-  """The run's tokenizer: 1. the one saved in the run directory (resume), 2. model.init_from's,
-  when data.tokenizer is 'char' or empty, 3. data.tokenizer (a directory, a hub id, or 'char':
-  the characters of the training text)."""
+  """The run's tokenizer: 1. the one saved in the run directory (resume), 2. model.init_from's
+  (distill: the teacher's) when data.tokenizer is 'char' or empty (distill: '' alone, unless
+  distill.init_layers),
+  3. data.tokenizer (a directory, a hub id, or 'char': the characters of the training text)."""
   if (rundir.path(workdir) / rundir.TOKENIZER_DIR).exists():
     return rundir.load_tokenizer(workdir)
   src, name = config.model.init_from, config.data.tokenizer
+  if not src and config.kind == "distill" and (config.distill.init_layers or name == ""):
+    src = config.distill.teacher  # the teacher's tokenizer (its sizes, with init_layers)
   if src and name in ("char", ""):
     return rundir.init_tokenizer(src)
   if name == "char":
@@ -120,7 +123,7 @@ def check_batch(config, mesh):
   per_call = config.train.steps_per_call
   if per_call < 1:
     raise ValueError(f"train.steps_per_call={per_call} must be >= 1")
-  if per_call > 1 and config.kind == "finetune":
+  if per_call > 1 and config_lib.data_kind(config) == "finetune":
     raise ValueError(f"train.steps_per_call={per_call} stacks batches of one shape, and "
                      "kind='finetune' batches vary in shape (buckets, packed rows): set "
                      "train.steps_per_call=1")
@@ -156,7 +159,11 @@ def setup(config, workdir, *, with_data: bool = True) -> Run:
   _Profile.parse(config.profile.steps)
   workdir = rundir.path(workdir)
   tokenizer = make_tokenizer(config, workdir)
-  seq_len = config.task.max_len if kind == "finetune" else config.data.seq_len
+  seq_len = config.task.max_len if config_lib.data_kind(config) == "finetune" else \
+    config.data.seq_len
+  if kind == "distill" and config.distill.init_layers and not config.model.init_from:
+    with config.unlocked():  # the student: the teacher's config with the chosen layers
+      config.model.update(distill.student_config(config))
   model_cfg = rundir.resolve_model_config(config, tokenizer, seq_len)
   check_model(kind, model_cfg)
   with config.unlocked():
@@ -237,6 +244,11 @@ class Trainer:
                                               message=self.writer.message)
     if copy_ref and step0 is None:  # the starting weights (a resume restores them)
       state = state.replace(frozen=jax.tree.map(lambda x: x.copy(), state.params))
+    if step0 is None and cfg.kind == "distill" and cfg.distill.init_layers \
+        and not cfg.model.init_from:  # DistilBERT: the student from the teacher's layers
+      state = startup.with_trainable(state, distill.layer_init_params(cfg, run.model), abstract)
+      self.writer.message(f"student initialised from teacher layers "
+                          f"{list(cfg.distill.init_layers)} of {cfg.distill.teacher}")
     if jax.process_index() == 0:
       rundir.write_config(run.workdir, cfg)
       if not (run.workdir / rundir.TOKENIZER_DIR).exists():
@@ -268,7 +280,10 @@ class Trainer:
     objective = mode.objective or objectives.for_head(run.model.cfg.head)
     train_fn = step_lib.jit_train_step(shardings, objective, grad_accum=cfg_t.grad_accum,
                                        dropout=run.model.cfg.dropout > 0,
-                                       reference=mode.reference, stacked=stacked)
+                                       reference=mode.reference, stacked=stacked,
+                                       teacher=mode.teacher is not None)
+    if mode.teacher is not None:  # the frozen teacher's params: an argument, not in the state
+      train_fn = functools.partial(_with_teacher, train_fn, mode.teacher.params)
     precision = run.model.cfg.matmul_precision
     peak, device = devices.run_peak_flops(run.model.cfg.dtype, run.config.runtime.peak_flops,
                                           precision)
@@ -412,5 +427,9 @@ class _Profile:
     if self.active:
       jax.profiler.stop_trace()
       self.active = False
+def _with_teacher(train_fn, teacher_params, state, batch):
+  return train_fn(state, batch, teacher_params)
+
+
 def _nbytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
