@@ -3,6 +3,7 @@ every log_every steps (a stacked call's steps each), compilation left out of tok
 the NaN guard stopping or counting skips, step FLOPs, and the closing summary line. End-to-end
 runs through it are in test_trainer.py, test_metrics.py and test_fault_tolerance.py."""
 
+import dataclasses
 import types
 
 import numpy as np
@@ -87,11 +88,15 @@ def test_skip_nonfinite_counts_skips_and_stops_past_n_in_a_row():
 def test_step_flops_count_the_reference_forward_and_lora_s_missing_weight_grads():
   cfg = ModelConfig(vocab_size=128, num_layers=2, embed_dim=32, num_heads=2, max_seq_len=64)
 
-  def flops(reference=False, lora=None):
+  def flops(reference=False, lora=None, teacher=None):
     run = types.SimpleNamespace(model=types.SimpleNamespace(cfg=cfg), lora=lora,
-                                mode=types.SimpleNamespace(reference=reference))
+                                mode=types.SimpleNamespace(reference=reference, teacher=teacher))
     return reporter.step_flops(run)((4, 64))
 
   full = flops()
   assert flops(reference=True) == pytest.approx(full * 4 / 3)  # 3 passes + 1 forward
   assert flops(lora=object()) == pytest.approx(full * 2 / 3)  # no frozen-weight gradients
+  # distillation: a teacher twice the student's depth adds its forward pass, 2/3 of a student step
+  teacher = types.SimpleNamespace(cfg=dataclasses.replace(cfg, num_layers=4))
+  head = 2 * cfg.embed_dim * cfg.vocab_size * 4 * 64  # the LM head's forward, counted once a model
+  assert flops(teacher=teacher) - full == pytest.approx(2 * (full / 3 - head) + head)
