@@ -139,7 +139,8 @@ def jaxlm_figures(run: dict, workdir: str, batch: int, seq: int) -> dict:
   steps = [batch * seq / r["tokens_per_sec"] for r in records if "tokens_per_sec" in r]
   first = next(r for r in records if "first_step_unix_time" in r)
   return {"step": statistics.median(steps), "ttfs": first["first_step_unix_time"] - run["launch"],
-          "compile": first["compile_seconds"], "rss": run["rss"], "loss": records[-1]["loss"]}
+          "compile": first["compile_seconds"], "rss": run["rss"],
+          "loss": [r["loss"] for r in records if "loss" in r][-1]}  # the closing record has none
 
 
 def check(run: dict, what: str) -> bool:
