@@ -159,7 +159,7 @@ def test_setup_leaves_the_callers_config_as_it_was(tmp_path):
   assert run.config is not config and run.config.model.vocab_size == run.model.cfg.vocab_size > 0
 
 
-# the dense families, tiny: two layers, one of them sliding where the family has sliding layers
+# the new families, tiny: two layers, one of them sliding where the family has sliding layers
 _TINY_FAMILY = dict(num_layers=2, embed_dim=32, num_heads=2, num_kv_heads=1, head_dim=16,
                     mlp_dim=64, max_seq_len=32, vocab_size=0)
 ZOO = {"qwen3": dict(_TINY_FAMILY, sliding_window=8,
@@ -167,9 +167,12 @@ ZOO = {"qwen3": dict(_TINY_FAMILY, sliding_window=8,
        "gemma2": dict(_TINY_FAMILY, sliding_window=8),
        "gemma3": dict(_TINY_FAMILY, sliding_window=8,
                       layer_types=("sliding_attention", "full_attention")),
-       "olmo2": dict(_TINY_FAMILY, num_kv_heads=2)}
+       "olmo2": dict(_TINY_FAMILY, num_kv_heads=2),
+       # and one sparse family: 4 experts, top 2, its router losses in the objective
+       "qwen3_moe": dict(_TINY_FAMILY, num_experts=4, experts_per_token=2,
+                         moe_intermediate_size=32)}
 _PRESETS = {"qwen3": "qwen3-0.6b", "gemma2": "gemma2-2b", "gemma3": "gemma3-1b",
-            "olmo2": "olmo2-1b"}
+            "olmo2": "olmo2-1b", "qwen3_moe": "qwen3-30b-a3b"}
 
 
 @pytest.mark.parametrize("family", sorted(ZOO))
@@ -188,6 +191,8 @@ def test_each_dense_family_trains_on_tiny_shakespeare_and_resumes_exactly(
   result = trainer.train(c, first)
   losses = [r["loss"] for r in _records(first) if "loss" in r]
   assert len(losses) == 4 and losses[-1] < losses[0]  # it learns
+  if c.model.num_experts:  # the router's load-balancing loss is logged (and in the loss)
+    assert all(r["moe/aux_loss"] > 0 for r in _records(first) if "loss" in r)
   resumed = str(tmp_path / "resumed")
   shutil.copytree(first, resumed)
   c.checkpoint.restore_step = 2
