@@ -45,6 +45,9 @@ def _configs():
                              layer_types=_SLIDE_FULL, attn_logit_softcapping=2.0,
                              final_logit_softcapping=3.0),
     "olmo2": t.Olmo2Config(**_SMALL),
+    # sparse: 4 experts, top 2, every layer sliding
+    "mixtral": t.MixtralConfig(**_SMALL, sliding_window=W, num_local_experts=4,
+                               num_experts_per_tok=2),
   }
 
 
@@ -119,7 +122,8 @@ def _hf_greedy(model, prompts, n):
   return out[:, tokens_BP.shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("name", ["mistral", "qwen3-sliding", "gemma3", "gemma2", "olmo2"])
+@pytest.mark.parametrize("name", ["mistral", "qwen3-sliding", "gemma3", "gemma2", "olmo2",
+                                  "mixtral"])
 def test_greedy_generation_past_the_window_matches_hf_generate(name, tmp_path):
   hf_model, src = _saved(name, tmp_path, std=0.2)
   expected = _hf_greedy(hf_model, PROMPTS, 20)  # 30 tokens in all: 5 windows
