@@ -77,6 +77,23 @@ def rope_from_hf(params: dict, what: str) -> dict:
   return fields
 
 
+def rope_by_layer_type(hf, family: str) -> dict:
+  """The RoPE fields of a model whose `rope_parameters` hold one dict per layer type (Gemma 3,
+  ModernBERT): the full layers' theta and scaling, and the sliding layers' theta as
+  rope_local_theta.
+
+  Raises:
+    ValueError: for scaled RoPE on the sliding layers (jaxlm scales the full layers only).
+  """
+  params = hf.rope_parameters
+  local = rope_from_hf(params[SLIDING], f"{family} rope_parameters['sliding_attention']")
+  if local["rope_type"] != "default":
+    raise ValueError(f"{family} rope_parameters['sliding_attention'].rope_type="
+                     f"{local['rope_type']!r} is not supported; jaxlm scales full layers only")
+  rope = rope_from_hf(params[FULL], f"{family} rope_parameters['full_attention']")
+  return {**rope, "rope_local_theta": local["rope_theta"]}
+
+
 def rope_parameters(hf) -> dict:
   """The one rope parameters dict of an HF config (transformers 5 or 4.x fields)."""
   params = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})

@@ -13,6 +13,7 @@ from jaxlm.hf.families.family import (
   activation_to_hf,
   check_writable,
   layers_from_hf,
+  rope_by_layer_type,
   rope_from_hf,
   rope_parameters,
   rope_to_hf,
@@ -64,14 +65,7 @@ def gemma2_from_hf(hf) -> ModelConfig:
 def gemma3_from_hf(hf) -> ModelConfig:
   """Gemma 3's rope_parameters hold one dict per layer type; sliding layers' must be unscaled.
   Its attn_logit_softcapping is left unread: transformers' Gemma 3 never applies it."""
-  params = hf.rope_parameters
-  local = rope_from_hf(params[SLIDING], "gemma3 rope_parameters['sliding_attention']")
-  if local["rope_type"] != "default":
-    raise ValueError(f"gemma3 rope_parameters['sliding_attention'].rope_type="
-                     f"{local['rope_type']!r} is not supported; jaxlm scales full layers only")
-  rope = rope_from_hf(params[FULL], "gemma3 rope_parameters['full_attention']")
-  return ModelConfig(**_base_from_hf(hf), **rope, rope_local_theta=local["rope_theta"],
-                     qk_norm="head")
+  return ModelConfig(**_base_from_hf(hf), **rope_by_layer_type(hf, "gemma3"), qk_norm="head")
 
 
 def _hf_kwargs(cfg: ModelConfig, kind: str) -> dict:

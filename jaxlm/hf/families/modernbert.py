@@ -11,7 +11,7 @@ from jaxlm.hf.families.family import (
   activation_from_hf,
   activation_to_hf,
   check_writable,
-  rope_from_hf,
+  rope_by_layer_type,
   rope_to_hf,
 )
 from jaxlm.models.config import FULL, LAYER_TYPES, SLIDING, ModelConfig
@@ -96,17 +96,6 @@ def _refuse_unimplemented(hf, head: str):
       raise ValueError(f"ModernBERT {why}; convert a checkpoint without it")
 
 
-def _rope(hf) -> dict:
-  """rope_theta (and scaling) of the global layers, rope_local_theta of the sliding ones."""
-  params = hf.rope_parameters
-  local = rope_from_hf(params[SLIDING], "modernbert rope_parameters['sliding_attention']")
-  if local["rope_type"] != "default":
-    raise ValueError(f"modernbert rope_parameters['sliding_attention'].rope_type="
-                     f"{local['rope_type']!r} is not supported; jaxlm scales global layers only")
-  rope = rope_from_hf(params[FULL], "modernbert rope_parameters['full_attention']")
-  return {**rope, "rope_local_theta": local["rope_theta"]}
-
-
 def _layers(hf) -> dict:
   types = list(hf.layer_types)
   bad = sorted({t for t in types if t not in LAYER_TYPES})
@@ -134,7 +123,7 @@ def config_from_hf(hf) -> ModelConfig:
     gated_mlp=True, use_bias=bool(hf.norm_bias), tie_embeddings=True, causal=False,
     norm_position="pre", embed_norm=True, first_attn_norm=False, prediction_head=True,
     head_bias=bool(hf.classifier_bias), classifier_pooling=hf.classifier_pooling,
-    head=head, num_labels=hf.num_labels, **_rope(hf), **_layers(hf),
+    head=head, num_labels=hf.num_labels, **rope_by_layer_type(hf, "modernbert"), **_layers(hf),
   )
 
 
