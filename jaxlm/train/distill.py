@@ -227,6 +227,13 @@ def load_teacher(config, tokenizer, student_cfg: ModelConfig, mesh) -> Teacher:
 
 # --- the student from the teacher's layers -------------------------------------------------------
 
+def from_teacher_layers(config) -> bool:
+  """Whether the run's student is built and initialised from the teacher's layers
+  (distill.init_layers set, model.init_from not)."""
+  return (config.kind == "distill" and bool(config.distill.init_layers)
+          and not config.model.init_from)
+
+
 def student_config(config, tokenizer_vocab: int = 0) -> dict:
   """The student's model values when distill.init_layers is set and model.init_from is not: the
   teacher's ModelConfig with len(init_layers) layers (their layer types kept), the run fields

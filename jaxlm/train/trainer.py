@@ -161,7 +161,7 @@ def setup(config, workdir, *, with_data: bool = True) -> Run:
   tokenizer = make_tokenizer(config, workdir)
   seq_len = config.task.max_len if config_lib.data_kind(config) == "finetune" else \
     config.data.seq_len
-  if kind == "distill" and config.distill.init_layers and not config.model.init_from:
+  if distill.from_teacher_layers(config):
     with config.unlocked():  # the student: the teacher's config with the chosen layers
       config.model.update(distill.student_config(config))
   model_cfg = rundir.resolve_model_config(config, tokenizer, seq_len)
@@ -244,8 +244,7 @@ class Trainer:
                                               message=self.writer.message)
     if copy_ref and step0 is None:  # the starting weights (a resume restores them)
       state = state.replace(frozen=jax.tree.map(lambda x: x.copy(), state.params))
-    if step0 is None and cfg.kind == "distill" and cfg.distill.init_layers \
-        and not cfg.model.init_from:  # DistilBERT: the student from the teacher's layers
+    if step0 is None and distill.from_teacher_layers(cfg):  # DistilBERT: from its layers
       state = startup.with_trainable(state, distill.layer_init_params(cfg, run.model), abstract)
       self.writer.message(f"student initialised from teacher layers "
                           f"{list(cfg.distill.init_layers)} of {cfg.distill.teacher}")
@@ -427,6 +426,8 @@ class _Profile:
     if self.active:
       jax.profiler.stop_trace()
       self.active = False
+
+
 def _with_teacher(train_fn, teacher_params, state, batch):
   return train_fn(state, batch, teacher_params)
 
