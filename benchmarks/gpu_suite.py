@@ -19,7 +19,10 @@ Parts:
            documents with segment ids), xla attention, and the chunked loss; HF + torch.compile +
            SDPA under bf16 autocast on the same device (one document per row). tokens/s and MFU
            (jaxlm.devices: model FLOPs per token, causal attention counted as half, over the
-           device's bf16 peak).
+           device's bf16 peak). Then LoRA r16 on every linear layer of the Llama shape over a
+           bf16 base: jaxlm (adapters unmerged) against PEFT under torch.compile. Every row
+           notes its step memory (jaxlm: the compiled step's; PyTorch: max_memory_allocated).
+           --models picks the models and their order, --steps the timed steps.
   decode   greedy decode of 128 new tokens after 128 prompt tokens at batch 1, 8 and 64, the
            Llama-shaped model with random weights, jaxlm.generate vs HF generate (bf16).
   compile  seconds to lower and compile the GPT-2 124M train step with 12 and 32 layers, scanned
@@ -111,6 +114,10 @@ class Row:
   jaxlm: float | None
   peer: float | None = None
   note: str = ""
+
+  def __post_init__(self):  # printed as measured: a run cut short still shows what it measured
+    print(f"  row: {self.part} | {self.case} | {self.metric} | {self.jaxlm} | {self.peer} | "
+          f"{self.note}", flush=True)
 
 
 def _cfg(fields: dict, **changes):
@@ -247,14 +254,18 @@ def part_kernels(sz: Sizes, rows: list, dry_run: bool = False):
 
 
 # --------------------------------------------------------------------------------------- train
-def jaxlm_train(cfg, batch, seq, steps, warmup, packed):
-  """Median-free throughput: tokens/s over `steps` timed steps after `warmup`."""
+def jaxlm_train(cfg, batch, seq, steps, warmup, packed, lora_rank=0):
+  """Median-free throughput: tokens/s over `steps` timed steps after `warmup`. `lora_rank` > 0:
+  LoRA of that rank on every linear layer (adapters fp32, applied unmerged) over a bf16 frozen
+  base. Returns (tokens/s, compile s, last loss, the compiled step's memory in bytes)."""
   import jax
   import ml_collections
   import numpy as np
 
   from jaxlm import sharding
   from jaxlm.config import base_config
+  from jaxlm.models import lora as lora_lib
+  from jaxlm.models.heads import param_shapes
   from jaxlm.models.transformer import Transformer
   from jaxlm.train import objectives, optim
   from jaxlm.train import step as step_lib
@@ -264,13 +275,23 @@ def jaxlm_train(cfg, batch, seq, steps, warmup, packed):
   ocfg.update(dict(warmup_steps=0, clip=1.0))
   tx, _ = optim.make_optimizer(ocfg, 10_000)
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
-  state, shardings = step_lib.sharded_init(model, tx, jax.random.PRNGKey(0), mesh)
+  lora = None
+  if lora_rank:
+    section = base_config().lora
+    section.update(dict(rank=lora_rank, alpha=float(lora_rank), targets="all",
+                        base_dtype="bfloat16"))
+    lora = lora_lib.build(section, param_shapes(model), num_layers=cfg.num_layers)
+  state, shardings = step_lib.sharded_init(model, tx, jax.random.PRNGKey(0), mesh, lora)
   fn = step_lib.jit_train_step(shardings, objectives.for_head("lm"))
   rng = np.random.default_rng(0)
   data = [_batch_arrays(rng, batch, seq, cfg.vocab_size, packed) for _ in range(4)]
   with sharding.mesh_rules(mesh):
     batches = [sharding.global_batch(d, mesh) for d in data]
     t0 = time.perf_counter()
+    fn = fn.lower(state, batches[0]).compile()
+    mem = fn.memory_analysis()
+    mem_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                 - mem.alias_size_in_bytes + mem.temp_size_in_bytes) if mem else 0
     state, metrics = fn(state, batches[0])
     float(metrics["loss"])
     compile_s = time.perf_counter() - t0
@@ -283,11 +304,13 @@ def jaxlm_train(cfg, batch, seq, steps, warmup, packed):
     loss = float(metrics["loss"])
     elapsed = time.perf_counter() - t0
   del state
-  return batch * seq * steps / elapsed, compile_s, loss
+  return batch * seq * steps / elapsed, compile_s, loss, mem_bytes
 
 
-def torch_train(cfg, batch, seq, steps, warmup, compile_model):
-  """HF model of the same config on PyTorch: fp32 params, bf16 autocast, SDPA, fused AdamW."""
+def torch_train(cfg, batch, seq, steps, warmup, compile_model, lora_rank=0):
+  """HF model of the same config on PyTorch: fp32 params, bf16 autocast, SDPA, fused AdamW.
+  `lora_rank` > 0: PEFT LoRA of that rank on every linear layer over the model in bf16.
+  Returns (tokens/s, seconds to the end of the first steps, last loss, peak CUDA bytes)."""
   import numpy as np
   import torch
   import transformers
@@ -300,7 +323,15 @@ def torch_train(cfg, batch, seq, steps, warmup, compile_model):
   torch.manual_seed(0)
   model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
   model = model.to(device).train()
-  opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=device == "cuda")
+  if lora_rank:
+    import peft
+
+    model = peft.get_peft_model(model.to(torch.bfloat16), peft.LoraConfig(
+      r=lora_rank, lora_alpha=lora_rank, lora_dropout=0.0, target_modules="all-linear"))
+  if device == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+  trained = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(trained, lr=3e-4, weight_decay=0.1, fused=device == "cuda")
   step_model = torch.compile(model) if compile_model else model
   rng = np.random.default_rng(0)
   data = [
@@ -312,7 +343,7 @@ def torch_train(cfg, batch, seq, steps, warmup, compile_model):
     with torch.autocast(device, dtype=torch.bfloat16):
       loss = step_model(input_ids=x, labels=x).loss
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_(trained, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss
@@ -330,26 +361,32 @@ def torch_train(cfg, batch, seq, steps, warmup, compile_model):
   loss = loss.item()
   sync()
   elapsed = time.perf_counter() - t0
+  peak = 0
   if device == "cuda":
+    peak = torch.cuda.max_memory_allocated()
+    del model, opt, step_model
     torch.cuda.empty_cache()
-  return batch * seq * steps / elapsed, compile_s, loss
+  return batch * seq * steps / elapsed, compile_s, loss, peak
 
 
-def part_train(sz: Sizes, rows: list, torch_peer: bool, torch_compile: bool):
+def part_train(sz: Sizes, rows: list, torch_peer: bool, torch_compile: bool,
+               models=("gpt2-124m", "llama-1b")):
   from jaxlm import devices
 
   kind, peak = _peak()
-  for name, fields, seq, batch in (
-    ("gpt2-124m", sz.gpt2, sz.gpt2_seq, sz.gpt2_batch),
-    ("llama-1b", sz.llama, sz.llama_seq, sz.llama_batch),
-  ):
+  shapes = {
+    "gpt2-124m": (sz.gpt2, sz.gpt2_seq, sz.gpt2_batch),
+    "llama-1b": (sz.llama, sz.llama_seq, sz.llama_batch),
+  }
+  for name in models:
+    fields, seq, batch = shapes[name]
     base = _cfg(fields, max_seq_len=max(fields["max_seq_len"], seq))
     flops = devices.model_flops_per_token(base, seq)
     mfu = lambda tps, flops=flops: 100 * tps * flops / peak if peak else None
     peer_tps = None
     if torch_peer:
       try:
-        peer_tps, peer_compile, _ = torch_train(
+        peer_tps, peer_compile, _, peer_mem = torch_train(
           base, batch, seq, sz.steps, sz.warmup, torch_compile
         )
         rows.append(
@@ -359,7 +396,8 @@ def part_train(sz: Sizes, rows: list, torch_peer: bool, torch_compile: bool):
             "tokens/s",
             None,
             peer_tps,
-            note=f"MFU {mfu(peer_tps) or 0:.1f}%, first steps {peer_compile:.0f} s",
+            note=f"MFU {mfu(peer_tps) or 0:.1f}%, first steps {peer_compile:.0f} s, "
+            f"peak {peer_mem / 2**30:.1f} GiB",
           )
         )
       except Exception as e:  # noqa: BLE001
@@ -381,7 +419,7 @@ def part_train(sz: Sizes, rows: list, torch_peer: bool, torch_compile: bool):
     for label, changes, packed in variants:
       cfg = base.replace(**changes)
       try:
-        tps, compile_s, loss = jaxlm_train(cfg, batch, seq, sz.steps, sz.warmup, packed)
+        tps, compile_s, loss, mem = jaxlm_train(cfg, batch, seq, sz.steps, sz.warmup, packed)
         m = mfu(tps)
         rows.append(
           Row(
@@ -391,7 +429,7 @@ def part_train(sz: Sizes, rows: list, torch_peer: bool, torch_compile: bool):
             tps,
             peer_tps,
             note=(f"MFU {m:.1f}% " if m is not None else "")
-            + f"compile {compile_s:.0f} s, loss {loss:.2f}",
+            + f"compile {compile_s:.0f} s, loss {loss:.2f}, step memory {mem / 2**30:.1f} GiB",
           )
         )
       except Exception as e:  # noqa: BLE001
@@ -404,8 +442,33 @@ def part_train(sz: Sizes, rows: list, torch_peer: bool, torch_compile: bool):
             note=f"{type(e).__name__}: {str(e).splitlines()[0][:90]}",
           )
         )
+    if name == "llama-1b":
+      _lora_rows(rows, base, batch, seq, sz, torch_peer, torch_compile)
   if kind is None:
     rows.append(Row("train", "MFU", "note", None, note="device kind not in jaxlm.devices"))
+
+
+def _lora_rows(rows, cfg, batch, seq, sz, torch_peer, torch_compile):
+  """LoRA r16 on every linear layer of the Llama-shaped model: jaxlm (adapters unmerged, base
+  bf16) against PEFT over the bf16 HF model, step time and memory."""
+  peer = peer_note = None
+  if torch_peer:
+    try:
+      peer, first, _, peak = torch_train(cfg, batch, seq, sz.steps, sz.warmup, torch_compile, 16)
+      peer_note = f"first steps {first:.0f} s, peak {peak / 2**30:.1f} GiB"
+      rows.append(Row("train", "llama-1b LoRA r16 all, PEFT torch", "tokens/s", None, peer,
+                      note=peer_note))
+    except Exception as e:  # noqa: BLE001
+      rows.append(Row("train", "llama-1b LoRA PEFT", "error", None,
+                      note=f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"))
+  try:
+    tps, compile_s, loss, mem = jaxlm_train(cfg, batch, seq, sz.steps, sz.warmup, False, 16)
+    rows.append(Row("train", f"llama-1b T={seq} B={batch} LoRA r16 all", "tokens/s", tps, peer,
+                    note=f"compile {compile_s:.0f} s, loss {loss:.2f}, "
+                    f"step memory {mem / 2**30:.1f} GiB"))
+  except Exception as e:  # noqa: BLE001
+    rows.append(Row("train", "llama-1b LoRA", "error", None,
+                    note=f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"))
 
 
 # -------------------------------------------------------------------------------------- decode
@@ -546,7 +609,10 @@ def main():
     action="store_true",
     help="PyTorch eager instead of torch.compile (default off in --smoke)",
   )
-  parser.add_argument("--json", default=None, help="also write the rows here")
+  parser.add_argument("--json", default=None, help="also write the rows here (after each part)")
+  parser.add_argument("--steps", type=int, default=None, help="timed train steps (default 20)")
+  parser.add_argument("--models", nargs="+", default=["gpt2-124m", "llama-1b"],
+                      choices=["gpt2-124m", "llama-1b"], help="train: the models, in this order")
   parser.add_argument(
     "--dry-run", action="store_true", help="print the device and the kernel plan, run nothing"
   )
@@ -554,6 +620,8 @@ def main():
   import jax
 
   sz = SMOKE if args.smoke else FULL
+  if args.steps:
+    sz = dataclasses.replace(sz, steps=args.steps)
   torch_peer = not args.no_torch
   torch_compile = not (args.no_torch_compile or args.smoke)
   device = jax.devices()[0]
@@ -565,7 +633,7 @@ def main():
   rows: list[Row] = []
   parts = {
     "kernels": lambda: part_kernels(sz, rows, args.dry_run),
-    "train": lambda: part_train(sz, rows, torch_peer, torch_compile),
+    "train": lambda: part_train(sz, rows, torch_peer, torch_compile, args.models),
     "decode": lambda: part_decode(sz, rows, torch_peer),
     "compile": lambda: part_compile(sz, rows),
   }
@@ -573,10 +641,10 @@ def main():
     t0 = time.perf_counter()
     parts[part]()
     print(f"[{part} done in {time.perf_counter() - t0:.0f} s]", flush=True)
-  print_table(rows, header)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
+    print_table(rows, header)  # after every part: a run cut short still shows what it measured
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
 
 
 if __name__ == "__main__":

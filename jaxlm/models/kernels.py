@@ -68,10 +68,14 @@ class Call:
 def auto_order(device: Device, call: Call) -> tuple[str, ...]:
   """The kernels "auto" tries, best first; xla after them. Never tokamax nor cuDNN's packed
   layout: both never ran on a GPU (MaxText #4476: a default cuDNN path that ignored segment ids),
-  and the packed layout's softmax statistics are [B * T, H, T] fp32 here."""
+  and the packed layout's softmax statistics are [B * T, H, T] fp32 here. Nor Triton in float32
+  on a GPU: on an H200 its dq and dk were 1.7e-3 to 2.2e-3 off xla's float32 (T=1024, GQA 8/2;
+  TF32-like products), where a float32 model asks for float32."""
   if device.platform == "tpu":
     return ("splash",)
   if device.platform == "gpu":
+    if call.dtype == "float32":
+      return ()
     return ("triton",) if call.packed else ("cudnn", "triton")
   return ()
 
