@@ -128,7 +128,9 @@ def jaxlm_command(args, mode: str, batch: int, seq: int, workdir: str) -> list[s
           f"train.batch_size={batch}", f"data.seq_len={seq}", "train.log_every=1",
           f"optim.warmup_steps={min(3, args.steps - 1)}",  # the recipe's 3, below short runs
           f"train.eval_every={args.steps}", "train.eval_batches=4",
-          f"checkpoint.every={args.steps}", "sample.max_new_tokens=0", *lora,
+          f"checkpoint.every={args.steps}", "sample.max_new_tokens=0",
+          "train.eval_at_start=False",  # as the PyTorch side: no score before the first step
+          *lora,
           *args.set]
   return [sys.executable, "-m", "jaxlm.cli", "train", "--config", CONFIG, "--workdir", workdir,
           *(f"--config.{s}" for s in sets)]

@@ -124,6 +124,21 @@ def _check_flags(command: str):
       raise UsageError(_usage(command, name))
 
 
+def _weight_count(config) -> int:
+  """The run's model size from configs alone (model.init_from's config is read, no weights), for
+  the CPU device split; 0 when it cannot be read yet (the run itself then says why)."""
+  from jaxlm import rundir
+  from jaxlm.models.config import ModelConfig
+
+  values = dict(config.get("model", {}))
+  src = values.pop("init_from", "")
+  try:
+    model_cfg = rundir.init_model_config(src, values) if src else ModelConfig.from_dict(values)
+  except (OSError, ValueError, KeyError, TypeError):
+    return 0
+  return model_cfg.weight_count()
+
+
 def _start(config=None):
   """Process set-up before JAX starts: malloc arenas, CPU device count, the persistent compilation
   cache (the run's `runtime` section, else the default cache), and joining a multi-process run."""
@@ -132,7 +147,8 @@ def _start(config=None):
   runtime.limit_malloc_arenas()
   rt = config.get("runtime", {}) if config is not None else {}
   if config is not None:
-    runtime.configure_cpu_devices(rt.get("cpu_devices", 0), config.train.batch_size)
+    runtime.configure_cpu_devices(rt.get("cpu_devices", 0), config.train.batch_size,
+                                  _weight_count(config))
   runtime.configure_compile_cache(rt.get("compile_cache", "auto"))
   runtime.compile_stats()  # count compilations from here on
   runtime.init_distributed()
@@ -261,7 +277,8 @@ def _plan():
     raise UsageError("plan needs --config=configs/NAME.py")
   config = _CONFIG.value
   if FLAGS.device.split("-")[0] == "cpu":  # plan for this CPU split as a run of it would be
-    runtime.configure_cpu_devices(config.runtime.cpu_devices, config.train.batch_size)
+    runtime.configure_cpu_devices(config.runtime.cpu_devices, config.train.batch_size,
+                                  _weight_count(config))
   from jaxlm import plan
 
   target = plan.target(FLAGS.device, FLAGS.hosts)

@@ -116,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
     log_every=10,  # steps between metrics.jsonl records
     eval_every=250,  # steps between evaluations (and a checkpoint after each); finetune: 0 = epochs
     eval_batches=20,
+    eval_at_start=True,  # lm with model.init_from: score the imported weights before step 1
     skip_nonfinite=0,  # 0: stop at a NaN/Inf loss; N: skip such updates, up to N in a row
   ))
   c.optim = ml_collections.ConfigDict(dict(

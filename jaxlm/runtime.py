@@ -2,6 +2,10 @@
 
 On CPU, small models train faster as several XLA devices (one per core, data-parallel) than as
 one device whose ops are each split over the cores: XLA:CPU parallelises tiny matmuls poorly.
+From about 20M parameters on, the split buys no speed and each device holds its own replica of
+the train state: SmolLM2-135M fine-tuned at 4 x 128 took 4.89 s a step and 7.77 GiB as two
+devices, 5.05 s and 4.64 GiB as one (benchmarks/finetune_cpu.py, same run). So `auto` splits
+only smaller models.
 """
 
 import ctypes
@@ -10,19 +14,25 @@ import sys
 
 import jax
 
+SPLIT_MAX_WEIGHTS = 20_000_000  # models from this many parameters on run as one CPU device
 
-def auto_cpu_devices(batch_size: int) -> int:
-  """The largest device count <= the usable cores that divides `batch_size`."""
+
+def auto_cpu_devices(batch_size: int, weights: int = 0) -> int:
+  """The largest device count <= the usable cores that divides `batch_size`; one device for a
+  model of `weights` >= SPLIT_MAX_WEIGHTS parameters (0: unknown, taken as small)."""
+  if weights >= SPLIT_MAX_WEIGHTS:
+    return 1
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   return max(n for n in range(1, max(cores, 1) + 1) if batch_size % n == 0)
 
 
-def configure_cpu_devices(requested: int, batch_size: int) -> None:
-  """Splits the CPU into `requested` devices (0 = auto) unless XLA_FLAGS already fixes a count
-  or the backends are already running (as in tests, which set their own count)."""
+def configure_cpu_devices(requested: int, batch_size: int, weights: int = 0) -> None:
+  """Splits the CPU into `requested` devices (0 = auto, for a model of `weights` parameters)
+  unless XLA_FLAGS already fixes a count or the backends are already running (as in tests,
+  which set their own count)."""
   if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
     return
-  n = requested or auto_cpu_devices(batch_size)
+  n = requested or auto_cpu_devices(batch_size, weights)
   try:
     jax.config.update("jax_num_cpu_devices", n)
   except RuntimeError:  # backends already initialised: keep what they have

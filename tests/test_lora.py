@@ -99,9 +99,9 @@ def test_lora_starts_at_the_base_bitwise_trains_only_adapters_and_merged_equals_
   config = lora_config(base_dir)
   run = trainer.setup(config, str(tmp_path / "run"))
   abstract, shardings = step_lib.abstract_state(run.model, run.tx, run.mesh, run.lora)
-  state = step_lib.sharded_init(run.model, run.tx, jax.random.PRNGKey(0), run.mesh, run.lora)[0]
   base = rundir.init_params(base_dir, run.model.cfg)
-  state = startup.with_imported(state, base, abstract)
+  state = step_lib.sharded_init(run.model, run.tx, jax.random.PRNGKey(0), run.mesh, run.lora,
+                                shardings=shardings, params=startup.placed(base, abstract))[0]
   tokens = jnp.asarray(np.random.RandomState(0).randint(0, 40, (8, 16)))
   # 2 layers x (q, k, v, o, gate, up, down)
   assert len(run.lora.targets) == 14 and run.lora.scale == 2.0

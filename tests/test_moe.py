@@ -261,6 +261,7 @@ def test_presets_count_the_parameters_transformers_builds(name):
   hf_count = sum(p.numel() for p in hf_model.parameters())
   published = {"mixtral-8x7b": 46_702_792_704, "qwen3-30b-a3b": 30_532_122_624}[name]
   assert _param_count(cfg) == hf_count == published
+  assert 0.99 * published <= cfg.weight_count() <= published  # from the config alone
   # FLOPs count the active parameters: all but the X - k experts a token does not go through
   experts = sum(p.numel() for n, p in hf_model.named_parameters() if ".experts." in n)
   active = published - plan.inactive_expert_params(cfg)

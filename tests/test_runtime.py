@@ -28,6 +28,11 @@ def test_auto_cpu_devices_divides_the_batch_and_fits_the_cores():
     n = runtime.auto_cpu_devices(batch)
     assert 1 <= n <= cores and batch % n == 0
   assert runtime.auto_cpu_devices(1) == 1
+  # a model of 20M+ parameters runs as one device: a replica of its train state per core costs
+  # memory and buys no speed
+  assert runtime.auto_cpu_devices(64, weights=runtime.SPLIT_MAX_WEIGHTS - 1) == \
+    runtime.auto_cpu_devices(64)
+  assert runtime.auto_cpu_devices(64, weights=134_479_872) == 1
 
 
 def test_multiprocess_launch_is_detected_from_the_launchers_environment():

@@ -28,9 +28,9 @@ def _setting(embed_dim=32):
   mesh, tx = sharding.make_mesh(config.mesh), optax.sgd(0.1)
   abstract, shardings = step_lib.abstract_state(model, tx, mesh)
 
-  def init(seed=0):
+  def init(params=None, seed=0):
     return step_lib.sharded_init(model, tx, jax.random.PRNGKey(seed), mesh,
-                                 shardings=shardings)[0]
+                                 shardings=shardings, params=params)[0]
 
   return config, model, abstract, init
 

@@ -263,6 +263,18 @@ class ModelConfig:
   def hidden_dim(self) -> int:
     return self.mlp_dim or 4 * self.embed_dim
 
+  def weight_count(self) -> int:
+    """About how many parameters the model has: its embeddings and weight matrices (norms, biases
+    and heads left out), counted from the config alone, for choices made before JAX starts."""
+    D, E, H = self.embed_dim, self.head_size, self.num_heads
+    attention = D * E * (H + 2 * self.kv_heads) + H * E * D
+    experts = max(self.num_experts, 1)
+    mlp = (3 if self.gated_mlp else 2) * D * self.expert_dim * experts
+    embeddings = self.vocab_size * D * (1 if self.tie_embeddings else 2)
+    if self.position == "learned":
+      embeddings += self.max_seq_len * D
+    return self.num_layers * (attention + mlp) + embeddings
+
   def replace(self, **changes: Any) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
 

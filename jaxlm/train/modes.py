@@ -111,8 +111,9 @@ def _lm_mode(config, tokenizer, model, mesh, params_shardings, kind: str = "",
                                           teacher.cfg.head)))
     evaluate = _with_teacher(evaluate, lambda: scores(teacher_fn, teacher.params))
 
+  at_start = bool(config.model.init_from) and config.train.get("eval_at_start", True)
   return Mode(data.train, evaluate, _positive(config, "steps"), _positive(config, "eval_every"),
-              data.summary, eval_at_start=bool(config.model.init_from))
+              data.summary, eval_at_start=at_start)
 
 
 # --- distill: a student and a frozen teacher ------------------------------------------------------

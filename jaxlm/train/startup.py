@@ -20,23 +20,23 @@ def initial_state(ckpt, step: int | None, config, model_cfg: ModelConfig, *, abs
     3. scratch: `init()`, the random initialisation from train.seed.
 
   `abstract` is the state's ShapeDtypeStructs with shardings (the restore target); `init()`
-  returns a fresh sharded state.
+  returns a fresh sharded state, `init(params)` one around the given full params (placed).
   """
   if step is not None:
     check_same_model(config, ckpt.restore_meta(step).get("config", {}), step)
     message(f"resuming from checkpoint step {step} in {ckpt.directory}")
     state, data_state, _ = ckpt.restore(step, abstract)
     return state, data_state
-  state = init()
-  if config.model.init_from:
-    params = rundir.init_params(config.model.init_from, model_cfg)
-    state = with_imported(state, params, abstract)
-    if state.lora is not None and config.lora.init_adapter:
-      from jaxlm.hf import adapters as peft_adapters
+  if not config.model.init_from:
+    return init(), None
+  params = rundir.init_params(config.model.init_from, model_cfg)
+  state = init(placed(params, abstract))
+  if state.lora is not None and config.lora.init_adapter:
+    from jaxlm.hf import adapters as peft_adapters
 
-      adapters = peft_adapters.import_adapter(config.lora.init_adapter, model_cfg, state.lora)
-      message(f"LoRA adapters from {config.lora.init_adapter}")
-      state = with_trainable(state, adapters, abstract)
+    adapters = peft_adapters.import_adapter(config.lora.init_adapter, model_cfg, state.lora)
+    message(f"LoRA adapters from {config.lora.init_adapter}")
+    state = with_trainable(state, adapters, abstract)
   return state, None
 
 
@@ -44,17 +44,27 @@ def _shardings(abstract_tree):
   return jax.tree.map(lambda a: a.sharding, abstract_tree)
 
 
-def with_imported(state, params, abstract):
-  """`state` with imported full `params` in place: as the trainable params, or with LoRA as the
-  frozen base (cast or quantized on the devices) plus any params trained in full."""
-  if state.lora is None:
-    return state.replace(params=jax.device_put(params, _shardings(abstract.params)))
-  lora = state.lora
-  frozen = jax.jit(lora.freeze, out_shardings=_shardings(abstract.frozen))(params)
+def placed(params, abstract):
+  """Imported host `params` on the devices: without LoRA in the trainable params' shardings;
+  with LoRA (the params the frozen base is made of) in the frozen base's where a leaf keeps its
+  shape, else replicated until the state's program casts or quantizes it."""
+  if abstract.lora is None:
+    return jax.device_put(params, _shardings(abstract.params))
+  frozen = traverse_util.flatten_dict(_shardings(abstract.frozen), sep="/")
+  trained = traverse_util.flatten_dict(_shardings(abstract.params), sep="/")
   flat = traverse_util.flatten_dict(params, sep="/")
-  full = {p: flat[p] for p in flat if lora.is_full(p)}
-  return with_trainable(state.replace(frozen=frozen), traverse_util.unflatten_dict(full, sep="/"),
-                        abstract)
+  shapes = {**traverse_util.flatten_dict(jax.tree.map(lambda a: a.shape, abstract.frozen),
+                                         sep="/"),
+            **traverse_util.flatten_dict(jax.tree.map(lambda a: a.shape, abstract.params),
+                                         sep="/")}
+  out = {}
+  for path, x in flat.items():
+    where = trained.get(path) or frozen.get(path)
+    if where is not None and shapes.get(path) == tuple(x.shape):
+      out[path] = jax.device_put(x, where)
+    else:
+      out[path] = jax.device_put(x)
+  return traverse_util.unflatten_dict(out, sep="/")
 
 
 def with_trainable(state, values: dict, abstract):

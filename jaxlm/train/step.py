@@ -90,14 +90,16 @@ def eval_step(params, batch: Batch, reference=None, *, apply_fn, objective):
   return {"loss_sum": total, **aux}
 
 
-def init_state(rng, model, tx, lora=None, reference: bool = False) -> TrainState:
+def init_state(rng, model, tx, lora=None, reference: bool = False, params=None) -> TrainState:
   """A boxed TrainState (params carry logical axis names). With `lora` (jaxlm.models.lora.Lora)
   the params are the adapters (and any head trained in full), the optimizer state covers them
   alone, and `frozen` holds the base (cast or quantized as the Lora says). Without LoRA,
   `reference` keeps a copy of the params in `frozen` (DPO's reference model; with LoRA the base
-  is the reference)."""
+  is the reference). `params`: the model's full params to start from (imported weights), in
+  place of drawn ones; LoRA's adapters are drawn all the same."""
   params_rng, dropout_rng = jax.random.split(rng)
-  params = model.init(params_rng, jnp.zeros((1, 1), jnp.int32))["params"]
+  if params is None:
+    params = model.init(params_rng, jnp.zeros((1, 1), jnp.int32))["params"]
   if lora is None:
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=dropout_rng,
                              frozen=params if reference else None)
@@ -120,9 +122,14 @@ def abstract_state(model, tx, mesh, lora=None, reference: bool = False):
 _INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0}}
 
 
-def sharded_init(model, tx, rng, mesh, lora=None, reference: bool = False, shardings=None):
+def sharded_init(model, tx, rng, mesh, lora=None, reference: bool = False, shardings=None,
+                 params=None):
   """The state initialised directly into its shardings (no host holds the whole model).
-  `shardings`: the state's, when the caller has them (abstract_state) already.
+  `shardings`: the state's, when the caller has them (abstract_state) already. `params`: the
+  model's full params to start from (imported weights, best placed in their shardings already:
+  params returned unchanged are then forwarded, not copied). Nothing of the model is drawn but
+  LoRA's adapters, so the program is a fresh optimizer state around them, with no random stream
+  per weight to compile (SmolLM2-135M's drawn init compiled in 21.7 s on a 2-core CPU).
 
   Returns:
     (state, state_shardings) with plain (unboxed) arrays.
@@ -131,8 +138,8 @@ def sharded_init(model, tx, rng, mesh, lora=None, reference: bool = False, shard
     _, shardings = abstract_state(model, tx, mesh, lora, reference)
   options = _INIT_COMPILER_OPTIONS.get(mesh.devices.flat[0].platform)
   with sharding.mesh_rules(mesh):
-    state = jax.jit(lambda r: nn.unbox(init_state(r, model, tx, lora, reference)),
-                    out_shardings=shardings, compiler_options=options)(rng)
+    state = jax.jit(lambda r, p: nn.unbox(init_state(r, model, tx, lora, reference, p)),
+                    out_shardings=shardings, compiler_options=options)(rng, params)
   return state, shardings
 
 

@@ -235,9 +235,9 @@ class Trainer:
     abstract, shardings = step_lib.abstract_state(run.model, run.tx, run.mesh, run.lora,
                                                   copy_ref)
 
-    def scratch():
+    def scratch(params=None):
       return step_lib.sharded_init(run.model, run.tx, jax.random.PRNGKey(cfg.train.seed),
-                                   run.mesh, run.lora, copy_ref, shardings)[0]
+                                   run.mesh, run.lora, copy_ref, shardings, params)[0]
 
     state, data_state = startup.initial_state(self.ckpt, step0, cfg, run.model.cfg,
                                               abstract=abstract, init=scratch,
