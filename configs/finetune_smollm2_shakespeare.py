@@ -7,10 +7,12 @@ model.init_from defaults to the GGUF (Q4_1, dequantised by transformers) in the 
 package; any HF directory, .gguf file or hub id works (e.g. HuggingFaceTB/SmolLM2-135M). The model
 config and the tokenizer come from the checkpoint. 30 steps of 4 x 128 tokens; eval before the
 first step, at step 15 and at step 30.
-Cost: estimate, 16-33 s a step timed over 5 steps on 2 busy CPU cores, so 12-20 minutes with the
-evals and the closing sample; less on idle cores.
-Expected: eval_loss 4.1871 at step 0, 3.8064 at step 15, 3.7468 at step 30; the converted model,
-greedy from "ROMEO:\n", wrote "I am not so much a man as you are." then "MENENIUS: ...".
+Cost: measured on 2 quiet CPU cores, 4 min 9 s in all (5-7 s a step, first step at 43.9 s:
+the GGUF's dequantisation and the step-0 evaluation included), peak RSS 6.7 GiB (the GGUF import
+through transformers; an fp32 HF directory peaks at 4.2 GiB, docs/performance.md).
+Expected: eval_loss 4.2243 at step 0, 3.7609 at step 15, 3.7026 at step 30; the run's closing
+greedy sample from "ROMEO:\n", and HF's generate on the converted model, both wrote "I am a man
+of the world,\nAnd I am a man of the world." then "BOLINGBROKE: ...".
 """
 
 import importlib.util
