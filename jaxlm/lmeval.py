@@ -44,6 +44,10 @@ from jaxlm import rundir, sharding, textgen
 from jaxlm.data import tokenizers as tok_lib
 
 MIN_BUCKET = 16  # the shortest padded length: short requests share one program
+# tokens per forward pass: a longer bucket scores fewer rows at a time (a 2,048-token window 4,
+# an 8,192-token window of a rolling task 1), so its [rows, H, T, T] scores and [rows, T, V]
+# logits stay bounded; 16 rows of 512 tokens or less (the batch_size default) are unchanged
+TOKENS_PER_PASS = 16 * 512
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p")
 
 
@@ -157,7 +161,7 @@ class JaxLM(TemplateLM):
     self.params = _replicate(params, self.mesh)
     self.tokenizer = tokenizer
     self.source = os.fspath(workdir or hf or "")
-    devices = sharding.batch_divisor(self.mesh)
+    self._devices = devices = sharding.batch_divisor(self.mesh)
     batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
     self.batch_size = -(-batch_size // devices) * devices
     self._max_length = int(max_length or cfg.max_seq_len)
@@ -292,25 +296,34 @@ class JaxLM(TemplateLM):
       candidates = sorted({requests[i][2][-1] for i in members})
       rows.append((tokens, candidates + candidates[:1] * (width - len(candidates)), members))
     T = bucket(max(len(t) - 1 for t, _, _ in rows), self.max_length)
-    arrays = {"inputs": np.zeros((self.batch_size, T), np.int32),
-              "targets": np.zeros((self.batch_size, T), np.int32),
-              "weights": np.zeros((self.batch_size, T), np.float32),
-              "labels": np.zeros((self.batch_size, width), np.int32)}
-    for b, (tokens, candidates, _) in enumerate(rows):
-      n = len(tokens) - 1
-      arrays["inputs"][b, :n], arrays["targets"][b, :n] = tokens[:-1], tokens[1:]
-      arrays["weights"][b, :n] = 1.0
-      arrays["labels"][b] = candidates
-    with sharding.mesh_rules(self.mesh):
-      logp_BT, greedy_BT, cand_logp_BK, cand_greedy_BK = jax.device_get(token_scores(
-        self.params, sharding.global_batch(arrays, self.mesh), model=self.model))
-    for b, (tokens, candidates, members) in enumerate(rows):
-      end = len(tokens) - 2  # the position that predicts the last token
-      for i in members:
-        continuation = requests[i][2]
-        k, start = candidates.index(continuation[-1]), end + 1 - len(continuation)
-        logp = float(logp_BT[b, start:end].astype(np.float64).sum() + cand_logp_BK[b, k])
-        yield i, (logp, bool(greedy_BT[b, start:end].all() and cand_greedy_BK[b, k]))
+    per_pass = self.rows_per_pass(T)
+    for first in range(0, len(rows), per_pass):
+      part = rows[first:first + per_pass]
+      arrays = {"inputs": np.zeros((per_pass, T), np.int32),
+                "targets": np.zeros((per_pass, T), np.int32),
+                "weights": np.zeros((per_pass, T), np.float32),
+                "labels": np.zeros((per_pass, width), np.int32)}
+      for b, (tokens, candidates, _) in enumerate(part):
+        n = len(tokens) - 1
+        arrays["inputs"][b, :n], arrays["targets"][b, :n] = tokens[:-1], tokens[1:]
+        arrays["weights"][b, :n] = 1.0
+        arrays["labels"][b] = candidates
+      with sharding.mesh_rules(self.mesh):
+        logp_BT, greedy_BT, cand_logp_BK, cand_greedy_BK = jax.device_get(token_scores(
+          self.params, sharding.global_batch(arrays, self.mesh), model=self.model))
+      for b, (tokens, candidates, members) in enumerate(part):
+        end = len(tokens) - 2  # the position that predicts the last token
+        for i in members:
+          continuation = requests[i][2]
+          k, start = candidates.index(continuation[-1]), end + 1 - len(continuation)
+          logp = float(logp_BT[b, start:end].astype(np.float64).sum() + cand_logp_BK[b, k])
+          yield i, (logp, bool(greedy_BT[b, start:end].all() and cand_greedy_BK[b, k]))
+
+  def rows_per_pass(self, length: int) -> int:
+    """Rows of `length` tokens scored in one forward pass: batch_size, fewer for long rows
+    (TOKENS_PER_PASS), at least one per device."""
+    rows = min(self.batch_size, max(1, TOKENS_PER_PASS // length))
+    return -(-rows // self._devices) * self._devices
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
     """log p of each whole text: lm-eval's disjoint rolling windows of max_length tokens, each

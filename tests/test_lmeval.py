@@ -223,6 +223,28 @@ def test_a_task_of_200_varied_requests_compiles_a_handful_of_programs(tiny):
   print(f"\n200 loglikelihood requests of {len(lengths)} lengths: {compiled} programs compiled")
 
 
+def test_long_rows_are_scored_fewer_at_a_time_to_the_same_log_likelihoods(tiny, jax_lm,
+                                                                            monkeypatch):
+  """A rolling task over texts longer than the model's window: with a smaller token budget per
+  forward pass (as an 8,192-token window meets the default one) the windows go through in
+  smaller passes, and every text's log-likelihood is the same."""
+  from lm_eval.api.instance import Instance
+
+  words = tiny["tokenizer"].decode(np.random.RandomState(1).randint(0, 50000, 6000).tolist())
+  texts = [" ".join(words.split()[i * 500:(i + 1) * 500]) for i in range(4)]
+  requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+  whole = jax_lm.loglikelihood_rolling(requests, disable_tqdm=True)
+  assert jax_lm.rows_per_pass(128) == jax_lm.batch_size  # 16 x 128 tokens: within the default
+  monkeypatch.setattr(lmeval, "TOKENS_PER_PASS", 64)
+  small = lmeval.JaxLM(model=tiny["model"], params=tiny["params"], tokenizer=tiny["tokenizer"])
+  devices = small._devices
+  assert small.rows_per_pass(128) == devices < small.batch_size  # one row per device a pass
+  assert small.rows_per_pass(16) == min(small.batch_size, -(-4 // devices) * devices)
+  windows = sum(len(small.tok_encode(t)) for t in texts) // small.max_length
+  assert windows > small.batch_size  # more windows than one pass of the default holds
+  assert _relative(small.loglikelihood_rolling(requests, disable_tqdm=True), whole) < 1e-6
+
+
 def test_a_lora_run_scores_as_its_merged_export(tiny, tasks, tmp_path):
   from jaxlm import config as config_lib
   from jaxlm import rundir
