@@ -124,22 +124,26 @@ def _check_flags(command: str):
       raise UsageError(_usage(command, name))
 
 
-def _weight_count(config) -> int:
-  """The run's model size from configs alone (model.init_from's config is read, no weights), for
-  the CPU device split; 0 when it cannot be read yet (the run itself then says why)."""
+def _weight_count(config, resolved: bool) -> int:
+  """The run's model size from configs alone, for the CPU device split: a saved run's config
+  (`resolved`) holds its model's fields; a new run's reads model.init_from's config (no
+  weights). 0 when it cannot be read yet (the run itself then says why)."""
   from jaxlm import rundir
   from jaxlm.models.config import ModelConfig
 
   values = dict(config.get("model", {}))
   src = values.pop("init_from", "")
   try:
-    model_cfg = rundir.init_model_config(src, values) if src else ModelConfig.from_dict(values)
+    if src and not resolved:
+      model_cfg = rundir.init_model_config(src, values)
+    else:
+      model_cfg = ModelConfig.from_dict(values)
   except (OSError, ValueError, KeyError, TypeError):
     return 0
   return model_cfg.weight_count()
 
 
-def _start(config=None):
+def _start(config=None, resolved: bool = True):
   """Process set-up before JAX starts: malloc arenas, CPU device count, the persistent compilation
   cache (the run's `runtime` section, else the default cache), and joining a multi-process run."""
   from jaxlm import runtime
@@ -148,7 +152,7 @@ def _start(config=None):
   rt = config.get("runtime", {}) if config is not None else {}
   if config is not None:
     runtime.configure_cpu_devices(rt.get("cpu_devices", 0), config.train.batch_size,
-                                  _weight_count(config))
+                                  _weight_count(config, resolved))
   runtime.configure_compile_cache(rt.get("compile_cache", "auto"))
   runtime.compile_stats()  # count compilations from here on
   runtime.init_distributed()
@@ -158,7 +162,7 @@ def _train():
   if _CONFIG.value is None:
     raise UsageError("train needs --config=configs/NAME.py")
   config = _CONFIG.value
-  _start(config)
+  _start(config, resolved=False)  # its model section is resolved from model.init_from later
   from jaxlm.train import trainer
 
   result = trainer.train(config, FLAGS.workdir)
@@ -278,7 +282,7 @@ def _plan():
   config = _CONFIG.value
   if FLAGS.device.split("-")[0] == "cpu":  # plan for this CPU split as a run of it would be
     runtime.configure_cpu_devices(config.runtime.cpu_devices, config.train.batch_size,
-                                  _weight_count(config))
+                                  _weight_count(config, resolved=False))
   from jaxlm import plan
 
   target = plan.target(FLAGS.device, FLAGS.hosts)

@@ -150,3 +150,26 @@ def test_a_flag_of_another_command_is_a_usage_error(tmp_path, capsys, args, mess
   # absl's FLAGS is global: the flags of that call must not leak into the next one
   code, err = _main_in_process(capsys, "plot", "--workdir", str(tmp_path))
   assert code == 1 and "metrics.jsonl not found" in err and "does not take" not in err, err
+
+
+def test_the_cpu_split_reads_the_model_size_from_the_config_alone(tmp_path):
+  """A saved run's config holds its model; a new run's model.init_from is read for its size (no
+  weights); a source that cannot be read counts as small (the run itself then says why)."""
+  from jaxlm import cli
+  from jaxlm.config import base_config, model
+
+  saved = base_config()
+  saved.model = model("smollm2-135m")
+  saved.model.init_from = str(tmp_path / "gone")  # a saved run's source may be gone
+  assert cli._weight_count(saved, resolved=True) == 134_479_872
+  assert cli._weight_count(saved, resolved=False) == 0
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  (hf / "config.json").write_text(json.dumps({
+    "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+    "max_position_embeddings": 8192, "tie_word_embeddings": True, "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0}))
+  fresh = base_config()
+  fresh.model.init_from = str(hf)  # a new run: its model section still holds the defaults
+  assert cli._weight_count(fresh, resolved=False) == 134_479_872
