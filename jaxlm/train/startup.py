@@ -50,20 +50,13 @@ def placed(params, abstract):
   shape, else replicated until the state's program casts or quantizes it."""
   if abstract.lora is None:
     return jax.device_put(params, _shardings(abstract.params))
-  frozen = traverse_util.flatten_dict(_shardings(abstract.frozen), sep="/")
-  trained = traverse_util.flatten_dict(_shardings(abstract.params), sep="/")
-  flat = traverse_util.flatten_dict(params, sep="/")
-  shapes = {**traverse_util.flatten_dict(jax.tree.map(lambda a: a.shape, abstract.frozen),
-                                         sep="/"),
-            **traverse_util.flatten_dict(jax.tree.map(lambda a: a.shape, abstract.params),
-                                         sep="/")}
+  targets = {**traverse_util.flatten_dict(abstract.frozen, sep="/"),
+             **traverse_util.flatten_dict(abstract.params, sep="/")}  # trained ones first
   out = {}
-  for path, x in flat.items():
-    where = trained.get(path) or frozen.get(path)
-    if where is not None and shapes.get(path) == tuple(x.shape):
-      out[path] = jax.device_put(x, where)
-    else:
-      out[path] = jax.device_put(x)
+  for path, x in traverse_util.flatten_dict(params, sep="/").items():
+    target = targets.get(path)  # a quantized leaf is no ShapeDtypeStruct: replicated
+    same = isinstance(target, jax.ShapeDtypeStruct) and target.shape == tuple(x.shape)
+    out[path] = jax.device_put(x, target.sharding if same else None)
   return traverse_util.unflatten_dict(out, sep="/")
 
 
