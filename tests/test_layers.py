@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.models import kernels
+from jaxlm.models import kernels, layers
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.layers import (
+  QUERY_BLOCK,
   DecodeMask,
   KVCache,
   RMSNorm,
@@ -26,6 +27,7 @@ from jaxlm.models.layers import (
   bidirectional_mask,
   gelu_exact,
   grow_cache,
+  query_blocks,
   rope_frequencies,
   sliding_mask,
 )
@@ -454,6 +456,44 @@ def test_attend_fully_masked_rows_stay_finite_and_leave_other_rows_alone():
   loss = lambda q, k, v: attend(q, k, v, mask).sum()
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
   assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+@pytest.mark.parametrize("kind", ["causal", "packed", "sliding", "encoder_padding", "decode"])
+def test_attend_in_query_blocks_equals_the_whole_scores(kind, monkeypatch):
+  """The xla path scores QUERY_BLOCK queries at a time, a causal block only against the keys
+  before its end: values and gradients equal the naive reference and the one-block path, under
+  every mask the model passes (several blocks, the last one ragged)."""
+  B, T, H, K, E = 2, 2 * QUERY_BLOCK + 37, 4, 2, 8
+  S = T + 5 if kind == "decode" else T  # decode: a T-token step over an S-slot cache
+  q = _normal(90, (B, T, H, E))
+  k, v = _normal(91, (B, S, K, E)), _normal(92, (B, S, K, E))
+  seg_BT = np.where(np.arange(T) < 150, 1, 2)[None].repeat(B, 0)
+  causal_TS = np.arange(S)[None, :] <= np.arange(S - T, S)[:, None]
+  mask_BTS, causal = {
+    "causal": (np.broadcast_to(causal_TS, (B, T, S)), True),
+    "packed": (np.asarray(attention_mask(jnp.asarray(seg_BT), True))[:, 0], True),
+    "sliding": (np.asarray(sliding_mask(None, 40, B, T))[:, 0], True),
+    "encoder_padding": (np.broadcast_to(np.arange(S) < S - 20, (B, T, S)), False),
+    "decode": (np.broadcast_to(causal_TS, (B, T, S)), True),
+  }[kind]
+  mask = jnp.asarray(mask_BTS)[:, None]
+  if kind == "encoder_padding":
+    mask = mask[:, :, :1]  # bidirectional_mask's [B, 1, 1, S]
+  if kind == "causal":
+    mask = None
+  args = tuple(jnp.asarray(a) for a in (q, k, v))
+  loss = lambda q, k, v: (attend(q, k, v, mask, causal=causal) ** 2).sum()
+  blocked = jax.jit(lambda *a: (attend(*a, mask, causal=causal),
+                                jax.grad(loss, argnums=(0, 1, 2))(*a)))
+  out, grads = blocked(*args)
+  assert len(query_blocks(T, S, causal and S == T)) == 3
+  np.testing.assert_allclose(out, _attend_reference(q, k, v, mask_BTS), atol=1e-5)
+  monkeypatch.setattr(layers, "QUERY_BLOCK", T)  # one block: every query against every key
+  whole_out, whole_grads = jax.jit(lambda *a: (attend(*a, mask, causal=causal),
+                                               jax.grad(loss, argnums=(0, 1, 2))(*a)))(*args)
+  np.testing.assert_allclose(out, whole_out, atol=1e-6)
+  for g, w in zip(grads, whole_grads):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
 
 
 def test_attend_soft_caps_scores_before_the_mask_and_scales_by_the_given_scalar():

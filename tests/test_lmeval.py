@@ -223,6 +223,16 @@ def test_a_task_of_200_varied_requests_compiles_a_handful_of_programs(tiny):
   print(f"\n200 loglikelihood requests of {len(lengths)} lengths: {compiled} programs compiled")
 
 
+def test_long_rows_are_padded_by_at_most_a_half():
+  """Up to FINE_BUCKETS, rows pad to a power of two (few programs); above it to 1.5 x 2^k as
+  well (a 3,000-token rolling window runs as 3,072 tokens, not 4,096), never past max_length."""
+  assert [lmeval.bucket(n, 8192) for n in (1, 17, 1000, 1025, 1537, 3000, 3073, 9000)] == [
+    16, 32, 1024, 1536, 2048, 3072, 4096, 8192]
+  for n in range(lmeval.FINE_BUCKETS + 1, 8193, 37):
+    assert n <= lmeval.bucket(n, 8192) <= 3 * n // 2
+  assert lmeval.bucket(5000, 4500) == 4500
+
+
 def test_long_rows_are_scored_fewer_at_a_time_to_the_same_log_likelihoods(tiny, jax_lm,
                                                                             monkeypatch):
   """A rolling task over texts longer than the model's window: with a smaller token budget per

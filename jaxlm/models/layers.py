@@ -228,14 +228,24 @@ def bidirectional_mask(padding_mask_BT: jax.Array | None, segment_ids_BT: jax.Ar
   return mask_B11S & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
 
 
+# the xla path scores queries QUERY_BLOCK at a time (more for long sequences: at most
+# MAX_QUERY_BLOCKS blocks a layer), each against only the keys it can see (causal: those before
+# the block's end), with heads leading: on a CPU it ran 3x (T 128) to 5x (T 4,096) faster than one
+# [B, K, G, T, S] einsum in the [B, T, H, E] layout, and skips the masked half of the scores
+QUERY_BLOCK = 128
+MAX_QUERY_BLOCKS = 16
+
+
 def attend(q_BTHE, k_BSKE, v_BSKE, mask_B1TS=None, *, impl="xla", segment_ids_BT=None,
-           scale=None, softcap=0.0):
+           scale=None, softcap=0.0, causal=False):
   """Causal (or `mask`ed) softmax attention with grouped-query heads; softmax in fp32.
 
-  impl "xla" (see models/kernels.resolve) writes it as two einsums over materialised scores
-  (rather than jax.nn.dot_product_attention's XLA path, which is slower to differentiate on
-  CPU) under `mask_B1TS` (default causal). A kernel impl (see kernels.KERNELS) attends
-  causally within `segment_ids_BT` without materialising scores; it ignores `mask_B1TS`.
+  impl "xla" (see models/kernels.resolve) materialises the scores of one block of queries at a
+  time (`query_blocks`) in a heads-first layout, under `mask_B1TS` (default causal; `causal`
+  says the mask is causal too, so a block skips the keys after it), rather than calling
+  jax.nn.dot_product_attention, whose XLA path is slower to differentiate on CPU. A kernel impl
+  (see kernels.KERNELS) attends causally within `segment_ids_BT` without materialising scores;
+  it ignores `mask_B1TS`.
   Scores are scaled by `scale` (default E^-1/2) and, with `softcap` c > 0, capped to
   c tanh(s / c) before the mask (Gemma 2; xla only).
   """
@@ -250,15 +260,40 @@ def attend(q_BTHE, k_BSKE, v_BSKE, mask_B1TS=None, *, impl="xla", segment_ids_BT
   q_BTKGE = q_BTHE.reshape(B, T, K, H // K, E)
   if T == 1 and mask_B1TS is not None:  # one decode step: multiply-and-sum over the cache
     return _attend_one(q_BTKGE, k_BSKE, v_BSKE, mask_B1TS, scale, softcap).reshape(B, T, H, E)
-  logits_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE,
-                            preferred_element_type=jnp.float32) * scale
-  logits_BKGTS = _softcap(logits_BKGTS, softcap)
-  if mask_B1TS is None:
-    mask_B1TS = jnp.tril(jnp.ones((T, S), bool))[None, None]
-  logits_BKGTS = jnp.where(mask_B1TS[:, :, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKE.dtype)
-  out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE)
-  return out_BTKGE.reshape(B, T, H, E)
+  q_BKGTE = q_BTKGE.transpose(0, 2, 3, 1, 4)
+  k_BKSE, v_BKSE = k_BSKE.transpose(0, 2, 1, 3), v_BSKE.transpose(0, 2, 1, 3)
+  causal = causal or mask_B1TS is None
+  out = []
+  for start, end, keys in query_blocks(T, S, causal and S == T, _length_is_split()):
+    logits_BKGtS = jnp.einsum("bkgte,bkse->bkgts", q_BKGTE[:, :, :, start:end],
+                              k_BKSE[:, :, :keys], preferred_element_type=jnp.float32) * scale
+    logits_BKGtS = _softcap(logits_BKGtS, softcap)
+    if mask_B1TS is None:
+      mask_B1tS = (jnp.arange(keys)[None, :] <= jnp.arange(start, end)[:, None])[None, None]
+    else:  # a [B, 1, 1, S] mask (an encoder's padding) holds for every query
+      rows = slice(None) if mask_B1TS.shape[2] == 1 else slice(start, end)
+      mask_B1tS = mask_B1TS[:, :, rows, :keys]
+    logits_BKGtS = jnp.where(mask_B1tS[:, :, None], logits_BKGtS, jnp.finfo(jnp.float32).min)
+    probs_BKGtS = jax.nn.softmax(logits_BKGtS, axis=-1).astype(v_BSKE.dtype)
+    out.append(jnp.einsum("bkgts,bkse->bkgte", probs_BKGtS, v_BKSE[:, :, :keys]))
+  out_BKGTE = out[0] if len(out) == 1 else jnp.concatenate(out, axis=3)
+  return out_BKGTE.transpose(0, 3, 1, 2, 4).reshape(B, T, H, E)
+
+
+def query_blocks(length: int, keys: int, causal: bool, whole: bool = False) -> list[tuple]:
+  """(start, end, keys seen) of each block of queries the xla path scores together:
+  QUERY_BLOCK queries (more when that would make over MAX_QUERY_BLOCKS blocks), each seeing the
+  keys before its end when `causal` (self-attention), else all `keys`; one block when `whole`."""
+  size = length if whole else max(QUERY_BLOCK, -(-length // MAX_QUERY_BLOCKS))
+  return [(start, min(length, start + size), min(length, start + size) if causal else keys)
+          for start in range(0, length, size)]
+
+
+def _length_is_split() -> bool:
+  """Whether the mesh in use splits activations along their length (sequence parallelism): the
+  xla path then scores all queries together, as blocks of them would each sit on one device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and dict(mesh.shape).get("sequence", 1) > 1
 
 
 def _softcap(x, cap: float):
@@ -455,7 +490,7 @@ class Attention(nn.Module):
                           local=local is not False)
     scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None
     out_BTHE = attend(q_BTHE, k_BTKE, v_BTKE, mask, impl=impl, segment_ids_BT=segment_ids_BT,
-                      scale=scale, softcap=cfg.attn_logit_softcap)
+                      scale=scale, softcap=cfg.attn_logit_softcap, causal=cfg.causal)
     out_BTHE = checkpoint_name(out_BTHE, ATTENTION_OUT)
     std = cfg.init_std / self.num_layers_scale
     return OutProjection(cfg, std, name="o")(out_BTHE)
