@@ -183,8 +183,9 @@ def hardware_flops_per_token(cfg, seq_len: int, *, attention: str = "xla", train
   they are computed from). Elementwise work (norms, softmax, the optimizer) is left out, as in
   model FLOPs.
 
-  For attention="xla", which computes every query-key score, masked or not, this is the program
-  jaxlm gives XLA, matmul for matmul (tests/test_metrics.py checks it against XLA's cost analysis
+  For attention="xla", which scores each block of queries against the keys before the block's
+  end (causal) or all keys (`xla_attention_keys`), this is the program jaxlm gives XLA, matmul
+  for matmul (tests/test_metrics.py checks it against XLA's cost analysis
   per remat policy, and with LoRA). For a kernel (splash, cudnn, triton), which cost analysis
   cannot see into, an estimate: the causally masked half of the scores skipped, the backward
   recomputing the scores (as FlashAttention-2's does), the kernel's forward recomputed under any
@@ -207,7 +208,8 @@ def hardware_flops_per_token(cfg, seq_len: int, *, attention: str = "xla", train
     return trained is None or any(
       p == t or p.startswith(t + "/") or t.startswith(p + "/") for t in trained for p in paths)
 
-  f = _block_matmuls(cfg, seq_len / 2 if kernel and cfg.causal else seq_len)
+  f = _block_matmuls(cfg, seq_len / 2 if kernel and cfg.causal
+                     else xla_attention_keys(seq_len, cfg.causal))
   forward, extra = L * sum(f.values()), 0.0
   flowing = trains(*(prefix + n for n in ("embed", "pos_embed", "type_embed", "embed_norm")))
   for i in range(L):
@@ -221,6 +223,15 @@ def hardware_flops_per_token(cfg, seq_len: int, *, attention: str = "xla", train
     extra += flops * (flowing + trains(path))
     flowing = flowing or trains(path.split("/")[0])
   return (1 + reference) * forward + extra
+
+
+def xla_attention_keys(seq_len: int, causal: bool) -> float:
+  """Keys scored per query, on average, by the xla attention path (models.layers.query_blocks):
+  `seq_len` unless causal, where a block of queries scores only the keys before its end."""
+  from jaxlm.models import layers  # the model code (jax, flax) only when FLOPs are counted
+
+  blocks = layers.query_blocks(seq_len, seq_len, causal)
+  return sum((end - start) * keys for start, end, keys in blocks) / seq_len
 
 
 def _block_matmuls(cfg, keys: float) -> dict:
